@@ -1,0 +1,17 @@
+"""Variational inference for rank-1 models: guides and objectives."""
+
+from .guides import CauchyGuide, DeltaGuide, MixtureGuide, Rank1Guide
+from .objectives import OBJECTIVES, AveragedELBO, ExamplePlate, MixtureELBO, Rank1ELBO, kl_annealing
+
+__all__ = [
+    "Rank1Guide",
+    "MixtureGuide",
+    "DeltaGuide",
+    "CauchyGuide",
+    "Rank1ELBO",
+    "AveragedELBO",
+    "MixtureELBO",
+    "ExamplePlate",
+    "kl_annealing",
+    "OBJECTIVES",
+]

@@ -1,0 +1,314 @@
+r"""Rank-1 Bayesian layers (Dusenberry et al., ICML 2020) as Pyro modules.
+
+Every layer keeps one shared weight ``W`` (a point estimate) and, for ensemble member
+``k = 1..K``, perturbs it elementwise by the outer product of two *rank-1 factors*:
+
+.. math::
+
+    W_k = W \circ (s_k r_k^\top), \qquad y_k = \big((x \circ r_k) W^\top\big) \circ s_k + b_k ,
+
+where :math:`r_k` has the input size (input channels for a convolution) and :math:`s_k`
+the output size. ``W_k`` is never formed: the layer computes two elementwise products around
+one shared matmul / convolution, so its cost is the deterministic layer's on ``K·B`` rows.
+
+``r`` and ``s`` are ordinary Pyro sample sites named ``"<module path>.r"`` / ``".s"``,
+drawn inside ``pyro.plate("members", K, dim=-2)``: a factor has shape ``(..., K, 1, size)``
+and broadcasts against activations laid out as ``(..., K, B, features)``, where ``...`` is
+any number of leading sample dims (vectorized ELBO particles, a Monte Carlo predictive
+plate at dim -3). A hierarchical prior adds one global site ``"<path>.r_scale"`` sampled
+outside the member plate. Guides and objectives see nothing but these sites, so any guide
+(including Pyro's autoguides) and any ELBO apply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule
+from torch import nn
+
+from .priors import FactorPrior, Gaussian, PriorMap
+
+__all__ = [
+    "Rank1Layer",
+    "Rank1Linear",
+    "Rank1Conv2d",
+    "Rank1LSTM",
+    "FactorSite",
+    "factor_sites",
+    "rank1_layers",
+    "member_plate",
+    "MEMBER_DIM",
+    "FACTOR_CLIP",
+]
+
+#: the plate dim of the ensemble members; the data plate uses dim -1.
+MEMBER_DIM = -2
+#: factors are clipped to [-FACTOR_CLIP, FACTOR_CLIP] before use, as in the reference code,
+#: so a heavy-tailed (Cauchy) draw cannot blow up the activations.
+FACTOR_CLIP = 10.0
+
+
+_MEMBER_PLATES: dict[int, pyro.plate] = {}
+
+
+def member_plate(ensemble_size: int) -> pyro.plate:
+    """The ``pyro.plate("members", K, dim=-2)`` shared by every layer, guide and likelihood.
+
+    A plate constructor records a subsample site, so a plate re-created under the same name
+    twice in one trace is an error; one reusable plate object per K avoids that, and entering
+    it any number of times in a trace is allowed. (:class:`~rank1_pyro.models.Rank1Model`
+    opens one fresh "members" plate per call around its likelihood, so the trace records the
+    plate once, as autoguides expect.)
+    """
+    if ensemble_size not in _MEMBER_PLATES:
+        _MEMBER_PLATES[ensemble_size] = pyro.plate("members", ensemble_size, dim=MEMBER_DIM)
+    return _MEMBER_PLATES[ensemble_size]
+
+
+def _check_ensemble_size(ensemble_size) -> int:
+    if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
+        raise ValueError(f"ensemble_size must be an integer >= 1, got {ensemble_size!r}")
+    return ensemble_size
+
+
+class Rank1Layer(PyroModule):
+    """Base class: holds ``ensemble_size`` and the prior, and samples the factor sites.
+
+    Subclasses declare their factors in ``factor_sizes`` (site suffix -> vector size).
+    """
+
+    factor_sizes: dict[str, int]
+
+    def __init__(self, ensemble_size: int = 4, prior: FactorPrior | PriorMap | None = None):
+        super().__init__()
+        self.ensemble_size = _check_ensemble_size(ensemble_size)
+        self.prior = PriorMap.coerce(Gaussian() if prior is None else prior)
+
+    def factor_site(self, name: str) -> str:
+        """The Pyro site name of factor ``name`` (``"r"``, ``"s"``, ...)."""
+        return self._pyro_get_fullname(name)
+
+    def sample_factor(self, name: str, device=None) -> torch.Tensor:
+        """Draw factor ``name`` for all K members: shape ``(..., K, 1, size)``."""
+        site = self.factor_site(name)
+        spec = self.prior.for_site(site)
+        scale = spec.sample_scale(site + "_scale")
+        with member_plate(self.ensemble_size):
+            value = pyro.sample(site, spec.distribution(self.factor_sizes[name], scale, device))
+        return value.clamp(-FACTOR_CLIP, FACTOR_CLIP)
+
+    def _check_input(self, x: torch.Tensor, feature_dims: int, features: int, what: str) -> None:
+        name = type(self).__name__
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.dim() < feature_dims + 2 or x.shape[-feature_dims] != features:
+            raise ValueError(
+                f"{name}: expected input of shape (..., K, B, {what}) with {features} {what.split(',')[0]}, "
+                f"got {tuple(x.shape)}"
+            )
+        members = x.shape[-feature_dims - 2]
+        if members not in (1, self.ensemble_size):
+            raise ValueError(
+                f"{name}: dim -{feature_dims + 2} of the input must be the member dim "
+                f"(size 1 or K={self.ensemble_size}), got shape {tuple(x.shape)}; "
+                "tile the batch as (K, B, ...) first, e.g. with Rank1Model"
+            )
+
+    def _reset_bias(self, bias: torch.Tensor | None, fan_in: int) -> None:
+        if bias is not None and fan_in > 0:
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(bias, -bound, bound)
+
+
+class Rank1Linear(Rank1Layer):
+    r"""Rank-1 dense layer: :math:`y_k = ((x \circ r_k) W^\top) \circ s_k + b_k`.
+
+    Args:
+        in_features, out_features: as :class:`torch.nn.Linear`.
+        ensemble_size: K, the number of members (mixture components).
+        bias: learn one bias vector per member, shape ``(K, out_features)``.
+        prior: a prior spec (:class:`~rank1_pyro.priors.Gaussian`, ...) or a
+            :class:`~rank1_pyro.priors.PriorMap`; the default is N(1, 0.1²).
+
+    Input ``(..., K, B, in_features)`` (member dim may be 1), output ``(..., K, B, out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, ensemble_size: int = 4, bias: bool = True, prior=None):
+        super().__init__(ensemble_size, prior)
+        self.in_features, self.out_features = in_features, out_features
+        self.factor_sizes = {"r": in_features, "s": out_features}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, out_features)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # same as nn.Linear
+        self._reset_bias(self.bias, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, 1, self.in_features, "in_features")
+        r, s = self.sample_factor("r", x.device), self.sample_factor("s", x.device)
+        out = F.linear(x * r, self.weight) * s
+        return out if self.bias is None else out + self.bias.unsqueeze(-2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"ensemble_size={self.ensemble_size}, bias={self.bias is not None}, prior={self.prior}"
+        )
+
+
+class Rank1Conv2d(Rank1Layer):
+    r"""Rank-1 2-D convolution: r scales the input channels, s the output channels.
+
+    :math:`y_k = \mathrm{conv}(x \circ r_k, W) \circ s_k + b_k`, equal to a convolution with
+    kernel :math:`W_k[o, i, :, :] = W[o, i, :, :]\, s_{k,o}\, r_{k,i}` (also for ``groups > 1``).
+    Input ``(..., K, B, C_in, H, W)``; all leading dims are flattened into one conv batch and back.
+    Arguments as :class:`torch.nn.Conv2d` (``padding_mode="zeros"``) plus ``ensemble_size`` and ``prior``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        ensemble_size: int = 4,
+        prior=None,
+    ):
+        super().__init__(ensemble_size, prior)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Rank1Conv2d: in_channels and out_channels must be divisible by groups={groups}")
+        pair = nn.modules.utils._pair
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.groups = groups
+        self.factor_sizes = {"r": in_channels, "s": out_channels}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # same as nn.Conv2d
+        self._reset_bias(self.bias, self.weight[0].numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, 3, self.in_channels, "C_in, H, W")
+        r, s = self.sample_factor("r", x.device), self.sample_factor("s", x.device)
+        x = x * r[..., None, None]
+        lead = x.shape[:-3]
+        out = F.conv2d(x.reshape(-1, *x.shape[-3:]), self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        out = out.reshape(*lead, *out.shape[-3:]) * s[..., None, None]
+        return out if self.bias is None else out + self.bias[:, None, :, None, None]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"ensemble_size={self.ensemble_size}, bias={self.bias is not None}, prior={self.prior}"
+        )
+
+
+class Rank1LSTM(Rank1Layer):
+    r"""Single-layer rank-1 LSTM (batch first), as edward2's ``LSTMCellRank1``.
+
+    Both kernels are rank-1 perturbed, with factors ``r_ih, s_ih`` on the input kernel and
+    ``r_hh, s_hh`` on the recurrent kernel:
+
+    .. math::
+
+        g_t = ((x_t \circ r^{ih}_k) W_{ih}^\top) \circ s^{ih}_k + ((h_{t-1} \circ r^{hh}_k) W_{hh}^\top) \circ s^{hh}_k + b_k ,
+
+    with the usual gates ``i, f, g, o = split(g_t)``. One draw of the factors per sequence is
+    reused at every time step. Input ``(..., K, B, T, input_size)``; returns
+    ``(output, (h_n, c_n))`` like :class:`torch.nn.LSTM` with ``batch_first=True``, output
+    ``(..., K, B, T, hidden_size)`` and ``h_n, c_n`` of shape ``(..., K, B, hidden_size)``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, ensemble_size: int = 4, bias: bool = True, prior=None):
+        super().__init__(ensemble_size, prior)
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.factor_sizes = {"r_ih": input_size, "s_ih": 4 * hidden_size, "r_hh": hidden_size, "s_hh": 4 * hidden_size}
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 4 * hidden_size)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)  # same as nn.LSTM
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, x: torch.Tensor):
+        self._check_input(x, 2, self.input_size, "T, input_size")
+        r_ih, s_ih, r_hh, s_hh = (self.sample_factor(n, x.device) for n in ("r_ih", "s_ih", "r_hh", "s_hh"))
+        # input projection for all steps at once; factors gain a time dim: (..., K, 1|B, 1, n)
+        gates_x = F.linear(x * r_ih.unsqueeze(-2), self.weight_ih) * s_ih.unsqueeze(-2)
+        if self.bias is not None:
+            gates_x = gates_x + self.bias[:, None, None, :]
+        h = gates_x.new_zeros(gates_x.shape[:-2] + (self.hidden_size,))
+        c = torch.zeros_like(h)
+        outputs = []
+        for t in range(gates_x.shape[-2]):
+            gates = gates_x[..., t, :] + F.linear(h * r_hh, self.weight_hh) * s_hh
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=-2), (h, c)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.input_size}, {self.hidden_size}, ensemble_size={self.ensemble_size}, "
+            f"bias={self.bias is not None}, prior={self.prior}"
+        )
+
+
+def rank1_layers(module: nn.Module):
+    """Yield ``(name, layer)`` for every :class:`Rank1Layer` inside ``module``."""
+    for name, m in module.named_modules():
+        if isinstance(m, Rank1Layer):
+            yield name, m
+
+
+@dataclass(frozen=True)
+class FactorSite:
+    """One rank-1 factor sample site of a model: its Pyro name, layer, and vector size."""
+
+    name: str
+    layer: Rank1Layer
+    factor: str
+    size: int
+
+    @property
+    def prior(self) -> FactorPrior:
+        return self.layer.prior.for_site(self.name)
+
+    @property
+    def scale_site(self) -> str:
+        """Name of the hierarchical scale site (only sampled when ``prior.hierarchical``)."""
+        return self.name + "_scale"
+
+
+def factor_sites(module: nn.Module) -> list[FactorSite]:
+    """All rank-1 factor sites of ``module`` in execution-independent (module) order.
+
+    Site names follow module paths, e.g. ``"net.0.r"``; they equal the names the layers give
+    their ``pyro.sample`` statements when every container is a PyroModule (as
+    :class:`~rank1_pyro.models.Rank1Model` ensures).
+    """
+    return [
+        FactorSite(f"{path}.{f}" if path else f, layer, f, size)
+        for path, layer in rank1_layers(module)
+        for f, size in layer.factor_sizes.items()
+    ]
