@@ -106,18 +106,39 @@ class Rank1Layer(PyroModule):
         name = type(self).__name__
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-        if x.dim() < feature_dims + 2 or x.shape[-feature_dims] != features:
+        if x.dim() < feature_dims + 1 or x.shape[-feature_dims] != features:
             raise ValueError(
-                f"{name}: expected input of shape (..., K, B, {what}) with {features} {what.split(',')[0]}, "
-                f"got {tuple(x.shape)}"
+                f"{name}: expected input of shape (..., K, B, {what}) or (N, {what}) with "
+                f"{features} {what.split(',')[0]}, got {tuple(x.shape)}"
             )
-        members = x.shape[-feature_dims - 2]
-        if members not in (1, self.ensemble_size):
+        if x.dim() > feature_dims + 1 and x.shape[-feature_dims - 2] not in (1, self.ensemble_size):
             raise ValueError(
                 f"{name}: dim -{feature_dims + 2} of the input must be the member dim "
                 f"(size 1 or K={self.ensemble_size}), got shape {tuple(x.shape)}; "
                 "tile the batch as (K, B, ...) first, e.g. with Rank1Model"
             )
+
+    @staticmethod
+    def _structured(x: torch.Tensor, factor: torch.Tensor, feature_dims: int) -> tuple[torch.Tensor, bool]:
+        """View a flat batch ``(N, *features)`` as ``(*sample dims, K, B, *features)``.
+
+        The flat layout (used inside networks written for 4-D images, e.g. torchvision's) folds
+        the factor's leading dims (sample dims and K) into the batch, outermost first, as
+        :meth:`~rank1_pyro.models.Rank1Model.outputs` tiles it. Structured input passes through.
+        """
+        if x.dim() > feature_dims + 1:
+            return x, False
+        lead = factor.shape[:-2]
+        n = math.prod(lead)
+        if x.shape[0] % n:
+            raise ValueError(
+                f"flat input of {x.shape[0]} rows is not a tiling of the factors' leading dims {tuple(lead)}"
+            )
+        return x.reshape(*lead, x.shape[0] // n, *x.shape[1:]), True
+
+    @staticmethod
+    def _restore(out: torch.Tensor, flat: bool, feature_dims: int) -> torch.Tensor:
+        return out.reshape(-1, *out.shape[-feature_dims:]) if flat else out
 
     def _reset_bias(self, bias: torch.Tensor | None, fan_in: int) -> None:
         if bias is not None and fan_in > 0:
@@ -135,7 +156,8 @@ class Rank1Linear(Rank1Layer):
         prior: a prior spec (:class:`~rank1_pyro.priors.Gaussian`, ...) or a
             :class:`~rank1_pyro.priors.PriorMap`; the default is N(1, 0.1²).
 
-    Input ``(..., K, B, in_features)`` (member dim may be 1), output ``(..., K, B, out_features)``.
+    Input ``(..., K, B, in_features)`` (member dim may be 1), output ``(..., K, B, out_features)``;
+    or the flat layout ``(N, in_features)`` -> ``(N, out_features)`` (see :meth:`Rank1Layer._structured`).
     """
 
     def __init__(self, in_features: int, out_features: int, ensemble_size: int = 4, bias: bool = True, prior=None):
@@ -153,8 +175,11 @@ class Rank1Linear(Rank1Layer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, 1, self.in_features, "in_features")
         r, s = self.sample_factor("r", x.device), self.sample_factor("s", x.device)
+        x, flat = self._structured(x, r, 1)
         out = F.linear(x * r, self.weight) * s
-        return out if self.bias is None else out + self.bias.unsqueeze(-2)
+        if self.bias is not None:
+            out = out + self.bias.unsqueeze(-2)
+        return self._restore(out, flat, 1)
 
     def extra_repr(self) -> str:
         return (
@@ -205,11 +230,14 @@ class Rank1Conv2d(Rank1Layer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, 3, self.in_channels, "C_in, H, W")
         r, s = self.sample_factor("r", x.device), self.sample_factor("s", x.device)
+        x, flat = self._structured(x, r, 3)
         x = x * r[..., None, None]
         lead = x.shape[:-3]
         out = F.conv2d(x.reshape(-1, *x.shape[-3:]), self.weight, None, self.stride, self.padding, self.dilation, self.groups)
         out = out.reshape(*lead, *out.shape[-3:]) * s[..., None, None]
-        return out if self.bias is None else out + self.bias[:, None, :, None, None]
+        if self.bias is not None:
+            out = out + self.bias[:, None, :, None, None]
+        return self._restore(out, flat, 3)
 
     def extra_repr(self) -> str:
         return (
@@ -252,6 +280,7 @@ class Rank1LSTM(Rank1Layer):
     def forward(self, x: torch.Tensor):
         self._check_input(x, 2, self.input_size, "T, input_size")
         r_ih, s_ih, r_hh, s_hh = (self.sample_factor(n, x.device) for n in ("r_ih", "s_ih", "r_hh", "s_hh"))
+        x, flat = self._structured(x, r_ih, 2)
         # input projection for all steps at once; factors gain a time dim: (..., K, 1|B, 1, n)
         gates_x = F.linear(x * r_ih.unsqueeze(-2), self.weight_ih) * s_ih.unsqueeze(-2)
         if self.bias is not None:
@@ -265,7 +294,7 @@ class Rank1LSTM(Rank1Layer):
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
             outputs.append(h)
-        return torch.stack(outputs, dim=-2), (h, c)
+        return self._restore(torch.stack(outputs, dim=-2), flat, 2), (self._restore(h, flat, 1), self._restore(c, flat, 1))
 
     def extra_repr(self) -> str:
         return (

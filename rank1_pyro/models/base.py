@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
+from pyro.poutine.indep_messenger import IndepMessenger
+from pyro.poutine.runtime import _PYRO_STACK
 from torch import nn
 
 from ..layers import MEMBER_DIM, _check_ensemble_size, factor_sites, rank1_layers
@@ -33,6 +35,22 @@ from ..priors import PriorMap
 __all__ = ["Rank1Model", "LIKELIHOODS", "set_prior"]
 
 LIKELIHOODS = ("categorical", "normal")
+
+
+def _sample_plate_shape() -> tuple[int, ...]:
+    """Sizes of the active plates left of the member dim (particles, predictive samples).
+
+    Read from Pyro's handler stack, so a flat-batch model tiles its input over exactly the
+    sample dims its factors will carry.
+    """
+    sizes = {}
+    for handler in _PYRO_STACK:
+        if isinstance(handler, IndepMessenger) and handler.dim is not None and handler.dim < MEMBER_DIM:
+            sizes[handler.dim] = handler.size
+    if not sizes:
+        return ()
+    n = -min(sizes) + MEMBER_DIM
+    return tuple(sizes.get(i - n + MEMBER_DIM, 1) for i in range(n))
 
 
 def set_prior(net: nn.Module, prior) -> None:
@@ -60,6 +78,11 @@ class Rank1Model(PyroModule):
             N / B. ``None`` means the batch is the whole data set.
         num_classes: for checking labels; inferred from the output width when omitted.
         noise_scale: a fixed observation noise stddev for ``likelihood="normal"``.
+        flat_batch: feed the network the flat layout ``(S·K·B, ...)`` (members and any sample
+            plates folded into the batch, outermost first) instead of ``(..., K, B, ...)``.
+            Needed for networks whose forward assumes a fixed input rank (torchvision's
+            ``torch.flatten(x, 1)``, ``BatchNorm2d``); outputs are returned as ``(..., K, B, C)``
+            either way.
     """
 
     def __init__(
@@ -69,6 +92,7 @@ class Rank1Model(PyroModule):
         likelihood: str = "categorical",
         num_data: int | None = None,
         noise_scale: float | None = None,
+        flat_batch: bool = False,
     ):
         super().__init__()
         sizes = {layer.ensemble_size for _, layer in rank1_layers(net)}
@@ -90,6 +114,7 @@ class Rank1Model(PyroModule):
         else:
             self.noise_raw = None
         self.fixed_noise_scale = noise_scale
+        self.flat_batch = flat_batch
         self._arange = {}
 
     @property
@@ -116,7 +141,11 @@ class Rank1Model(PyroModule):
             raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError("x contains NaN or infinite values")
-        return self.net(x.unsqueeze(0).expand(self.ensemble_size, *x.shape))
+        if not self.flat_batch:
+            return self.net(x.unsqueeze(0).expand(self.ensemble_size, *x.shape))
+        lead = (*_sample_plate_shape(), self.ensemble_size)
+        out = self.net(x.expand(*lead, *x.shape).reshape(-1, *x.shape[1:]))
+        return out.reshape(*lead, x.shape[0], *out.shape[1:])
 
     def predictive_distribution(self, out: torch.Tensor) -> dist.Distribution:
         """The observation distribution given network outputs ``out`` (batch shape ``(..., K, B)``)."""

@@ -1,0 +1,1 @@
+"""Subcommands of the ``rank1-pyro`` CLI; each module defines ``register(subparsers)``."""
