@@ -1,6 +1,7 @@
 """Variational inference for rank-1 models: guides and objectives."""
 
 from .guides import CauchyGuide, DeltaGuide, MixtureGuide, Rank1Guide
+from .predictive import Posterior, Prediction, Rank1Posterior, predict
 from .objectives import OBJECTIVES, AveragedELBO, ExamplePlate, MixtureELBO, Rank1ELBO, kl_annealing
 
 __all__ = [
@@ -14,4 +15,8 @@ __all__ = [
     "ExamplePlate",
     "kl_annealing",
     "OBJECTIVES",
+    "Posterior",
+    "Rank1Posterior",
+    "Prediction",
+    "predict",
 ]

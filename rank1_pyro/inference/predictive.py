@@ -1,0 +1,179 @@
+r"""Monte Carlo predictive for every posterior of the library.
+
+A *posterior* is anything with a ``likelihood`` attribute (``"categorical"`` or ``"normal"``)
+and a method ``sample_predictions(x, num_samples)`` returning, for a batch ``x`` of B inputs,
+
+* classification: class probabilities of shape ``(S, K, B, C)``,
+* regression: per-sample Gaussian moments of shape ``(S, K, B, 2)`` (mean, variance),
+
+for S posterior samples of each of K mixture components (K = 1 for single-Gaussian
+posteriors such as Laplace; S = 1 for closed-form predictives such as the probit
+approximation). :class:`Rank1Posterior` implements it for a rank-1 model and its guide, in one
+vectorized forward: the guide and the model run under ``pyro.plate("samples", S, dim=-3)``,
+so all S·K weight draws share one batched matmul/convolution, with no Python loop over samples.
+
+:func:`predict` minibatches over a data set and returns a :class:`Prediction`, which computes
+the mixture predictive :math:`p(y \mid x) = \frac{1}{SK} \sum_{s,k} p(y \mid x, \theta_{sk})` and the
+uncertainty split
+
+.. math:: \underbrace{\mathbb H[p(y \mid x)]}_{\text{total}}
+          = \underbrace{\mathbb E_\theta\, \mathbb H[p(y \mid x, \theta)]}_{\text{expected (aleatoric)}}
+          + \underbrace{\mathrm I(y; \theta \mid x)}_{\text{mutual information (epistemic)}} .
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from torch import nn
+
+__all__ = ["Posterior", "Rank1Posterior", "Prediction", "predict", "SAMPLE_DIM"]
+
+#: the plate dim that holds posterior samples in a vectorized predictive
+SAMPLE_DIM = -3
+
+
+@runtime_checkable
+class Posterior(Protocol):
+    """What :func:`predict` needs of a posterior (see the module docstring)."""
+
+    likelihood: str
+
+    def sample_predictions(self, x: torch.Tensor, num_samples: int) -> torch.Tensor: ...
+
+
+def _check_num_samples(num_samples) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    return num_samples
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class Rank1Posterior:
+    """The mixture posterior of a rank-1 model: ``q(θ) = (1/K) Σ_k q_k`` from its guide.
+
+    ``sample_predictions`` runs in eval mode (BatchNorm running statistics, no dropout) under
+    ``torch.no_grad`` and restores the previous mode.
+    """
+
+    def __init__(self, model: nn.Module, guide):
+        self.model = model
+        self.guide = guide
+        self.likelihood = model.likelihood
+
+    @property
+    def device(self) -> torch.device:
+        return _device_of(self.model)
+
+    def sample_outputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """Network outputs for S guide draws of all K members: ``(S, K, B, C)``."""
+        _check_num_samples(num_samples)
+        with pyro.plate("samples", num_samples, dim=SAMPLE_DIM):
+            guide_trace = poutine.trace(self.guide).get_trace(x)
+            out = poutine.replay(self.model.outputs, trace=guide_trace)(x)
+        return out.expand(num_samples, *out.shape[-3:])
+
+    @torch.no_grad()
+    def sample_predictions(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        modes = [(m, m.training) for m in (self.model, self.guide) if isinstance(m, nn.Module)]
+        for m, _ in modes:
+            m.eval()
+        try:
+            out = self.sample_outputs(x, num_samples)
+            if self.likelihood == "categorical":
+                return torch.softmax(out, dim=-1)
+            d = self.model.predictive_distribution(out)
+            return torch.stack([d.mean, d.variance.expand_as(d.mean)], dim=-1)
+        finally:
+            for m, mode in modes:
+                m.train(mode)
+
+
+@dataclass
+class Prediction:
+    """Per-sample predictions of a data set and the quantities derived from them.
+
+    ``samples``: ``(S, K, N, C)`` probabilities (classification) or ``(S, K, N, 2)`` Gaussian
+    (mean, variance) pairs (regression).
+    """
+
+    samples: torch.Tensor
+    likelihood: str
+
+    # -- classification -------------------------------------------------------------------
+    @property
+    def probs(self) -> torch.Tensor:
+        """The mixture predictive ``(N, C)``: the average over samples and members."""
+        return self.samples.mean(dim=(0, 1))
+
+    @property
+    def member_probs(self) -> torch.Tensor:
+        """Each member's predictive, averaged over samples: ``(K, N, C)``."""
+        return self.samples.mean(dim=0)
+
+    @property
+    def total_entropy(self) -> torch.Tensor:
+        return _entropy(self.probs)
+
+    @property
+    def expected_entropy(self) -> torch.Tensor:
+        return _entropy(self.samples).mean(dim=(0, 1))
+
+    @property
+    def mutual_information(self) -> torch.Tensor:
+        """Epistemic part: total entropy minus expected entropy (>= 0 up to rounding)."""
+        return (self.total_entropy - self.expected_entropy).clamp_min(0.0)
+
+    # -- regression -----------------------------------------------------------------------
+    @property
+    def mean(self) -> torch.Tensor:
+        """Predictive mean ``(N,)`` of a regression posterior."""
+        return self.samples[..., 0].mean(dim=(0, 1))
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Predictive variance ``(N,)``, by the law of total variance."""
+        means, variances = self.samples[..., 0], self.samples[..., 1]
+        return variances.mean(dim=(0, 1)) + means.var(dim=(0, 1), unbiased=False)
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def _batches(data, batch_size: int) -> Iterable[torch.Tensor]:
+    if torch.is_tensor(data):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise ValueError(f"data must be a non-empty batch (N, ...), got shape {tuple(data.shape)}")
+        yield from data.split(batch_size)
+        return
+    for batch in data:  # a DataLoader or any iterable of x or (x, y, ...) batches
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def predict(posterior: Posterior, data, num_samples: int = 32, batch_size: int = 256, device=None) -> Prediction:
+    """Monte Carlo predictive of ``posterior`` on ``data`` (a tensor ``(N, ...)`` or a loader).
+
+    ``device`` defaults to the posterior's (``posterior.device`` when it has one); batches are
+    moved there and results returned on the CPU.
+    """
+    if not isinstance(posterior, Posterior):
+        raise TypeError(f"posterior must provide likelihood and sample_predictions(x, num_samples), got {type(posterior).__name__}")
+    _check_num_samples(num_samples)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    device = device or getattr(posterior, "device", None) or torch.device("cpu")
+    chunks = [posterior.sample_predictions(x.to(device), num_samples).cpu() for x in _batches(data, batch_size)]
+    if not chunks:
+        raise ValueError("data is empty")
+    return Prediction(torch.cat(chunks, dim=2), posterior.likelihood)
