@@ -41,6 +41,9 @@ Use them like any Pyro ELBO: ``SVI(model, guide, optim, loss=MixtureELBO())``, o
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
+
+import pyro.distributions as dist
 
 import torch
 from pyro.distributions.util import is_identically_zero
@@ -54,7 +57,7 @@ from pyro.util import warn_if_nan
 from torch.distributions import kl_divergence
 
 
-__all__ = ["Rank1ELBO", "AveragedELBO", "MixtureELBO", "ExamplePlate", "kl_annealing", "OBJECTIVES"]
+__all__ = ["Rank1ELBO", "AveragedELBO", "MixtureELBO", "ExamplePlate", "ELBOTerms", "kl_annealing", "OBJECTIVES"]
 
 ESTIMATORS = ("member", "example")
 
@@ -92,6 +95,15 @@ def _member_dim(site) -> int | None:
         if frame.name == "members":
             return frame.dim
     return None
+
+
+class ELBOTerms(NamedTuple):
+    """``loss = -(log_likelihood - kl_weight * kl)``; ``logits`` of the "obs" site when categorical."""
+
+    loss: torch.Tensor
+    log_likelihood: torch.Tensor
+    kl: torch.Tensor
+    logits: torch.Tensor | None
 
 
 class Rank1ELBO(ELBO):
@@ -183,14 +195,24 @@ class Rank1ELBO(ELBO):
         return torch.as_tensor(log_lik), torch.as_tensor(kl)
 
     # -- the ELBO interface ---------------------------------------------------------------
+    def loss_terms(self, model, guide, *args, **kwargs) -> "ELBOTerms":
+        """The loss and its parts, averaged over particles (see :class:`ELBOTerms`)."""
+        log_lik = kl = 0.0
+        logits = None
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            particle_log_lik, particle_kl = self.elbo_terms(model_trace, guide_trace)
+            log_lik = log_lik + particle_log_lik / self.num_particles
+            kl = kl + particle_kl / self.num_particles
+            obs = model_trace.nodes.get("obs")
+            if obs is not None and isinstance(obs["fn"], dist.Categorical):
+                logits = obs["fn"].logits
+        loss = -(log_lik - self.kl_weight * kl)
+        warn_if_nan(loss, "loss")
+        return ELBOTerms(loss, log_lik, kl, logits)
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The negative ELBO, −(log-likelihood − β·KL), averaged over particles."""
-        loss = 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            log_lik, kl = self.elbo_terms(model_trace, guide_trace)
-            loss = loss - (log_lik - self.kl_weight * kl) / self.num_particles
-        warn_if_nan(loss, "loss")
-        return loss
+        return self.loss_terms(model, guide, *args, **kwargs).loss
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():

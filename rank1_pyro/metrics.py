@@ -1,0 +1,156 @@
+r"""Quality metrics of predictive distributions.
+
+Classification metrics take the *mixture* predictive ``probs`` of shape ``(N, C)`` (e.g.
+:attr:`~rank1_pyro.inference.predictive.Prediction.probs`) and integer labels ``(N,)``:
+
+* :func:`nll` -- :math:`-\frac1N \sum_n \log p(y_n \mid x_n)`; with
+  :math:`p = \frac{1}{SK}\sum_{s,k} p(\cdot \mid x, \theta_{sk})` this is the mixture NLL.
+* :func:`ece` -- expected calibration error with 15 equal-width confidence bins,
+  :math:`\sum_b \frac{|B_b|}{N} \,|\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|`.
+* :func:`brier` -- :math:`\frac1N \sum_n \sum_c (p_{nc} - [y_n = c])^2`.
+* :func:`ood_auroc` -- the probability that a random out-of-distribution input scores higher than
+  a random in-distribution one (Mann-Whitney U / AUROC; ties count one half).
+* :func:`disagreement`, :func:`pairwise_kl` -- diversity of the K members' predictives ``(K, N, C)``.
+
+Regression: :func:`gaussian_nll`, :func:`rmse`, :func:`interval_coverage`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "accuracy",
+    "nll",
+    "ece",
+    "reliability",
+    "brier",
+    "ood_auroc",
+    "disagreement",
+    "pairwise_kl",
+    "gaussian_nll",
+    "rmse",
+    "interval_coverage",
+    "classification_metrics",
+]
+
+_EPS = 1e-12
+
+
+def _check(probs: torch.Tensor, labels: torch.Tensor) -> None:
+    if probs.dim() != 2:
+        raise ValueError(f"probs must have shape (N, C), got {tuple(probs.shape)}")
+    if labels.shape != probs.shape[:1]:
+        raise ValueError(f"labels must have shape ({probs.shape[0]},), got {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= probs.shape[1]):
+        raise ValueError(f"labels out of range 0..{probs.shape[1] - 1}")
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    _check(probs, labels)
+    return (probs.argmax(-1) == labels).double().mean().item()
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    _check(probs, labels)
+    p = probs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).double()
+    return -(p.clamp_min(_EPS).log()).mean().item()
+
+
+def reliability(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15):
+    """Per-bin mean confidence, accuracy and count for a reliability diagram (and :func:`ece`).
+
+    Bin b of ``num_bins`` equal-width bins holds the confidences in (b/M, (b+1)/M].
+    """
+    _check(probs, labels)
+    conf, pred = probs.double().max(-1)
+    correct = (pred == labels).double()
+    bins = (conf * num_bins).ceil().long().clamp(1, num_bins) - 1
+    count = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
+    sum_conf = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, conf)
+    sum_acc = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, correct)
+    safe = count.clamp_min(1)
+    return sum_conf / safe, sum_acc / safe, count
+
+
+def ece(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> float:
+    conf, acc, count = reliability(probs, labels, num_bins)
+    return ((count / count.sum().clamp_min(1)) * (acc - conf).abs()).sum().item()
+
+
+def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    _check(probs, labels)
+    onehot = torch.nn.functional.one_hot(labels.long(), probs.shape[1]).double()
+    return ((probs.double() - onehot) ** 2).sum(-1).mean().item()
+
+
+def ood_auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
+    """AUROC of telling out-of-distribution inputs (positives) from in-distribution ones by ``score``."""
+    score_in, score_out = score_in.reshape(-1).double(), score_out.reshape(-1).double()
+    if score_in.numel() == 0 or score_out.numel() == 0:
+        raise ValueError("ood_auroc needs at least one in- and one out-of-distribution score")
+    scores = torch.cat([score_in, score_out])
+    # average ranks (1-based) with ties sharing their mean rank
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    counts = counts.double()
+    mean_rank = torch.cumsum(counts, 0) - (counts - 1) / 2.0  # the mean 1-based rank of each tied group
+    ranks = mean_rank[inverse]
+    n_in, n_out = len(score_in), len(score_out)
+    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2.0
+    return (u / (n_in * n_out)).item()
+
+
+def disagreement(member_probs: torch.Tensor) -> float:
+    """Fraction of member pairs (k ≠ l) whose top-1 predictions differ, averaged over inputs."""
+    if member_probs.dim() != 3:
+        raise ValueError(f"member_probs must have shape (K, N, C), got {tuple(member_probs.shape)}")
+    k = member_probs.shape[0]
+    if k < 2:
+        return 0.0
+    pred = member_probs.argmax(-1)
+    differ = (pred.unsqueeze(0) != pred.unsqueeze(1)).double()
+    return (differ.sum((0, 1)) / (k * (k - 1))).mean().item()
+
+
+def pairwise_kl(member_probs: torch.Tensor) -> float:
+    """Mean KL(p_k ‖ p_l) over ordered member pairs k ≠ l and inputs."""
+    if member_probs.dim() != 3:
+        raise ValueError(f"member_probs must have shape (K, N, C), got {tuple(member_probs.shape)}")
+    k = member_probs.shape[0]
+    if k < 2:
+        return 0.0
+    logp = member_probs.double().clamp_min(_EPS).log()
+    p = logp.exp()
+    kl = (p.unsqueeze(1) * (logp.unsqueeze(1) - logp.unsqueeze(0))).sum(-1)  # (K, K, N): KL(p_k || p_l)
+    return (kl.sum((0, 1)) / (k * (k - 1))).mean().item()
+
+
+def gaussian_nll(mean: torch.Tensor, variance: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean negative log density of ``targets`` under N(mean, variance)."""
+    var = variance.double().clamp_min(_EPS)
+    return (0.5 * (math.log(2 * math.pi) + var.log() + (targets.double() - mean.double()) ** 2 / var)).mean().item()
+
+
+def rmse(mean: torch.Tensor, targets: torch.Tensor) -> float:
+    return ((mean.double() - targets.double()) ** 2).mean().sqrt().item()
+
+
+def interval_coverage(mean: torch.Tensor, variance: torch.Tensor, targets: torch.Tensor, level: float = 0.95) -> float:
+    """Fraction of targets inside the central ``level`` interval of N(mean, variance)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2.0)).item()
+    half = z * variance.double().clamp_min(0).sqrt()
+    return ((targets.double() - mean.double()).abs() <= half).double().mean().item()
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, NLL, ECE and Brier score in one dict."""
+    return {
+        "accuracy": accuracy(probs, labels),
+        "nll": nll(probs, labels),
+        "ece": ece(probs, labels),
+        "brier": brier(probs, labels),
+    }
