@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import pyro
+import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
@@ -66,7 +67,8 @@ def member_plate(ensemble_size: int) -> pyro.plate:
     plate once, as autoguides expect.)
     """
     if ensemble_size not in _MEMBER_PLATES:
-        _MEMBER_PLATES[ensemble_size] = pyro.plate("members", ensemble_size, dim=MEMBER_DIM)
+        with poutine.block():  # built outside any trace: its subsample site must not be recorded
+            _MEMBER_PLATES[ensemble_size] = pyro.plate("members", ensemble_size, dim=MEMBER_DIM)
     return _MEMBER_PLATES[ensemble_size]
 
 
@@ -102,14 +104,18 @@ class Rank1Layer(PyroModule):
             value = pyro.sample(site, spec.distribution(self.factor_sizes[name], scale, device))
         return value.clamp(-FACTOR_CLIP, FACTOR_CLIP)
 
-    def _check_input(self, x: torch.Tensor, feature_dims: int, features: int, what: str) -> None:
+    def _check_input(self, x: torch.Tensor, what: tuple[str, ...], feature: str, features: int) -> None:
+        """Check ``x`` is ``(..., K, B, *what)`` or flat ``(N, *what)`` with ``features`` in dim ``feature``."""
         name = type(self).__name__
+        feature_dims = len(what)
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-        if x.dim() < feature_dims + 1 or x.shape[-feature_dims] != features:
+        axis = what.index(feature) - feature_dims
+        if x.dim() < feature_dims + 1 or x.shape[axis] != features:
+            dims = ", ".join(what)
             raise ValueError(
-                f"{name}: expected input of shape (..., K, B, {what}) or (N, {what}) with "
-                f"{features} {what.split(',')[0]}, got {tuple(x.shape)}"
+                f"{name}: expected input of shape (..., K, B, {dims}) or (N, {dims}) with "
+                f"{feature}={features}, got {tuple(x.shape)}"
             )
         if x.dim() > feature_dims + 1 and x.shape[-feature_dims - 2] not in (1, self.ensemble_size):
             raise ValueError(
@@ -173,7 +179,7 @@ class Rank1Linear(Rank1Layer):
         self._reset_bias(self.bias, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, 1, self.in_features, "in_features")
+        self._check_input(x, ("in_features",), "in_features", self.in_features)
         r, s = self.sample_factor("r", x.device), self.sample_factor("s", x.device)
         x, flat = self._structured(x, r, 1)
         out = F.linear(x * r, self.weight) * s
@@ -228,7 +234,7 @@ class Rank1Conv2d(Rank1Layer):
         self._reset_bias(self.bias, self.weight[0].numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, 3, self.in_channels, "C_in, H, W")
+        self._check_input(x, ("C_in", "H", "W"), "C_in", self.in_channels)
         r, s = self.sample_factor("r", x.device), self.sample_factor("s", x.device)
         x, flat = self._structured(x, r, 3)
         x = x * r[..., None, None]
@@ -278,7 +284,7 @@ class Rank1LSTM(Rank1Layer):
             nn.init.uniform_(p, -bound, bound)
 
     def forward(self, x: torch.Tensor):
-        self._check_input(x, 2, self.input_size, "T, input_size")
+        self._check_input(x, ("T", "input_size"), "input_size", self.input_size)
         r_ih, s_ih, r_hh, s_hh = (self.sample_factor(n, x.device) for n in ("r_ih", "s_ih", "r_hh", "s_hh"))
         x, flat = self._structured(x, r_ih, 2)
         # input projection for all steps at once; factors gain a time dim: (..., K, 1|B, 1, n)

@@ -30,6 +30,7 @@ from typing import Protocol, runtime_checkable
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 __all__ = ["Posterior", "Rank1Posterior", "Prediction", "predict", "SAMPLE_DIM"]
@@ -75,12 +76,30 @@ class Rank1Posterior:
     def device(self) -> torch.device:
         return _device_of(self.model)
 
-    def sample_outputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-        """Network outputs for S guide draws of all K members: ``(S, K, B, C)``."""
+    def sample_latents(self, x: torch.Tensor, num_samples: int) -> dict[str, torch.Tensor]:
+        """S draws of every latent site from the guide, e.g. factors ``(S, K, 1, size)``."""
         _check_num_samples(num_samples)
         with pyro.plate("samples", num_samples, dim=SAMPLE_DIM):
-            guide_trace = poutine.trace(self.guide).get_trace(x)
-            out = poutine.replay(self.model.outputs, trace=guide_trace)(x)
+            trace = poutine.trace(self.guide).get_trace(x)
+        return {
+            name: site["value"]
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        }
+
+    def outputs_given(self, x: torch.Tensor, latents: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Network outputs with the latent sites set to ``latents``: ``(..., K, B, C)``.
+
+        Latents with a leading sample dim must be evaluated under the samples plate
+        (as :meth:`sample_outputs` does); a single draw (no sample dim) needs no plate.
+        """
+        return poutine.condition(self.model.outputs, data=latents)(x)
+
+    def sample_outputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """Network outputs for S guide draws of all K members: ``(S, K, B, C)``."""
+        latents = self.sample_latents(x, num_samples)
+        with pyro.plate("samples", num_samples, dim=SAMPLE_DIM):
+            out = self.outputs_given(x, latents)
         return out.expand(num_samples, *out.shape[-3:])
 
     @torch.no_grad()

@@ -1,0 +1,289 @@
+"""The averaged and mixture ELBOs against hand computations in plain torch."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import SVI, TraceEnum_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.ops.indexing import Vindex
+from pyro.poutine.messenger import Messenger
+from torch import nn
+
+from rank1_pyro import (
+    AveragedELBO,
+    Cauchy,
+    CauchyGuide,
+    DeltaGuide,
+    Gaussian,
+    HalfCauchy,
+    MixtureELBO,
+    MixtureGuide,
+    Rank1Model,
+    mlp,
+    rank1_mlp,
+)
+
+K, N, B = 3, 40, 6
+
+
+def tiny(prior=None, num_data=N):
+    model = rank1_mlp(2, [4], 3, ensemble_size=K, prior=prior, num_data=num_data)
+    return model
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, 2, generator=g), torch.randint(0, 3, (B,), generator=g)
+
+
+def hand_forward(model, values, x):
+    """Member logits (K, B, C) computed in plain torch from factor values."""
+    h = x.expand(K, *x.shape)
+    lin0, lin1 = model.net[0], model.net[2]
+    h = torch.relu((h * values["net.0.r"]) @ lin0.weight.T * values["net.0.s"] + lin0.bias[:, None])
+    return (h * values["net.2.r"]) @ lin1.weight.T * values["net.2.s"] + lin1.bias[:, None]
+
+
+def normal_kl(mq, sq, mp, sp):
+    return (torch.log(sp / sq) + (sq**2 + (mq - mp) ** 2) / (2 * sp**2) - 0.5).sum()
+
+
+def guide_draws(guide, x, y, seed):
+    pyro.set_rng_seed(seed)
+    trace = poutine.trace(guide).get_trace(x, y)
+    return {n: s["value"] for n, s in trace.nodes.items() if s["type"] == "sample"}
+
+
+@pytest.mark.parametrize("objective", [AveragedELBO, MixtureELBO])
+def test_gaussian_prior_elbo_matches_hand_computation(objective):
+    model = tiny()
+    guide = MixtureGuide(model)
+    x, y = data()
+    pyro.set_rng_seed(7)
+    loss = objective(vectorize_particles=False).differentiable_loss(model, guide, x, y)
+    values = guide_draws(guide, x, y, seed=7)  # the same draws the objective saw
+    log_p = torch.log_softmax(hand_forward(model, values, x), -1).gather(-1, y.expand(K, B)[..., None])[..., 0]
+    if objective is AveragedELBO:
+        log_lik = (N / B) * log_p.mean(0).sum()
+    else:
+        log_lik = (N / B) * (torch.logsumexp(log_p, 0) - math.log(K)).sum()
+    kl = 0.0
+    for name in values:
+        key = name.replace(".", "__")
+        kl = kl + normal_kl(guide.loc[key], torch.nn.functional.softplus(guide.raw_scale[key]), 1.0, torch.tensor(0.1)) / K
+    torch.testing.assert_close(loss, -(log_lik - kl))
+
+
+def test_cauchy_prior_uses_monte_carlo_kl_at_the_same_draws():
+    model = tiny(prior=Cauchy(1.0, 0.1))
+    guide = MixtureGuide(model)
+    x, y = data()
+    elbo = MixtureELBO(vectorize_particles=False)
+    pyro.set_rng_seed(3)
+    log_lik, kl = elbo.elbo_terms(*elbo._get_trace(model, guide, (x, y), {}))
+    values = guide_draws(guide, x, y, seed=3)
+    hand = 0.0
+    for name, v in values.items():
+        key = name.replace(".", "__")
+        loc, scale = guide.loc[key], torch.nn.functional.softplus(guide.raw_scale[key])
+        log_q = (-0.5 * ((v - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)).sum()
+        log_p = (-math.log(math.pi * 0.1) - torch.log1p(((v - 1.0) / 0.1) ** 2)).sum()
+        hand = hand + (log_q - log_p) / K
+    torch.testing.assert_close(kl, hand)
+    # and it is an unbiased estimate: its average over many draws is close to the mean
+    draws = []
+    for seed in range(200):
+        pyro.set_rng_seed(seed)
+        draws.append(elbo.elbo_terms(*elbo._get_trace(model, guide, (x, y), {}))[1])
+    draws = torch.stack(draws)
+    assert draws.std() / math.sqrt(len(draws)) < 0.05 * draws.mean().abs()
+
+
+def test_mixture_elbo_is_at_least_the_averaged_elbo_on_the_same_draws():
+    model = tiny()
+    guide = MixtureGuide(model, init_loc_std=0.5, init_scale=0.3)
+    x, y = data()
+    for seed in range(5):
+        pyro.set_rng_seed(seed)
+        averaged = AveragedELBO().differentiable_loss(model, guide, x, y)
+        pyro.set_rng_seed(seed)
+        mixture = MixtureELBO().differentiable_loss(model, guide, x, y)
+        assert mixture <= averaged + 1e-5  # losses are negative ELBOs
+
+
+class ScaleMemberSites(Messenger):
+    """Weight latent sites in the member plate by 1/K, as the mixture ELBO's KL does."""
+
+    def _pyro_sample(self, msg):
+        if not msg["is_observed"] and any(f.name == "members" for f in msg["cond_indep_stack"]):
+            msg["scale"] = msg["scale"] / K
+
+
+def test_mixture_elbo_equals_trace_enum_elbo_over_an_enumerated_member_index():
+    model = tiny(num_data=None)
+    guide = MixtureGuide(model, init_loc_std=0.5, init_scale=0.2)
+    x, y = data()
+
+    def enum_model(x, y):
+        out = model.outputs(x)  # (K, B, C): factor sites sampled (replayed from the guide)
+        with pyro.plate("data", B, dim=-1):
+            z = pyro.sample("z", dist.Categorical(logits=torch.zeros(K)), infer={"enumerate": "parallel"})
+            pyro.sample("obs", dist.Categorical(logits=Vindex(out)[z, torch.arange(B), :]), obs=y)
+
+    pyro.set_rng_seed(11)
+    expected = TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(
+        ScaleMemberSites()(enum_model), ScaleMemberSites()(guide), x, y
+    )
+    pyro.set_rng_seed(11)
+    ours = MixtureELBO(analytic_kl=False, vectorize_particles=False).differentiable_loss(model, guide, x, y)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_minibatch_scaling_by_dataset_size():
+    model = tiny(num_data=B)
+    guide = DeltaGuide(model)
+    x, y = data()
+    elbo = AveragedELBO()
+    small = elbo.elbo_terms(*elbo._get_trace(model, guide, (x, y), {}))[0]
+    model.num_data = 10 * B
+    large = elbo.elbo_terms(*elbo._get_trace(model, guide, (x, y), {}))[0]
+    torch.testing.assert_close(large, 10 * small)
+
+
+def test_kl_weight_scales_only_the_kl():
+    model = tiny()
+    guide = DeltaGuide(model)
+    x, y = data()
+    terms = MixtureELBO(kl_weight=1.0).loss_terms(model, guide, x, y)
+    half = MixtureELBO(kl_weight=0.5).loss_terms(model, guide, x, y)
+    torch.testing.assert_close(half.log_likelihood, terms.log_likelihood)
+    torch.testing.assert_close(half.loss, -(terms.log_likelihood - 0.5 * terms.kl))
+
+
+def test_per_example_estimator_draws_per_example_and_counts_the_kl_once():
+    model = tiny()
+    guide = MixtureGuide(model)
+    x, y = data()
+    member, example = MixtureELBO(), MixtureELBO(estimator="example")
+    model_trace, guide_trace = example._get_trace(model, guide, (x, y), {})
+    r = guide_trace.nodes["net.0.r"]["value"]
+    assert r.shape == (K, B, 2) and not torch.allclose(r[:, 0], r[:, 1])
+    torch.testing.assert_close(model_trace.nodes["net.0.r"]["value"], r)
+    # analytic KL is deterministic: both estimators count it exactly once
+    kl_member = member.elbo_terms(*member._get_trace(model, guide, (x, y), {}))[1]
+    kl_example = example.elbo_terms(model_trace, guide_trace)[1]
+    torch.testing.assert_close(kl_example, kl_member)
+
+
+def test_vectorized_particles_average_the_loss():
+    model = tiny()
+    guide = MixtureGuide(model)
+    x, y = data()
+    pyro.set_rng_seed(0)
+    losses = torch.stack([MixtureELBO().differentiable_loss(model, guide, x, y) for _ in range(400)])
+    pyro.set_rng_seed(1)
+    vectorized = MixtureELBO(num_particles=400).differentiable_loss(model, guide, x, y)
+    assert abs(vectorized - losses.mean()) < 4 * losses.std() / math.sqrt(400) + 1e-3
+
+
+PRIORS = {"gaussian": Gaussian(1.0, 0.1), "cauchy": Cauchy(1.0, 0.1), "hierarchical": Gaussian(1.0, HalfCauchy(0.1))}
+GUIDES = {
+    "mixture": lambda m: MixtureGuide(m, init_sign_prob=None),
+    "delta": lambda m: DeltaGuide(m),
+    "autonormal": lambda m: AutoNormal(m),
+}
+
+
+@pytest.mark.parametrize("guide_name", GUIDES)
+@pytest.mark.parametrize("prior_name", PRIORS)
+def test_swapping_prior_or_guide_is_one_argument(prior_name, guide_name):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    model = rank1_mlp(2, [8], 2, ensemble_size=2, prior=PRIORS[prior_name], num_data=64)
+    guide = GUIDES[guide_name](model)
+    guide(x, y)
+    opt = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=0.02)
+    elbo = MixtureELBO(num_particles=4)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = elbo.differentiable_loss(model, guide, x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_trainable_cauchy_guide_and_pyro_svi():
+    x, y = data()
+    model = tiny()
+    guide = CauchyGuide(model, init_sign_prob=None)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=MixtureELBO(num_particles=8))
+    first = sum(svi.step(x, y) for _ in range(5))
+    for _ in range(150):
+        svi.step(x, y)
+    last = sum(svi.step(x, y) for _ in range(5))
+    assert last < first
+    # SVI found the guide's and the model's parameters through Pyro's param store
+    store = set(pyro.get_param_store().keys())
+    assert {"net.0.weight", "net.0.bias"} <= store
+    assert {"loc.net__0__r", "raw_scale.net__0__r"} <= store
+
+
+def test_k1_delta_guide_reduces_to_the_deterministic_network():
+    torch.manual_seed(0)
+    plain = mlp(5, [7, 7], 3)
+    model = rank1_mlp(5, [7, 7], 3, ensemble_size=1)
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            model.net[i].weight.copy_(plain[i].weight)
+            model.net[i].bias.copy_(plain[i].bias[None])
+    guide = DeltaGuide(model, init_sign_prob=None, init_loc_std=0.0)
+    x = torch.randn(9, 5)
+    trace = poutine.trace(guide).get_trace(x)
+    out = poutine.replay(model.outputs, trace=trace)(x)
+    torch.testing.assert_close(out[0], plain(x))
+
+
+def test_a_model_without_factors_is_a_deterministic_network():
+    net = mlp(5, [7], 3)
+    model = Rank1Model(net, ensemble_size=1)
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(model.outputs(x)[0], net(x))
+
+
+@pytest.mark.parametrize(
+    "x, y, error, match",
+    [
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), ValueError, "in_features=2"),
+        (torch.tensor([[0.0, float("nan")]] * 4), torch.zeros(4, dtype=torch.long), ValueError, "NaN"),
+        (torch.randn(4, 2), torch.tensor([0, 1, 2, 3]), ValueError, "labels out of range"),
+        (torch.randn(4, 2), torch.tensor([0, 1, -1, 0]), ValueError, "labels out of range"),
+        (torch.randn(4, 2), torch.zeros(4), TypeError, "integer class labels"),
+        (torch.randn(4, 2), torch.zeros(5, dtype=torch.long), ValueError, r"y must have shape \(4,\)"),
+        (torch.randn(0, 2), None, ValueError, "non-empty"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(x, y, error, match):
+    model = tiny()
+    with pytest.raises(error, match=match):
+        model(x, y)
+
+
+def test_bad_configuration_raises_a_clear_error():
+    with pytest.raises(ValueError, match="ensemble_size"):
+        rank1_mlp(2, [4], 3, ensemble_size=0)
+    with pytest.raises(ValueError, match="estimator: unknown name"):
+        MixtureELBO(estimator="per-sample")
+    with pytest.raises(ValueError, match="likelihood: unknown name"):
+        Rank1Model(nn.Linear(2, 2), ensemble_size=1, likelihood="poisson")
+    with pytest.raises(ValueError, match="init_sign_prob"):
+        MixtureGuide(tiny(), init_sign_prob=1.5)
+    with pytest.raises(ValueError, match="no rank-1 layers"):
+        MixtureGuide(Rank1Model(nn.Linear(2, 2), ensemble_size=1))
