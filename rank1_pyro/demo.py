@@ -16,10 +16,10 @@ count and the training time. It writes ``results.json``, ``results.md`` and
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyro
 import torch
 from torch import nn
@@ -165,10 +165,10 @@ def _reliability_plot(probs: dict, labels: torch.Tensor, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(probs), figsize=(3.2 * len(probs), 3.4), sharey=True)
     for ax, (name, p) in zip(axes, probs.items()):
-        conf, acc, count = metrics.reliability(p, labels)
+        conf, acc, count = (t.numpy() for t in metrics.reliability(p, labels))
         used = count > 0
         width = 1.0 / len(conf)
-        centers = (torch.arange(len(conf)) + 0.5) * width
+        centers = (np.arange(len(conf)) + 0.5) * width
         ax.bar(centers[used], acc[used], width=width, edgecolor="black", label="accuracy")
         ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
         ax.set_title(f"{name}\nECE {metrics.ece(p, labels):.3f}", fontsize=9)

@@ -1,0 +1,39 @@
+"""The main job and the CLI, end to end."""
+
+import json
+import subprocess
+import sys
+
+from rank1_pyro.cli import main
+
+
+def test_demo_runs_and_writes_its_run_directory(tmp_path, capsys):
+    assert main(["demo", "--epochs", "2", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for method in ("deterministic", "batchensemble", "rank1-gaussian", "rank1-cauchy"):
+        assert f"| {method} |" in out
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(report["results"]) == {"deterministic", "batchensemble", "rank1-gaussian", "rank1-cauchy"}
+    row = report["results"]["rank1-gaussian"]
+    assert 0.0 <= row["shifted_ece"] <= 1.0 and row["parameters"] > report["results"]["deterministic"]["parameters"]
+    png = (tmp_path / "run" / "reliability.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "| method |" in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_bad_arguments_give_one_line_errors(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rank1_pyro", "demo", "--epochs", "0", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "rank1-pyro demo: error: --epochs must be >= 1, got 0"
+    assert not (tmp_path / "x").exists()
+    proc = subprocess.run([sys.executable, "-m", "rank1_pyro", "frobnicate"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_the_commands():
+    proc = subprocess.run([sys.executable, "-m", "rank1_pyro", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "demo" in proc.stdout
