@@ -1,0 +1,372 @@
+r"""Ready configurations of the rank-1 paper's runs, and their data.
+
+A :class:`RunConfig` is a declarative description of one experiment (data set, network, prior,
+guide, objective, optimisation schedule). The paper's runs ship as TOML files under
+``rank1_pyro/configs/``:
+
+* ``cifar10_wrn28_10`` / ``cifar100_wrn28_10``: WRN-28-10, K = 4, prior N(1, 0.1²), random-sign
+  init P(+1) = 0.5, 250 epochs of SGD-Nesterov (momentum 0.9), learning rate 0.1 × batch / 128
+  with one warm-up epoch and ×0.1 at epochs 100, 200, 225, KL annealing over 200 epochs, L2 1e-4.
+* ``imagenet_resnet50``: ResNet-50, prior N(1, 0.05²), sign init 0.75, 135 epochs, learning rate
+  0.1 × batch / 256, ×0.1 at epochs 45, 90, 120, KL annealing over 90 epochs.
+
+Batch size as in the reference: ``per_core_batch_size`` counts the *tiled* rows a device sees,
+so every step reads ``per_core_batch_size // ensemble_size × num_cores`` new examples
+(CIFAR: 64 / 4 × 8 = 128; ImageNet: 128 / 4 × 32 = 1024) and the learning rate is
+``base_learning_rate × batch_size / lr_reference_batch``. The reference L2 term is
+``l2 · Σ w²`` over W, biases and BatchNorm (never the factors), i.e. SGD weight decay ``2 · l2``
+on the model's parameters (:meth:`RunConfig.train_kwargs`).
+
+::
+
+    cfg = load_config("cifar10_wrn28_10")
+    model, guide = cfg.build(num_data=50_000)
+    train_set, test_set = cfg.datasets("~/data")       # never downloads
+    history = train(model, guide, DataLoader(train_set, cfg.batch_size, shuffle=True), **cfg.train_kwargs())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..convert import BATCHNORM_MODES
+from ..inference.guides import CauchyGuide, DeltaGuide, MixtureGuide
+from ..inference.objectives import OBJECTIVES
+from ..priors import FactorPrior, make_prior
+from .base import Rank1Model
+from .resnet import resnet18_cifar, resnet20_cifar, resnet50_imagenet
+from .wide_resnet import wide_resnet28_10
+
+__all__ = [
+    "RunConfig",
+    "load_config",
+    "cifar_datasets",
+    "imagenet_datasets",
+    "CONFIGS",
+    "CONFIG_DIR",
+    "DATASETS",
+    "MODELS",
+    "GUIDES",
+]
+
+#: the directory of the shipped TOML configurations
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: rank-1 builders a config may name; each takes num_classes, ensemble_size, prior, batchnorm, num_data
+MODELS = {
+    "wrn28_10": wide_resnet28_10,
+    "resnet50": resnet50_imagenet,
+    "resnet18_cifar": resnet18_cifar,
+    "resnet20_cifar": resnet20_cifar,
+}
+GUIDES = {"mixture": MixtureGuide, "delta": DeltaGuide, "cauchy": CauchyGuide}
+#: data set name -> number of classes
+DATASETS = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+_PRIOR_KEYS = ("family", "loc", "scale")
+
+
+def _shipped() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+#: names of the shipped configurations
+CONFIGS = _shipped()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One experiment, declaratively (see the module docstring for the fields' meaning)."""
+
+    name: str
+    dataset: str
+    model: str
+    num_classes: int
+    model_args: dict = field(default_factory=dict)
+    ensemble_size: int = 4
+    prior: dict = field(default_factory=lambda: {"family": "gaussian", "loc": 1.0, "scale": 0.1})
+    guide: str = "mixture"
+    init_sign_prob: float | None = 0.5
+    init_scale: float = 0.0316
+    objective: str = "averaged"
+    batchnorm: str = "shared"
+    epochs: int = 250
+    per_core_batch_size: int = 64
+    num_cores: int = 8
+    base_learning_rate: float = 0.1
+    lr_reference_batch: int = 128
+    momentum: float = 0.9
+    nesterov: bool = True
+    warmup_epochs: float = 1.0
+    decay_epochs: tuple = (100, 200, 225)
+    decay_rate: float = 0.1
+    kl_annealing_epochs: float = 200.0
+    l2: float = 1e-4
+
+    # -- construction and validation --------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        """A config from plain values; unknown keys raise :class:`ValueError` listing the valid ones."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a config must be a table of keys, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; valid keys: {cls.keys()}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise ValueError(f"missing config key(s) {missing}; valid keys: {cls.keys()}")
+        values = dict(values)
+        if "decay_epochs" in values and isinstance(values["decay_epochs"], list):
+            values["decay_epochs"] = tuple(values["decay_epochs"])
+        return cls(**values)
+
+    def replace(self, **changes) -> "RunConfig":
+        """A copy with some fields changed (validated like :meth:`from_dict`)."""
+        return type(self).from_dict({**dataclasses.asdict(self), **changes})
+
+    def __post_init__(self):
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name}: unknown name {getattr(self, name)!r}; valid: {sorted(options)}")
+
+        def positive(name, integer=False):
+            value = getattr(self, name)
+            kinds = int if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+                raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+        def non_negative(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        choice("dataset", DATASETS)
+        choice("model", MODELS)
+        choice("guide", GUIDES)
+        choice("objective", OBJECTIVES)
+        choice("batchnorm", BATCHNORM_MODES)
+        for name in ("num_classes", "ensemble_size", "epochs", "per_core_batch_size", "num_cores", "lr_reference_batch"):
+            positive(name, integer=True)
+        for name in ("init_scale", "base_learning_rate", "decay_rate"):
+            positive(name)
+        for name in ("momentum", "warmup_epochs", "kl_annealing_epochs", "l2"):
+            non_negative(name)
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov must be true or false, got {self.nesterov!r}")
+        if self.init_sign_prob is not None and not (
+            isinstance(self.init_sign_prob, (int, float)) and 0 <= self.init_sign_prob <= 1
+        ):
+            raise ValueError(f"init_sign_prob must be in [0, 1] or absent, got {self.init_sign_prob!r}")
+        if self.per_core_batch_size < self.ensemble_size:
+            raise ValueError(
+                f"per_core_batch_size ({self.per_core_batch_size}) counts tiled rows and must be >= "
+                f"ensemble_size ({self.ensemble_size})"
+            )
+        if self.dataset != "imagenet" and self.num_classes != DATASETS[self.dataset]:  # ImageNet folders may be subsets
+            raise ValueError(f"num_classes={self.num_classes} but {self.dataset} has {DATASETS[self.dataset]} classes")
+        epochs = list(self.decay_epochs) if isinstance(self.decay_epochs, (tuple, list)) else None
+        if epochs is None or any(isinstance(e, bool) or not isinstance(e, (int, float)) or e < 0 for e in epochs) or epochs != sorted(epochs):
+            raise ValueError(f"decay_epochs must be an increasing list of epochs, got {self.decay_epochs!r}")
+        if not isinstance(self.model_args, dict):
+            raise ValueError(f"model_args must be a table, got {self.model_args!r}")
+        if not isinstance(self.prior, dict) or set(self.prior) - set(_PRIOR_KEYS):
+            raise ValueError(f"prior must be a table with keys among {list(_PRIOR_KEYS)}, got {self.prior!r}")
+        self.prior_spec()  # validates family and scale
+
+    # -- derived values ---------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """New examples per step: ``per_core_batch_size // ensemble_size × num_cores``."""
+        return self.per_core_batch_size // self.ensemble_size * self.num_cores
+
+    @property
+    def learning_rate(self) -> float:
+        """``base_learning_rate × batch_size / lr_reference_batch``."""
+        return self.base_learning_rate * self.batch_size / self.lr_reference_batch
+
+    def prior_spec(self) -> FactorPrior:
+        """The factor prior (:func:`~rank1_pyro.priors.make_prior` of the ``prior`` table)."""
+        return make_prior(**self.prior)
+
+    # -- building ---------------------------------------------------------------------------
+    def build_model(self, num_data: int | None = None) -> Rank1Model:
+        """The rank-1 network of this config (``model_args`` passed to the zoo builder)."""
+        try:
+            return MODELS[self.model](
+                num_classes=self.num_classes,
+                ensemble_size=self.ensemble_size,
+                prior=self.prior_spec(),
+                batchnorm=self.batchnorm,
+                num_data=num_data,
+                **self.model_args,
+            )
+        except TypeError as e:
+            raise ValueError(f"model_args {self.model_args!r} do not fit model {self.model!r}: {e}") from None
+
+    def build_guide(self, model: Rank1Model):
+        """The guide (``MixtureGuide`` etc.) at the reference initialisation."""
+        if self.guide == "delta":
+            return DeltaGuide(model, init_sign_prob=self.init_sign_prob)
+        return GUIDES[self.guide](model, init_sign_prob=self.init_sign_prob, init_scale=self.init_scale)
+
+    def build(self, num_data: int | None = None):
+        """``(model, guide)``."""
+        model = self.build_model(num_data)
+        return model, self.build_guide(model)
+
+    def build_objective(self, **kwargs):
+        """A fresh objective (``AveragedELBO`` / ``MixtureELBO``); ``kwargs`` go to its constructor."""
+        return OBJECTIVES[self.objective](**kwargs)
+
+    def train_kwargs(self) -> dict:
+        """Keyword arguments of :func:`rank1_pyro.inference.train.train` for this schedule."""
+        return dict(
+            objective=self.objective,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer="sgd",
+            lr=self.learning_rate,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            weight_decay=2.0 * self.l2,
+            warmup_epochs=self.warmup_epochs,
+            decay_epochs=tuple(self.decay_epochs),
+            decay_rate=self.decay_rate,
+            kl_annealing_epochs=self.kl_annealing_epochs,
+        )
+
+    # -- data -------------------------------------------------------------------------------
+    def datasets(self, root):
+        """``(train, test)`` torchvision data sets of this config from ``root`` (never downloaded).
+
+        Raises :class:`FileNotFoundError` naming every path checked when the data is not there.
+        """
+        if self.dataset == "imagenet":
+            return imagenet_datasets(root)
+        return cifar_datasets(self.dataset, root)
+
+    def data_loaders(self, root, batch_size: int | None = None, num_workers: int = 0):
+        """``(train, test)`` DataLoaders over :meth:`datasets` (train shuffled, batch :attr:`batch_size`)."""
+        from torch.utils.data import DataLoader
+
+        batch_size = self.batch_size if batch_size is None else batch_size
+        train, test = self.datasets(root)
+        return (
+            DataLoader(train, batch_size, shuffle=True, num_workers=num_workers, drop_last=True),
+            DataLoader(test, batch_size, shuffle=False, num_workers=num_workers),
+        )
+
+
+def load_config(name_or_path) -> RunConfig:
+    """A shipped config by name (see :data:`CONFIGS`) or a TOML file by path."""
+    path = Path(name_or_path).expanduser()
+    if not path.suffix and str(name_or_path) in CONFIGS:
+        path = CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config {str(name_or_path)!r}: not a file, and the shipped configs are {CONFIGS}")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config {path}: invalid TOML: {e}") from None
+    try:
+        return RunConfig.from_dict(values)
+    except ValueError as e:
+        raise ValueError(f"config {path}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Data: torchvision data sets the user already has (nothing is ever downloaded)
+# ------------------------------------------------------------------------------------------
+#: torchvision's CIFAR layout: folder under the root and the files it must hold
+_CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
+    "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
+}
+#: per-channel mean and stddev of the CIFAR training images
+_CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def _root(root) -> Path:
+    if root is None:
+        raise ValueError("a data root is needed: the directory that holds the data set (nothing is downloaded)")
+    return Path(root).expanduser()
+
+
+def cifar_datasets(name: str, root):
+    """CIFAR-10/100 ``(train, test)`` through torchvision (``download=False``).
+
+    ``root`` is the directory holding torchvision's ``cifar-10-batches-py`` (``cifar-100-python``)
+    folder, or that folder itself. Training images get the standard augmentation (random crop
+    with 4 pixels of padding, horizontal flip); all images are standardised per channel.
+    """
+    import torchvision
+    from torchvision import transforms as T
+
+    if name not in _CIFAR_FILES:
+        raise ValueError(f"cifar data set: unknown name {name!r}; valid: {sorted(_CIFAR_FILES)}")
+    folder, files = _CIFAR_FILES[name]
+    root = _root(root)
+    candidates = [root / folder] + ([root] if root.name == folder else [])
+    checked = []
+    for candidate in candidates:
+        missing = [f for f in files if not (candidate / f).is_file()]
+        if not missing:
+            break
+        checked.append(f"{candidate} (missing: {', '.join(missing)})")
+    else:
+        raise FileNotFoundError(
+            f"{name} not found; checked {'; '.join(checked)}. Put torchvision's {folder!r} folder "
+            f"(files {', '.join(files)}) under the root; this library never downloads data."
+        )
+    mean, std = _CIFAR_STATS[name]
+    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalize])
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    tv_root = str(candidate.parent)
+    return (
+        cls(tv_root, train=True, transform=train_tf, download=False),
+        cls(tv_root, train=False, transform=T.Compose(normalize), download=False),
+    )
+
+
+def imagenet_datasets(root, image_size: int = 224):
+    """ImageNet ``(train, val)`` as torchvision ``ImageFolder`` s of ``root/train`` and ``root/val``.
+
+    Each split folder holds one sub-folder of images per class. Training images get a random
+    resized crop to ``image_size`` and a horizontal flip, validation images a resize to
+    ``image_size × 8/7`` and a center crop; pixels are scaled to [0, 1] (the reference ResNet-50
+    does not standardise its input).
+    """
+    import torchvision
+    from torchvision import transforms as T
+
+    root = _root(root)
+    problems = []
+    for split in ("train", "val"):
+        path = root / split
+        if not path.is_dir():
+            problems.append(f"{path} (no such directory)")
+        elif not any(p.is_dir() for p in path.iterdir()):
+            problems.append(f"{path} (no class sub-directories)")
+    if problems:
+        raise FileNotFoundError(
+            f"imagenet not found; checked {'; '.join(problems)}. Expected ImageFolder layout "
+            "root/train/<class>/*.JPEG and root/val/<class>/*.JPEG; this library never downloads data."
+        )
+    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()])
+    val_tf = T.Compose([T.Resize(image_size * 8 // 7), T.CenterCrop(image_size), T.ToTensor()])
+    return (
+        torchvision.datasets.ImageFolder(str(root / "train"), transform=train_tf),
+        torchvision.datasets.ImageFolder(str(root / "val"), transform=val_tf),
+    )
