@@ -49,8 +49,8 @@ class Rank1Guide(PyroModule):
             Build the guide after the priors are final: hierarchical scale sites are found here.
         init_sign_prob: initialise factor means at ±1 with P(+1) = ``init_sign_prob`` (the
             reference's random-sign init: 0.5 for CIFAR, 0.75 for ImageNet); ``None`` starts at 1.
-        init_loc_std: add N(0, ``init_loc_std``²) noise to the initial means.
-        init_scale: initial stddev (scale) of every component, ``softplus(raw) = init_scale``.
+        init_loc_std: standard deviation of Gaussian noise added to the initial means.
+        init_scale: initial stddev of every component (the raw parameter is its inverse softplus).
         scale_guide: ``"lognormal"`` or ``"delta"`` for hierarchical scale sites.
     """
 
