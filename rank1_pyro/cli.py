@@ -15,7 +15,7 @@ import sys
 __all__ = ["main", "UsageError", "COMMANDS"]
 
 #: subcommand modules, in the order ``--help`` lists them
-COMMANDS = ["demo", "params"]
+COMMANDS = ["demo", "train", "evaluate", "params", "diagnose"]
 
 
 class UsageError(Exception):

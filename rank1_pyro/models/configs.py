@@ -28,15 +28,21 @@ on the model's parameters (:meth:`RunConfig.train_kwargs`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from torch import nn
 
 from ..convert import BATCHNORM_MODES
 from ..inference.guides import CauchyGuide, DeltaGuide, MixtureGuide
 from ..inference.objectives import OBJECTIVES
 from ..priors import FactorPrior, make_prior
 from .base import Rank1Model
+from .lenet import lenet5
+from .mlp import rank1_mlp
 from .resnet import resnet18_cifar, resnet20_cifar, resnet50_imagenet
 from .wide_resnet import wide_resnet28_10
 
@@ -46,16 +52,32 @@ __all__ = [
     "cifar_datasets",
     "imagenet_datasets",
     "CONFIGS",
+    "OFFLINE_DATASETS",
     "CONFIG_DIR",
     "DATASETS",
     "MODELS",
     "GUIDES",
 ]
 
+def _mlp(num_classes, ensemble_size, prior, batchnorm, num_data, input_shape, hidden=(128, 128)):
+    """A rank-1 MLP on flattened inputs (``batchnorm`` does not apply: it has none)."""
+    in_features = math.prod(input_shape)
+    layers = rank1_mlp(in_features, list(hidden), num_classes, ensemble_size=ensemble_size, prior=prior).net
+    net = nn.Sequential(nn.Flatten(start_dim=-len(input_shape)), *layers)
+    return Rank1Model(net, ensemble_size, num_data=num_data)
+
+
+def _lenet5(num_classes, ensemble_size, prior, batchnorm, num_data, input_shape):
+    """Rank-1 LeNet-5 on ``(C, H, W)`` images."""
+    return lenet5(num_classes, input_shape[0], ensemble_size, prior, num_data=num_data)
+
+
 #: the directory of the shipped TOML configurations
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 #: rank-1 builders a config may name; each takes num_classes, ensemble_size, prior, batchnorm, num_data
 MODELS = {
+    "mlp": _mlp,
+    "lenet5": _lenet5,
     "wrn28_10": wide_resnet28_10,
     "resnet50": resnet50_imagenet,
     "resnet18_cifar": resnet18_cifar,
@@ -63,7 +85,9 @@ MODELS = {
 }
 GUIDES = {"mixture": MixtureGuide, "delta": DeltaGuide, "cauchy": CauchyGuide}
 #: data set name -> number of classes
-DATASETS = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+DATASETS = {"digits": 10, "fashion_mnist": 10, "mnist1d": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
+#: the data sets this machine can load offline (:mod:`rank1_pyro.data`), as tensors
+OFFLINE_DATASETS = ("digits", "fashion_mnist", "mnist1d")
 _PRIOR_KEYS = ("family", "loc", "scale")
 
 
@@ -103,6 +127,8 @@ class RunConfig:
     decay_rate: float = 0.1
     kl_annealing_epochs: float = 200.0
     l2: float = 1e-4
+    optimizer: str = "sgd"
+    seed: int = 0
 
     # -- construction and validation --------------------------------------------------------
     @classmethod
@@ -153,6 +179,9 @@ class RunConfig:
         choice("guide", GUIDES)
         choice("objective", OBJECTIVES)
         choice("batchnorm", BATCHNORM_MODES)
+        choice("optimizer", ("sgd", "adam"))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         for name in ("num_classes", "ensemble_size", "epochs", "per_core_batch_size", "num_cores", "lr_reference_batch"):
             positive(name, integer=True)
         for name in ("init_scale", "base_learning_rate", "decay_rate"):
@@ -197,15 +226,26 @@ class RunConfig:
         return make_prior(**self.prior)
 
     # -- building ---------------------------------------------------------------------------
-    def build_model(self, num_data: int | None = None) -> Rank1Model:
-        """The rank-1 network of this config (``model_args`` passed to the zoo builder)."""
+    def build_model(self, num_data: int | None = None, input_shape: tuple[int, ...] | None = None) -> Rank1Model:
+        """The rank-1 network of this config (``model_args`` passed to the zoo builder).
+
+        ``input_shape`` (one example's shape) is needed by models sized by their data (``mlp``,
+        ``lenet5``'s input channels).
+        """
+        builder = MODELS[self.model]
+        extra = {}
+        if "input_shape" in inspect.signature(builder).parameters:
+            if input_shape is None:
+                raise ValueError(f"model {self.model!r} needs the input shape of the data (input_shape=...)")
+            extra["input_shape"] = tuple(input_shape)
         try:
-            return MODELS[self.model](
+            return builder(
                 num_classes=self.num_classes,
                 ensemble_size=self.ensemble_size,
                 prior=self.prior_spec(),
                 batchnorm=self.batchnorm,
                 num_data=num_data,
+                **extra,
                 **self.model_args,
             )
         except TypeError as e:
@@ -217,9 +257,9 @@ class RunConfig:
             return DeltaGuide(model, init_sign_prob=self.init_sign_prob)
         return GUIDES[self.guide](model, init_sign_prob=self.init_sign_prob, init_scale=self.init_scale)
 
-    def build(self, num_data: int | None = None):
+    def build(self, num_data: int | None = None, input_shape: tuple[int, ...] | None = None):
         """``(model, guide)``."""
-        model = self.build_model(num_data)
+        model = self.build_model(num_data, input_shape)
         return model, self.build_guide(model)
 
     def build_objective(self, **kwargs):
@@ -232,7 +272,7 @@ class RunConfig:
             objective=self.objective,
             epochs=self.epochs,
             batch_size=self.batch_size,
-            optimizer="sgd",
+            optimizer=self.optimizer,
             lr=self.learning_rate,
             momentum=self.momentum,
             nesterov=self.nesterov,
@@ -245,10 +285,21 @@ class RunConfig:
 
     # -- data -------------------------------------------------------------------------------
     def datasets(self, root):
-        """``(train, test)`` torchvision data sets of this config from ``root`` (never downloaded).
+        """``(train, test)`` data sets of this config from ``root`` (never downloaded).
 
-        Raises :class:`FileNotFoundError` naming every path checked when the data is not there.
+        The offline data sets (:data:`OFFLINE_DATASETS`) come from :mod:`rank1_pyro.data` as
+        :class:`~torch.utils.data.TensorDataset` s (``root`` is used by Fashion-MNIST only);
+        CIFAR and ImageNet are torchvision data sets. Raises :class:`FileNotFoundError` naming
+        every path checked when the data is not there.
         """
+        if self.dataset in OFFLINE_DATASETS:
+            from torch.utils.data import TensorDataset
+
+            from ..data import load_dataset
+
+            kwargs = {"root": root} if self.dataset == "fashion_mnist" else {}
+            split = load_dataset(self.dataset, **kwargs)
+            return TensorDataset(split.x_train, split.y_train), TensorDataset(split.x_test, split.y_test)
         if self.dataset == "imagenet":
             return imagenet_datasets(root)
         return cifar_datasets(self.dataset, root)
