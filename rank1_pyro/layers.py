@@ -72,6 +72,12 @@ def member_plate(ensemble_size: int) -> pyro.plate:
     return _MEMBER_PLATES[ensemble_size]
 
 
+def _check_size(owner: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
 def _check_ensemble_size(ensemble_size) -> int:
     if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
         raise ValueError(f"ensemble_size must be an integer >= 1, got {ensemble_size!r}")
@@ -168,6 +174,8 @@ class Rank1Linear(Rank1Layer):
 
     def __init__(self, in_features: int, out_features: int, ensemble_size: int = 4, bias: bool = True, prior=None):
         super().__init__(ensemble_size, prior)
+        _check_size("Rank1Linear", "in_features", in_features)
+        _check_size("Rank1Linear", "out_features", out_features)
         self.in_features, self.out_features = in_features, out_features
         self.factor_sizes = {"r": in_features, "s": out_features}
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -217,6 +225,8 @@ class Rank1Conv2d(Rank1Layer):
         prior=None,
     ):
         super().__init__(ensemble_size, prior)
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            _check_size("Rank1Conv2d", name, value)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Rank1Conv2d: in_channels and out_channels must be divisible by groups={groups}")
         pair = nn.modules.utils._pair
@@ -271,6 +281,8 @@ class Rank1LSTM(Rank1Layer):
 
     def __init__(self, input_size: int, hidden_size: int, ensemble_size: int = 4, bias: bool = True, prior=None):
         super().__init__(ensemble_size, prior)
+        _check_size("Rank1LSTM", "input_size", input_size)
+        _check_size("Rank1LSTM", "hidden_size", hidden_size)
         self.input_size, self.hidden_size = input_size, hidden_size
         self.factor_sizes = {"r_ih": input_size, "s_ih": 4 * hidden_size, "r_hh": hidden_size, "s_hh": 4 * hidden_size}
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))

@@ -44,6 +44,10 @@ def _check(probs: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"probs must have shape (N, C), got {tuple(probs.shape)}")
     if labels.shape != probs.shape[:1]:
         raise ValueError(f"labels must have shape ({probs.shape[0]},), got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if not torch.isfinite(probs).all():
+        raise ValueError("probs contains NaN or infinite values")
     if labels.numel() and (labels.min() < 0 or labels.max() >= probs.shape[1]):
         raise ValueError(f"labels out of range 0..{probs.shape[1] - 1}")
 
@@ -65,6 +69,8 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15):
     Bin b of ``num_bins`` equal-width bins holds the confidences in (b/M, (b+1)/M].
     """
     _check(probs, labels)
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"num_bins must be an integer >= 1, got {num_bins!r}")
     conf, pred = probs.double().max(-1)
     correct = (pred == labels).double()
     bins = (conf * num_bins).ceil().long().clamp(1, num_bins) - 1

@@ -10,11 +10,25 @@ parameters. It implements the reference recipe of Dusenberry et al. (2020):
 * KL annealing: β = min(1, step / (``kl_annealing_epochs`` × steps per epoch)) multiplies the KL;
 * an optional gradient-norm clip;
 * ``device="auto"``: CUDA when available, else the CPU; model, guide and every batch move there;
+* gradients of the per-example loss −ELBO / N (the same optimum as −ELBO; learning rates are
+  those of ordinary per-example training losses, as in the reference);
 * a guard against non-finite losses or gradients: training stops *before* the bad update with
   :class:`NonFiniteLossError`, naming the epoch and step, so model and guide keep their last good
   parameters;
 * per-epoch history (loss, NLL, KL, training accuracy, and validation accuracy / NLL / ECE from
-  the Monte Carlo predictive), and a tqdm progress bar when the output is a terminal.
+  the Monte Carlo predictive), and a tqdm progress bar when the output is a terminal;
+* checkpoints (``checkpoint_dir``, ``checkpoint_every``, ``resume``): atomic files holding the
+  whole training state, from which a killed run continues *exactly* -- the same batches in
+  the same order from the interrupted position and the same random draws, so on the CPU the
+  final parameters are bit-identical to an uninterrupted run's (:mod:`.checkpoint`);
+* data-parallel training under ``torchrun`` (``distributed="auto"``): the data is sharded, the
+  gradients are averaged, and a step equals a single-process step on the same global batch
+  (:mod:`.distributed`).
+
+Data order: the examples of epoch e are read in the order ``randperm(N, seed + e)`` (a
+:class:`~.distributed.ShardedSampler`), a function of the seed and the epoch alone; that is
+what lets a resumed run skip the batches already consumed. Validation runs on a fork of the
+random state, so ``val_data`` never changes the training trajectory.
 
 A deterministic network is the special case of a model without factors and ``guide=None``
 (maximum a posteriori training with weight decay).
@@ -22,18 +36,27 @@ A deterministic network is the special case of a model without factors and ``gui
 
 from __future__ import annotations
 
+import itertools
 import math
+import numbers
 import sys
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import pyro
+import pyro.poutine as poutine
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from .. import metrics
+from . import distributed as dist_utils
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_save, read_checkpoint, remove_stale_temporaries
+from .checkpoint import restore_training, training_state
 from .objectives import OBJECTIVES, MixtureELBO, Rank1ELBO, kl_annealing
 from .predictive import Rank1Posterior, predict
 
@@ -57,21 +80,110 @@ def resolve_device(device="auto") -> torch.device:
     return device
 
 
+def _check_pair(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
+    """Check ``(x, y)`` tensors: same number of examples, not empty, no NaN/inf; return them."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data)):
+        raise TypeError(f"{name} must be a DataLoader or a pair of tensors (x, y), got {type(data).__name__}")
+    x, y = data
+    of = "" if name == "data" else f" of {name}"
+    if x.dim() == 0 or y.dim() == 0:
+        raise ValueError(f"x and y{of} need a leading example dim, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y{of} have different numbers of examples: {x.shape[0]} vs {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise ValueError(f"the data set{of} is empty")
+    for t, label in ((x, "x"), (y, "y")):
+        if t.is_floating_point() or t.is_complex():
+            bad = ~torch.isfinite(t).reshape(t.shape[0], -1).all(-1)
+            if bad.any():
+                raise ValueError(
+                    f"{label}{of} contains NaN or infinite values ({int(bad.sum())} examples, the first at index "
+                    f"{int(bad.nonzero()[0])})"
+                )
+    return x, y
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return batch_size
+
+
 def make_loader(data, batch_size: int, shuffle: bool, seed: int | None = None) -> DataLoader:
     """A DataLoader from ``(x, y)`` tensors, or ``data`` itself when it already is one."""
     if isinstance(data, DataLoader):
         return data
-    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data)):
-        raise TypeError("data must be a DataLoader or a pair of tensors (x, y)")
-    x, y = data
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y have different numbers of examples: {x.shape[0]} vs {y.shape[0]}")
-    if x.shape[0] == 0:
-        raise ValueError("the data set is empty")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    x, y = _check_pair(data)
+    _check_batch_size(batch_size)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def _rebuildable(loader: DataLoader) -> bool:
+    """A loader over a map-style data set with the default sampler, which train can re-shard and re-order."""
+    return (
+        not isinstance(loader.dataset, IterableDataset)
+        and loader.batch_size is not None
+        and type(loader.batch_sampler) is BatchSampler
+        and type(loader.sampler) in (RandomSampler, SequentialSampler)
+    )
+
+
+def _training_loader(data, batch_size: int, ctx, data_seed: int):
+    """``(loader, sampler)`` reading epoch e in the order of ``ShardedSampler(seed=data_seed)``.
+
+    ``batch_size`` (or a given loader's) is the global batch; each of the ``ctx.world_size``
+    ranks reads ``batch_size // world_size`` examples per step. ``sampler`` is ``None`` for a
+    loader train cannot re-order (custom sampler, iterable data set), which is used as it is.
+    """
+    if isinstance(data, DataLoader):
+        if not _rebuildable(data):
+            if ctx.enabled:
+                raise ValueError(
+                    "distributed training needs (x, y) tensors or a DataLoader over a map-style data set with the "
+                    "default sampler (shuffle=True/False), so that it can shard the data"
+                )
+            return data, None
+        dataset, batch_size, shuffle = data.dataset, data.batch_size, isinstance(data.sampler, RandomSampler)
+        options = dict(
+            num_workers=data.num_workers,
+            collate_fn=data.collate_fn,
+            pin_memory=data.pin_memory,
+            drop_last=data.drop_last,
+            timeout=data.timeout,
+            worker_init_fn=data.worker_init_fn,
+        )
+        if data.num_workers > 0:
+            options.update(
+                persistent_workers=data.persistent_workers,
+                prefetch_factor=data.prefetch_factor,
+                multiprocessing_context=data.multiprocessing_context,
+            )
+    else:
+        dataset, shuffle, options = TensorDataset(*data), True, {}
+    if batch_size % ctx.world_size:
+        raise ValueError(
+            f"batch_size={batch_size} is the global batch and must be divisible by the number of processes "
+            f"({ctx.world_size})"
+        )
+    sampler = dist_utils.ShardedSampler(dataset, ctx.world_size, ctx.rank, shuffle=shuffle, seed=data_seed)
+    # the loader's own generator: creating its iterator never draws from the global RNG
+    loader = DataLoader(
+        dataset, batch_size // ctx.world_size, sampler=sampler, generator=torch.Generator(), **options
+    )
+    return loader, sampler
+
+
+def _set_position(loader, sampler, data_seed: int, epoch: int, batch: int):
+    """An iterator over epoch ``epoch`` from batch ``batch`` on."""
+    if sampler is None:  # a loader train cannot re-order: skip consumed batches by reading them
+        with torch.random.fork_rng(devices=[]):  # its iterator's worker seed is not drawn from the training stream
+            iterator = iter(loader)
+        return itertools.islice(iterator, batch, None)
+    sampler.seed = data_seed
+    sampler.set_position(epoch, batch * loader.batch_size)
+    loader.generator.manual_seed((data_seed * 1_000_003 + epoch) % 2**63)  # worker seeds: a function of (seed, epoch)
+    return iter(loader)
 
 
 def empty_guide(*args, **kwargs) -> None:
@@ -126,10 +238,95 @@ def _lr_factor(step: int, steps_per_epoch: int, warmup_epochs: float, decay_epoc
     return warm * decay_rate ** sum(epoch >= e for e in decay_epochs)
 
 
+def _number(name: str, value, minimum: float = 0.0, strict: bool = False, integer: bool = False):
+    """Check ``value`` is a finite number (an int when ``integer``) ``>= minimum`` (``>`` when ``strict``)."""
+    kinds = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite {'integer' if integer else 'number'}, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return value
+
+
+def _check_arguments(
+    epochs, batch_size, optimizer, lr, momentum, weight_decay, warmup_epochs, decay_epochs, decay_rate,
+    kl_annealing_epochs, grad_clip, eval_samples, seed, checkpoint_dir, checkpoint_every, resume, distributed,
+):
+    """Every argument check of :func:`train`, before anything runs or touches the disk.
+
+    Returns ``decay_epochs`` as a tuple (it may arrive as any iterable).
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    _check_batch_size(batch_size)
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer: unknown name {optimizer!r}; valid: ['adam', 'sgd']")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    _number("momentum", momentum)
+    _number("weight_decay", weight_decay)
+    _number("warmup_epochs", warmup_epochs)
+    _number("decay_rate", decay_rate, strict=True)
+    _number("kl_annealing_epochs", kl_annealing_epochs)
+    if isinstance(decay_epochs, (str, bytes)) or not isinstance(decay_epochs, Iterable):
+        raise ValueError(f"decay_epochs must be a sequence of epochs, got {decay_epochs!r}")
+    decay_epochs = tuple(decay_epochs)
+    for e in decay_epochs:
+        _number("decay_epochs entries", e)
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
+    _number("eval_samples", eval_samples, minimum=1, integer=True)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, Path)):
+        raise TypeError(f"checkpoint_dir must be a path (str or pathlib.Path), got {type(checkpoint_dir).__name__}")
+    if checkpoint_every is not None:
+        _number("checkpoint_every", checkpoint_every, minimum=1, integer=True)
+        if checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir (where to write the checkpoints)")
+    if not isinstance(resume, bool):
+        raise ValueError(f"resume must be True or False, got {resume!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir (where to find the checkpoint)")
+    dist_utils.check_mode(distributed)
+    return decay_epochs
+
+
+def _check_model_labels(model, x: torch.Tensor, y: torch.Tensor, device) -> None:
+    """Check all labels of tensor data against the network's outputs, before training starts.
+
+    One forward of one example in eval mode, on a fork of the random state (training draws
+    are not affected, BatchNorm statistics are not updated).
+    """
+    if not (hasattr(model, "outputs") and hasattr(model, "_check_labels")):
+        return
+    training = model.training
+    try:
+        model.eval()
+        devices = [device] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), poutine.block():
+            out = model.outputs(x[:1].to(device))
+    finally:
+        model.train(training)
+    model._check_labels(y, out.expand(*out.shape[:-2], y.shape[0], out.shape[-1]))
+
+
 def _first_batch(loader: Iterable):
     for batch in loader:
         return batch
     raise ValueError("the training data set is empty")
+
+
+def _objective_name(elbo) -> str:
+    for name, cls in OBJECTIVES.items():
+        if type(elbo) is cls:
+            return name
+    return type(elbo).__name__
+
+
+def _all_finite(tensors) -> bool:
+    tensors = list(tensors)
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def evaluate(model, guide, data, num_samples: int = 8, batch_size: int = 512, device=None) -> dict[str, float]:
@@ -172,58 +369,152 @@ def train(
     eval_samples: int = 4,
     progress: bool | None = None,
     seed: int | None = None,
+    checkpoint_dir=None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    distributed="auto",
 ) -> History:
     """Train ``model`` and ``guide`` on ``data`` (``(x, y)`` tensors or a DataLoader); see the module docs.
 
     ``model.num_data`` is set to the training-set size so minibatch likelihoods scale by N / B.
     Returns the :class:`History`. ``objective`` is ``"mixture"`` (default), ``"averaged"``, or any
     Pyro ELBO instance (its ``kl_weight`` is driven by the annealing schedule when it has one).
-    """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
-    if seed is not None:
-        import pyro
 
-        pyro.set_rng_seed(seed)
-    device = resolve_device(device)
-    guide = empty_guide if guide is None else guide
+    Checkpoints: with ``checkpoint_dir``, the whole training state is written atomically to
+    ``checkpoint_dir/checkpoint.pt`` at the end of every epoch and, with ``checkpoint_every=n``,
+    after every n-th step; rank 0 writes it. ``resume=True`` continues from that file when it
+    exists (and starts afresh when it does not): the same batches in the same order from the
+    interrupted position, the same random draws. The global batch size and the data set size
+    must be those of the interrupted run. A checkpoint is only written while every parameter is
+    finite, so after :class:`NonFiniteLossError` the file on disk is the last good state.
+
+    Distributed: ``distributed="auto"`` trains data-parallel when started by ``torchrun`` with
+    more than one process (``True`` insists, ``False`` never does); ``batch_size`` is then the
+    global batch, split evenly over the processes (see :mod:`rank1_pyro.inference.distributed`).
+    """
+    decay_epochs = _check_arguments(
+        epochs, batch_size, optimizer, lr, momentum, weight_decay, warmup_epochs, decay_epochs, decay_rate,
+        kl_annealing_epochs, grad_clip, eval_samples, seed, checkpoint_dir, checkpoint_every, resume, distributed,
+    )
     elbo = _objective(objective)
-    loader = make_loader(data, batch_size, shuffle=True, seed=seed)
+    device = resolve_device(device)
+    if not isinstance(data, DataLoader):
+        data = _check_pair(data)
+    if val_data is not None and not isinstance(val_data, DataLoader):
+        _check_pair(val_data, "val_data")
+    guide = empty_guide if guide is None else guide
+    ctx, device = dist_utils.setup(distributed, device)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    elif ctx.enabled:  # every rank draws the same factors: one seed for all
+        seed_all = dist_utils.broadcast_int(int(torch.randint(0, 2**31, ()).item()), device)
+        pyro.set_rng_seed(seed_all)
+    data_seed = seed if seed is not None else int(torch.randint(0, 2**31, ()).item())
+    loader, sampler = _training_loader(data, batch_size, ctx, data_seed)
     num_data = len(loader.dataset)
     if num_data == 0:
         raise ValueError("the training data set is empty")
     model.to(device)
     if isinstance(guide, nn.Module):
         guide.to(device)
+    if not isinstance(data, DataLoader):
+        _check_model_labels(model, *data, device)
     if hasattr(model, "num_data"):
         model.num_data = num_data
     # one call creates lazily-initialised guide parameters (Pyro autoguides) before the optimizer
     x0, y0 = (t.to(device) for t in _first_batch(loader)[:2])
     guide(x0, y0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if isinstance(guide, nn.Module):
-        params += [p for p in guide.parameters() if p.requires_grad]
+    modules = [m for m in (model, guide) if isinstance(m, nn.Module)]
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    buffers = [b for m in modules for b in m.buffers()]
+    if ctx.enabled:  # one model: rank 0's initial state everywhere
+        dist_utils.broadcast_tensors([*(p for m in modules for p in m.parameters()), *buffers])
     opt = _optimizer(model, guide, optimizer, lr, momentum, nesterov, weight_decay)
     steps_per_epoch = max(len(loader), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: _lr_factor(step, steps_per_epoch, warmup_epochs, tuple(decay_epochs), decay_rate)
+        opt, lambda step: _lr_factor(step, steps_per_epoch, warmup_epochs, decay_epochs, decay_rate)
     )
-    show = sys.stderr.isatty() if progress is None else progress
+    config = dict(  # plain values, recorded in every checkpoint
+        objective=_objective_name(elbo),
+        epochs=epochs,
+        batch_size=data.batch_size if isinstance(data, DataLoader) else batch_size,
+        optimizer=optimizer,
+        lr=float(lr),
+        momentum=float(momentum),
+        nesterov=bool(nesterov),
+        weight_decay=float(weight_decay),
+        warmup_epochs=float(warmup_epochs),
+        decay_epochs=[float(e) for e in decay_epochs],
+        decay_rate=float(decay_rate),
+        kl_annealing_epochs=float(kl_annealing_epochs),
+        grad_clip=None if grad_clip is None else float(grad_clip),
+        seed=seed,
+        num_data=num_data,
+        steps_per_epoch=steps_per_epoch,
+        world_size=ctx.world_size,
+        checkpoint_every=checkpoint_every,
+    )
     history = History()
+    totals = _zero_totals()
+    step, start_epoch, start_batch, seconds_before = 0, 0, 0, 0.0
+    path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
+    if path is not None and ctx.is_main:
+        remove_stale_temporaries(path)
+    if resume and path.is_file():
+        ckpt = read_checkpoint(path)
+        _check_resumable(path, ckpt["config"], config)
+        restore_training(path, ckpt, model=model, guide=guide, optimizer=opt, scheduler=sched, device=device)
+        position, saved = ckpt["position"], ckpt["history"]
+        step, start_epoch, start_batch = position["step"], position["epoch"], position["batch"]
+        data_seed = ckpt["data_seed"]
+        history.epochs = list(saved["epochs"])
+        totals = dict(saved["totals"]) if ctx.is_main else _zero_totals()  # the sums over all ranks, counted once
+        seconds_before = float(saved["seconds"])
+        if sampler is None and start_batch:
+            warnings.warn(
+                f"resuming mid-epoch from {path} with a DataLoader whose order train cannot control: "
+                "the consumed batches are skipped by reading them, which is exact only if the loader "
+                "yields the same batches in every pass",
+                stacklevel=2,
+            )
+    if ctx.enabled:
+        torch.distributed.barrier()  # every rank has read the checkpoint before rank 0 may write a new one
+
+    def save(epoch: int, batch: int) -> None:
+        """Write the state after ``batch`` batches of ``epoch`` (every rank calls it, rank 0 writes)."""
+        if path is None:
+            return
+        if not _all_finite([*params, *buffers]):  # the same parameters on every rank: all stop together
+            raise NonFiniteLossError(
+                f"parameters are not finite after global step {step}; checkpoint not written, "
+                f"{path} keeps the last good state"
+            )
+        sums = _sum_over_ranks(totals, ctx, device)  # the epoch's running sums so far, over all ranks
+        if not ctx.is_main:
+            return
+        record = {"epochs": history.epochs, "totals": sums, "seconds": seconds_before + time.perf_counter() - start}
+        atomic_save(
+            training_state(
+                model=model, guide=guide, optimizer=opt, scheduler=sched, step=step, epoch=epoch, batch=batch,
+                data_seed=data_seed, config=config, history=record, device=device,
+            ),
+            path,
+        )
+
+    show = ctx.is_main and (sys.stderr.isatty() if progress is None else progress)
     start = time.perf_counter()
-    step = 0
-    bar = tqdm(range(epochs), desc="train", disable=not show, leave=False)
+    bar = tqdm(range(start_epoch, epochs), desc="train", disable=not show, leave=False)
     for epoch in bar:
         model.train()
         if isinstance(guide, nn.Module):
             guide.train()
-        totals = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "correct": 0.0, "seen": 0}
-        for batch_idx, batch in enumerate(loader):
+        first = start_batch if epoch == start_epoch else 0
+        if first == 0:
+            totals = _zero_totals()
+        for batch_idx, batch in enumerate(_set_position(loader, sampler, data_seed, epoch, first), start=first):
             x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            if ctx.enabled and buffers:
+                dist_utils.broadcast_tensors(buffers)
             if hasattr(elbo, "kl_weight"):
                 elbo.kl_weight = kl_annealing(step + 1, kl_annealing_epochs * steps_per_epoch)
             opt.zero_grad(set_to_none=True)
@@ -232,17 +523,33 @@ def train(
                 loss = terms.loss
             else:
                 terms, loss = None, elbo.differentiable_loss(model, guide, x, y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at epoch {epoch}, step {batch_idx} (global step {step}); "
-                    "training stopped before the update, parameters hold their last good values"
-                )
-            loss.backward()
+            where = f"at epoch {epoch}, step {batch_idx} (global step {step})"
+            if not ctx.enabled:
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} {where}; "
+                        "training stopped before the update, parameters hold their last good values"
+                    )
+                # the per-example loss (−ELBO / N, the reference's "mean NLL + KL / N"): same optimum,
+                # and learning rates mean what they mean for ordinary per-example losses
+                (loss / num_data).backward()
+            else:  # every rank takes part in the all-reduce, then all stop together
+                finite = bool(torch.isfinite(loss))
+                if finite:
+                    (loss / num_data).backward()
+                bad_ranks = dist_utils.average_gradients(params, ctx.world_size, flag=0.0 if finite else 1.0)
+                if bad_ranks:
+                    opt.zero_grad(set_to_none=True)
+                    raise NonFiniteLossError(
+                        f"loss is not finite on {int(bad_ranks)} of {ctx.world_size} processes {where} "
+                        f"(this rank's: {loss.item()}); training stopped before the update, parameters hold "
+                        "their last good values"
+                    )
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
             if not torch.isfinite(norm):
                 opt.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(
-                    f"gradient norm is {norm.item()} at epoch {epoch}, step {batch_idx} (global step {step}); "
+                    f"gradient norm is {norm.item()} {where}; "
                     "training stopped before the update, parameters hold their last good values"
                 )
             opt.step()
@@ -250,13 +557,18 @@ def train(
             step += 1
             b = y.shape[0]
             totals["seen"] += b
-            totals["loss"] += loss.item() * b / num_data
+            totals["loss"] += loss.item() / num_data * b / num_data
             if terms is not None:
                 totals["nll"] += -terms.log_likelihood.item() * b / num_data
                 totals["kl"] += terms.kl.item() * b / num_data
                 if terms.logits is not None:
                     probs = torch.softmax(terms.logits.detach(), -1).reshape(-1, *terms.logits.shape[-2:]).mean(0)
                     totals["correct"] += (probs.argmax(-1) == y).sum().item()
+            if checkpoint_every and step % checkpoint_every == 0 and batch_idx + 1 < steps_per_epoch:
+                save(epoch, batch_idx + 1)
+        if ctx.enabled and buffers:
+            dist_utils.broadcast_tensors(buffers)
+        totals = _sum_over_ranks(totals, ctx, device)
         record = {
             "epoch": epoch + 1,
             "loss": totals["loss"],
@@ -264,13 +576,36 @@ def train(
             "kl_weight": getattr(elbo, "kl_weight", 1.0),
         }
         if isinstance(elbo, Rank1ELBO):
-            record.update(nll=totals["nll"] / num_data, kl=totals["kl"])
+            record.update(nll=totals["nll"] / num_data, kl=totals["kl"])  # nll per example; kl in total
             if model.likelihood == "categorical":
                 record["accuracy"] = totals["correct"] / max(totals["seen"], 1)
         if val_data is not None:
-            val = evaluate(model, guide, val_data, num_samples=eval_samples, device=device)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                val = evaluate(model, guide, val_data, num_samples=eval_samples, device=device)
             record.update({f"val_{k}": v for k, v in val.items()})
         history.epochs.append(record)
+        totals = _zero_totals()
+        save(epoch + 1, 0)
         bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "accuracy", "val_accuracy")})
-    history.seconds = time.perf_counter() - start
+    history.seconds = seconds_before + time.perf_counter() - start
     return history
+
+
+def _zero_totals() -> dict:
+    return {"loss": 0.0, "nll": 0.0, "kl": 0.0, "correct": 0.0, "seen": 0}
+
+
+def _sum_over_ranks(totals: dict, ctx, device) -> dict:
+    """The running sums of all ranks (each rank's loss sums already carry its share b / N)."""
+    if not ctx.enabled:
+        return dict(totals)
+    keys = sorted(totals)
+    return dict(zip(keys, dist_utils.all_reduce_sum([float(totals[k]) for k in keys], device)))
+
+
+def _check_resumable(path, saved: dict, config: dict) -> None:
+    """The interrupted run's data and batch layout must be this run's, or the position means nothing."""
+    keys = ("num_data", "batch_size", "steps_per_epoch", "optimizer")
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {config[k]!r}" for k in keys if saved.get(k) != config[k]]
+    if diff:
+        raise CheckpointError(f"{path} cannot resume this run: " + "; ".join(diff))

@@ -95,6 +95,8 @@ class Rank1Model(PyroModule):
         flat_batch: bool = False,
     ):
         super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"Rank1Model: net must be a torch.nn.Module, got {type(net).__name__}")
         sizes = {layer.ensemble_size for _, layer in rank1_layers(net)}
         if ensemble_size is None:
             if len(sizes) != 1:

@@ -1,0 +1,293 @@
+r"""Training checkpoints that lose nothing: atomic on disk, exact to resume, safe to load.
+
+A checkpoint is one file (by default ``<checkpoint_dir>/checkpoint.pt``) holding everything the
+training loop needs to go on as if it had never stopped:
+
+===================  ==========================================================================
+key                  content
+===================  ==========================================================================
+``format``           ``"rank1-pyro-checkpoint"`` and ``version`` (:data:`FORMAT`, :data:`VERSION`)
+``model``, ``guide``  state dicts: W, biases, BatchNorm buffers; the variational parameters
+``optimizer``        the torch optimizer's state dict (momenta, Adam moments, learning rates)
+``scheduler``        the learning-rate scheduler's state dict
+``position``         ``step`` (global), ``epoch``, ``batch`` (batches of that epoch consumed)
+``rng``              torch CPU, CUDA (training device), python ``random`` and numpy states
+``data_seed``        the shuffling seed: epoch e's order is a function of (data_seed, e), which
+                     is the whole state of the data loader's shuffling (see
+                     :class:`~rank1_pyro.inference.distributed.ShardedSampler`)
+``config``           the training arguments (plain values), ``world_size``
+``history``          finished epochs' records, the running sums of the current epoch, seconds
+===================  ==========================================================================
+
+**Atomic writes** (:func:`atomic_save`): the file is written to a temporary file in the same
+directory, flushed and ``fsync``-ed, then moved over the old one with ``os.replace`` (atomic on
+POSIX and Windows) and the directory is ``fsync``-ed. A crash at any moment leaves either the
+previous checkpoint or the new one, never a torn file.
+
+**Safe loading** (:func:`read_checkpoint`): ``torch.load(weights_only=True)``: only tensors,
+plain containers and primitive values are unpickled, never code; RNG states are stored as
+tensors and lists for that reason. A truncated, corrupt or foreign file raises
+:class:`CheckpointError` naming the file; loading into a model of another architecture raises
+:class:`CheckpointError` naming the missing, unexpected and mis-shaped keys, before anything is
+changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import secrets
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "CHECKPOINT_NAME",
+    "FORMAT",
+    "VERSION",
+    "atomic_save",
+    "read_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "check_state_dict",
+    "load_weights",
+    "training_state",
+    "restore_training",
+    "remove_stale_temporaries",
+]
+
+#: file name of the checkpoint inside a run's checkpoint directory
+CHECKPOINT_NAME = "checkpoint.pt"
+#: marker stored in every checkpoint (a foreign ``.pt`` file lacks it)
+FORMAT = "rank1-pyro-checkpoint"
+VERSION = 1
+_REQUIRED = ("model", "guide", "optimizer", "scheduler", "position", "rng", "data_seed", "config", "history")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, foreign, or for another model."""
+
+
+# ------------------------------------------------------------------------------------------
+# Writing and reading files
+# ------------------------------------------------------------------------------------------
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def atomic_save(obj, path) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically: temp file + fsync + ``os.replace`` + dir fsync."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{_temp_prefix(path)}{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(path) -> list[Path]:
+    """Delete temporary files that a process killed during :func:`atomic_save` left next to ``path``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(path.parent.glob(f"{_temp_prefix(path)}*.tmp"))
+    for f in stale:
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+    return stale
+
+
+def read_checkpoint(path) -> dict:
+    """Load and check a checkpoint file (``torch.load(weights_only=True)``, on the CPU).
+
+    Raises :class:`FileNotFoundError` when there is no file and :class:`CheckpointError`
+    naming the file when it is truncated, corrupt, holds code, or is not a rank1-pyro checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for broken files
+        text = str(e).strip()
+        code = re.search(r"GLOBAL ([\w.]+)", text)  # weights_only refused to import a Python object
+        if code:
+            raise CheckpointError(
+                f"{path} is not a rank1-pyro checkpoint: it holds Python objects other than tensors and plain "
+                f"containers ({code.group(1)}), and loading it would run code"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)  # the unpickler's own words
+        reason = detail.group(1) if detail else (text.splitlines()[0] if text else type(e).__name__)
+        raise CheckpointError(f"{path} is not a rank1-pyro checkpoint (truncated or corrupt): {reason}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        what = f"a dict with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise CheckpointError(f"{path} is not a rank1-pyro checkpoint (no {FORMAT!r} marker; it holds {what})")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {ckpt.get('version')!r} is not supported (expected {VERSION})"
+        )
+    missing = [k for k in _REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete rank1-pyro checkpoint: missing {missing}")
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------
+# Random number generator states as tensors and plain values
+# ------------------------------------------------------------------------------------------
+def rng_state(device=None) -> dict:
+    """The states of torch (CPU, and CUDA when ``device`` is a CUDA device), ``random`` and numpy."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "random": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def set_rng_state(state: dict, device=None) -> None:
+    """Restore what :func:`rng_state` returned (the CUDA state only onto a CUDA ``device``)."""
+    torch.set_rng_state(state["torch"])
+    r = state["random"]
+    random.setstate((int(r["version"]), tuple(int(v) for v in r["internal"].tolist()), r["gauss_next"]))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+
+
+# ------------------------------------------------------------------------------------------
+# Modules
+# ------------------------------------------------------------------------------------------
+def check_state_dict(path, what: str, module: nn.Module, saved: dict) -> None:
+    """Raise :class:`CheckpointError` naming every key that does not fit ``module``."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(saved[k].shape)} vs {what} {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in saved and torch.is_tensor(saved[k]) and torch.is_tensor(v) and saved[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if shapes:
+            parts.append("shape mismatches " + "; ".join(shapes))
+        raise CheckpointError(f"{path} does not match the {what}'s architecture: " + "; ".join(parts))
+
+
+def _load_modules(path, ckpt: dict, model: nn.Module, guide, guide_required: bool = True) -> None:
+    pairs = [("model", model, ckpt["model"])]
+    if isinstance(guide, nn.Module):
+        if ckpt["guide"] is None:
+            raise CheckpointError(f"{path} has no guide state but a guide ({type(guide).__name__}) was given")
+        pairs.append(("guide", guide, ckpt["guide"]))
+    elif ckpt["guide"] and guide_required:
+        raise CheckpointError(f"{path} holds a guide's state but no guide module was given")
+    for what, module, saved in pairs:  # check everything before changing anything
+        check_state_dict(path, what, module, saved)
+    for _, module, saved in pairs:
+        module.load_state_dict(saved)
+
+
+def load_weights(path, model: nn.Module, guide=None) -> dict:
+    """Load a checkpoint's model (and, when given, guide) state, e.g. for prediction; returns the checkpoint."""
+    ckpt = read_checkpoint(path)
+    _load_modules(path, ckpt, model, guide, guide_required=False)
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------
+# The training loop's state
+# ------------------------------------------------------------------------------------------
+def training_state(
+    *,
+    model: nn.Module,
+    guide,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    step: int,
+    epoch: int,
+    batch: int,
+    data_seed: int,
+    config: dict,
+    history: dict,
+    device=None,
+) -> dict:
+    """Everything to save (see the module docstring); values are tensors and plain values only."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model.state_dict(),
+        "guide": guide.state_dict() if isinstance(guide, nn.Module) else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "position": {"step": int(step), "epoch": int(epoch), "batch": int(batch)},
+        "rng": rng_state(device),
+        "data_seed": int(data_seed),
+        "config": dict(config),
+        "history": history,
+    }
+
+
+def _check_optimizer(path, optimizer, saved: dict) -> None:
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g.get("params", ())) for g in saved.get("param_groups", ())] if isinstance(saved, dict) else None
+    if ours != theirs:
+        raise CheckpointError(
+            f"{path}: the optimizer state does not fit this optimizer: parameter groups of sizes {theirs} "
+            f"in the checkpoint vs {ours} here"
+        )
+
+
+def restore_training(path, ckpt: dict, *, model: nn.Module, guide, optimizer, scheduler, device=None) -> None:
+    """Put a checkpoint's state into the modules, optimizer, scheduler and RNGs (all checked first)."""
+    _check_optimizer(path, optimizer, ckpt["optimizer"])
+    _load_modules(path, ckpt, model, guide)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"], device)
