@@ -502,6 +502,9 @@ def train(
         )
 
     show = ctx.is_main and (sys.stderr.isatty() if progress is None else progress)
+    # Pyro's shape and support checks run on the first step (clear errors for a bad model or
+    # guide); later steps skip them, the non-finite guard below still catches invalid values
+    validated_step = step
     start = time.perf_counter()
     bar = tqdm(range(start_epoch, epochs), desc="train", disable=not show, leave=False)
     for epoch in bar:
@@ -518,11 +521,12 @@ def train(
             if hasattr(elbo, "kl_weight"):
                 elbo.kl_weight = kl_annealing(step + 1, kl_annealing_epochs * steps_per_epoch)
             opt.zero_grad(set_to_none=True)
-            if isinstance(elbo, Rank1ELBO):
-                terms = elbo.loss_terms(model, guide, x, y)
-                loss = terms.loss
-            else:
-                terms, loss = None, elbo.differentiable_loss(model, guide, x, y)
+            with pyro.validation_enabled(pyro.infer.util.is_validation_enabled() and step == validated_step):
+                if isinstance(elbo, Rank1ELBO):
+                    terms = elbo.loss_terms(model, guide, x, y)
+                    loss = terms.loss
+                else:
+                    terms, loss = None, elbo.differentiable_loss(model, guide, x, y)
             where = f"at epoch {epoch}, step {batch_idx} (global step {step})"
             if not ctx.enabled:
                 if not torch.isfinite(loss):
