@@ -28,6 +28,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
+    from ..inference.distributed import torchrun_env
     from ..inference.train import evaluate, train
     from ..models.configs import load_config
     from ..runs import METRICS_FILE, save_config, write_json
@@ -42,7 +43,9 @@ def run(args) -> int:
     input_shape = tuple(train_set[0][0].shape)
     model, guide = cfg.build(num_data=len(train_set), input_shape=input_shape)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True)
-    save_config(cfg, out)
+    main_process = (torchrun_env() or {"RANK": 0})["RANK"] == 0  # under torchrun, rank 0 writes the run files
+    if main_process:
+        save_config(cfg, out)
     history = train(
         model,
         guide,
@@ -56,6 +59,8 @@ def run(args) -> int:
         distributed="auto",
         progress=False if args.no_progress else None,
     )
+    if not main_process:
+        return 0
     test = evaluate(model, guide, torch.utils.data.DataLoader(test_set, batch_size=512))
     write_json({"history": history.epochs, "train_seconds": history.seconds, "test": test}, out / METRICS_FILE)
     print(f"{cfg.name}: " + ", ".join(f"test {k} {v:.4f}" for k, v in test.items()))
