@@ -1,0 +1,342 @@
+"""Null-space projected posterior: iterated projections against dense projectors, sampling, α, predictives."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from rank1_pyro import DeltaGuide, mlp, rank1_mlp
+from rank1_pyro.inference import predict
+from rank1_pyro.laplace import FlatFunctional, ProjectedPosterior, rank1_point_network
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these small problems gain nothing from more, and on a CPU shared with
+    other jobs OpenMP threads oversubscribe it (the digits test ran 40x slower with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def null_space_projector(rows: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:
+    """``I - V Vᵀ`` from a dense SVD of ``rows`` (the constraints, one per row)."""
+    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
+    v = vh[s > rtol * s[0]]
+    return torch.eye(rows.shape[1], dtype=rows.dtype) - v.T @ v
+
+
+def small_problem(num_examples=12):
+    """A 3-8-3 tanh MLP in float64. With 12 examples J is 36 × 59 (rank 36 < P); with 20
+    examples J would be 60 × 59 and of full column rank, leaving no null space."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(num_examples, 3, dtype=torch.float64)
+    J = FlatFunctional(net).jacobian(x).reshape(-1, 59)
+    return net, x, J
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_projection_matches_dense_projector():
+    net, x, J = small_problem()
+    exact = null_space_projector(J)
+    assert torch.linalg.matrix_rank(J) == 36  # a 23-dimensional null space
+    post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=4, num_iterations=200).fit(x)
+    assert len(post._blocks) == 3 and post._blocks[0].eigvecs.shape[0] == 4 * 3  # (S·O)² Gram per micro-batch
+    projected = post.project(torch.eye(59, dtype=torch.float64))  # rows: P e_i
+    assert relative_error(projected, exact) < 1e-6
+    # the convergence report: ||J v|| / ||v|| on the monitor batch, before and after each iteration
+    history = post.convergence
+    assert history.shape[0] >= 2 and history[-1] < 1e-8 * history[0]
+    # a row-space vector projects to ~0, a null-space vector to itself
+    row = J.T @ torch.randn(36, dtype=torch.float64)
+    assert post.project(row).norm() / row.norm() < 1e-6
+    null = exact @ torch.randn(59, dtype=torch.float64)
+    assert relative_error(post.project(null), null) < 1e-6
+
+
+def test_alternating_sweeps_converge_and_over_relaxation_helps():
+    net, x, J = small_problem(num_examples=6)
+    exact = null_space_projector(J)
+    eye = torch.eye(59, dtype=torch.float64)
+    errors = {}
+    for relax in (True, False):
+        post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=3, solver="alternating", over_relaxation=relax,
+                                  num_iterations=40).fit(x)
+        errors[relax] = relative_error(post.project(eye), exact)
+        assert post.convergence.shape == (41,)
+    assert errors[True] < 1e-3
+    assert errors[True] < 0.1 * errors[False]  # the Gearhart–Koshy step accelerates the sweeps
+
+
+def test_projected_samples_keep_linearized_training_predictions():
+    net, x, J = small_problem()
+    post = ProjectedPosterior(net, alpha=4.0, micro_batch_size=4, num_iterations=200).fit(x)
+    gen = torch.Generator().manual_seed(1)
+    theta = post.sample(8, generator=gen)
+    eps = torch.randn(8, 59, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    moved = (J @ (theta - post.theta_map).T).abs().max()
+    unprojected = (J @ (eps / 2.0).T).abs().max()  # what α^{-1/2} ε without the projection does
+    assert moved < 1e-4 * unprojected
+    assert ((theta - post.theta_map) - post.project(eps) / 2.0).abs().max() < 1e-10  # θ = θ* + α^{-1/2} P ε
+    # through the Posterior protocol: linearized outputs on the training inputs are the MAP's
+    out = post.sample_outputs(x, 16)
+    assert out.shape == (16, 1, 12, 3)
+    assert (out - net(x)).abs().max() < 1e-4 * unprojected
+    probs = post.sample_predictions(x, 16)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(16, 1, 12, dtype=torch.float64))
+    # ... while off the data the samples do spread
+    x_off = 3 * torch.randn(12, 3, dtype=torch.float64)
+    assert post.sample_outputs(x_off, 16).std(0).mean() > 1e-2
+
+
+def test_trace_estimate_matches_nullity():
+    net, x, J = small_problem()
+    exact = null_space_projector(J)
+    num_probes = 300
+    post = ProjectedPosterior(net, micro_batch_size=4, num_iterations=200, num_trace_probes=num_probes).fit(x)
+    nullity = 59 - 36
+    # Rademacher Hutchinson: Var(zᵀPz) = 2 (‖P‖_F² - Σ P_ii²) = 2 (tr P - Σ P_ii²) for a projector
+    sd = math.sqrt(2 * (nullity - exact.diagonal().pow(2).sum().item()) / num_probes)
+    assert abs(post.trace_estimate - nullity) < 4 * sd
+    assert 0.5 * sd < post.trace_stderr < 2 * sd
+    norm2 = post.theta_map.pow(2).sum().item()
+    assert post.alpha == pytest.approx((59 - post.trace_estimate) / norm2)
+
+
+def test_alpha_closed_form_by_hand():
+    # f(θ, x) = xᵀθ with θ_MAP = (1, 2, 2, 0) and data e_1, e_2: J = [e_1; e_2], P = diag(0, 0, 1, 1),
+    # so every Rademacher probe gives zᵀPz = 2 exactly, and α = (4 - 2) / ||θ||² = 2 / 9.
+    net = nn.Linear(4, 1, bias=False).double()
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0, 2.0, 2.0, 0.0]]))
+    x = torch.eye(4, dtype=torch.float64)[:2]
+    post = ProjectedPosterior(net, likelihood="normal", noise_scale=0.5, micro_batch_size=1, num_iterations=3,
+                              num_trace_probes=5).fit(x)
+    assert post.trace_estimate == pytest.approx(2.0, abs=1e-12)
+    assert post.alpha == pytest.approx(2.0 / 9.0)
+    theta = post.sample(3, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = torch.tensor([1.0, 2.0, 2.0, 0.0], dtype=torch.float64) + (9.0 / 2.0) ** 0.5 * eps * torch.tensor(
+        [0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(theta, expected)
+    # a user-given alpha wins and skips the trace estimate
+    fixed = ProjectedPosterior(net, "normal", alpha=3.0, noise_scale=0.5, micro_batch_size=1).fit(x)
+    assert fixed.alpha == 3.0 and fixed.trace_estimate is None
+    # regression predictive: (mean, variance) pairs, variance = noise_scale²; a linear model's
+    # linearized and NN predictives coincide
+    pred = post.sample_predictions(torch.eye(4, dtype=torch.float64), 6)
+    assert pred.shape == (6, 1, 4, 2)
+    torch.testing.assert_close(pred[..., 1], torch.full((6, 1, 4), 0.25, dtype=torch.float64))
+    torch.testing.assert_close(pred[:, 0, :2, 0], torch.tensor([[1.0, 2.0]] * 6, dtype=torch.float64))
+    post.predictive = "nn"
+    torch.testing.assert_close(post.sample_predictions(torch.eye(4, dtype=torch.float64), 6), pred)
+
+
+def test_loss_projection_matches_dense_gradient_null_space():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 5)).double()  # P = 77
+    x = torch.randn(10, 3, dtype=torch.float64)
+    y = torch.randint(0, 5, (10,))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def example_loss(p, xi, yi):
+        return F.cross_entropy(functional_call(net, p, (xi[None],)), yi[None])
+
+    grads = vmap(grad(example_loss), in_dims=(None, 0, 0))(params, x, y)
+    G = torch.cat([grads[k].reshape(10, -1) for k in params], dim=1)  # (N, P) per-example gradients
+    exact = null_space_projector(G)
+    post = ProjectedPosterior(net, kind="loss", alpha=1.0, micro_batch_size=5, num_iterations=100).fit((x, y))
+    assert post._blocks[0].eigvecs.shape[0] == 5  # S×S Gram: independent of the 5 outputs
+    eye = torch.eye(77, dtype=torch.float64)
+    assert relative_error(post.project(eye), exact) < 1e-6
+    # each g_n = J_nᵀ r_n lies in the row space of J, so N(J) (50 constraints) sits inside the
+    # loss null space (10 constraints): P_loss P_out = P_out, with tr P_out < tr P_loss
+    output_post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=5, num_iterations=100).fit(x)
+    p_out = output_post.project(eye)
+    assert relative_error(post.project(p_out), p_out) < 1e-6
+    assert p_out.diagonal().sum() == pytest.approx(77 - 50, abs=1e-6)
+    assert exact.diagonal().sum() == pytest.approx(77 - 10, abs=1e-6)
+
+
+def test_nn_predictive_evaluates_the_network_at_the_draws():
+    net, x, _ = small_problem()
+    post = ProjectedPosterior(net, alpha=2.0, micro_batch_size=4, num_iterations=50, predictive="nn").fit(x)
+    x_new = torch.randn(5, 3, dtype=torch.float64)
+    out = post.sample_outputs(x_new, 4)
+    for s, theta in enumerate(post.draws(4)):
+        copy = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        torch.nn.utils.vector_to_parameters(theta, copy.parameters())
+        torch.testing.assert_close(out[s, 0], copy(x_new))
+    # cached draws: the same S samples for every batch, until cleared
+    torch.testing.assert_close(post.sample_outputs(x_new, 4), out)
+    torch.testing.assert_close(post.sample_outputs(x_new, 2), out[:2])
+    post.clear_samples()
+    assert not torch.allclose(post.sample_outputs(x_new, 4), out)
+    # predict() runs it batch by batch through the Posterior protocol
+    pred = predict(post, torch.randn(7, 3, dtype=torch.float64), num_samples=3, batch_size=3)
+    assert pred.samples.shape == (3, 1, 7, 3)
+
+
+def test_data_loader_monitor_and_tolerance():
+    net, x, J = small_problem()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=6)  # split into 4 + 2
+    post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=4, num_iterations=200, tol=1e-6)
+    post.fit(loader, monitor=x)
+    assert [b.rows for b in post._blocks] == [4, 2, 4, 2]
+    v = torch.randn(3, 59, dtype=torch.float64)
+    pv = post.project(v)
+    torch.testing.assert_close(pv, v @ null_space_projector(J), rtol=0, atol=1e-4)  # stopped early at tol
+    # the history is ||J v|| / ||v|| over the monitor data (here all of it), stopped at tol
+    history = post.convergence
+    assert history[-1] <= 1e-6 < history[-2] and len(history) < 200
+    first = ((v @ J.T).norm(dim=1) / v.norm(dim=1)).mean()
+    assert history[0] == pytest.approx(first.item())
+
+
+@pytest.mark.parametrize("which", ["factors", "both"])
+def test_rank1_point_network(which):
+    torch.manual_seed(0)
+    model = rank1_mlp(3, [6], 2, ensemble_size=3).double()
+    guide = DeltaGuide(model, init_loc_std=0.3).double()
+    net = rank1_point_network(model, guide)
+    names = [n for n, _ in net.named_parameters() if n.startswith("factors.")]
+    if which == "both":
+        names += ["model.net.0.weight", "model.net.2.weight"]
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (4,))
+    f = FlatFunctional(net, names)
+    J = f.jacobian(x).reshape(-1, f.num_params)  # (K·B·C, P) = (24, P)
+    post = ProjectedPosterior(net, param_names=names, alpha=1.0, micro_batch_size=2, num_iterations=100).fit((x, y))
+    assert post.num_params == (51 if which == "factors" else 51 + 18 + 12)
+    eye = torch.eye(post.num_params, dtype=torch.float64)
+    assert relative_error(post.project(eye), null_space_projector(J)) < 1e-6
+    probs = post.sample_predictions(x, 5)
+    assert probs.shape == (5, 3, 4, 2)  # (S, K, B, C)
+    map_probs = torch.softmax(net(x).reshape(3, 4, 2), -1)
+    assert (probs - map_probs).abs().max() < 1e-6  # training inputs: the MAP predictive of every member
+    # the loss-projected variant tiles the targets over the members (member-major rows)
+    loss_post = ProjectedPosterior(net, param_names=names, kind="loss", alpha=1.0, micro_batch_size=2,
+                                   num_iterations=100).fit((x, y))
+    params = {n: p.detach() for n, p in net.named_parameters()}
+
+    def member_losses(theta):  # (K·B,) losses, member-major like the network's rows
+        chunks = {n: t.view(s) for n, t, s in zip(names, theta.split(f.numels), f.shapes)}
+        out = functional_call(net, {**params, **chunks}, (x,))
+        return F.cross_entropy(out, y.repeat(3), reduction="none")
+
+    G = torch.func.jacrev(member_losses)(f.theta_map)  # (12, P) per-(member, example) gradients
+    assert relative_error(loss_post.project(eye), null_space_projector(G)) < 1e-6
+
+
+def test_errors():
+    net = mlp(3, [4], 2)
+    with pytest.raises(ValueError, match="kind"):
+        ProjectedPosterior(net, kind="hessian")
+    with pytest.raises(ValueError, match="likelihood"):
+        ProjectedPosterior(net, likelihood="poisson")
+    with pytest.raises(ValueError, match="predictive"):
+        ProjectedPosterior(net, predictive="probit")
+    with pytest.raises(ValueError, match="solver"):
+        ProjectedPosterior(net, solver="lsqr")
+    with pytest.raises(ValueError, match="alpha"):
+        ProjectedPosterior(net, alpha=-1.0)
+    with pytest.raises(ValueError, match="num_iterations"):
+        ProjectedPosterior(net, num_iterations=0)
+    with pytest.raises(ValueError, match="noise_scale"):
+        ProjectedPosterior(net, likelihood="normal")
+    with pytest.raises(TypeError, match="model"):
+        ProjectedPosterior("net")
+    post = ProjectedPosterior(net, alpha=1.0)
+    with pytest.raises(RuntimeError, match="fit"):
+        post.sample(2)
+    with pytest.raises(ValueError, match="targets"):
+        ProjectedPosterior(net, kind="loss", alpha=1.0).fit(torch.randn(4, 3))
+    post.fit(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="vectors must have shape"):
+        post.project(torch.randn(5))
+    with pytest.raises(ValueError, match="num_samples"):
+        post.sample(0)
+    with pytest.raises(ValueError, match="empty"):
+        post.fit([])
+    with pytest.raises(RuntimeError, match="alpha"):
+        ProjectedPosterior(net).alpha
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_runs_on_the_model_device():
+    net, x, J = small_problem()
+    post = ProjectedPosterior(net.cuda(), alpha=1.0, micro_batch_size=4, num_iterations=200).fit(x)
+    assert post.device.type == "cuda"
+    projected = post.project(torch.eye(59, dtype=torch.float64)).cpu()
+    assert relative_error(projected, null_space_projector(J)) < 1e-6
+    assert post.sample_predictions(x, 4).device.type == "cuda"
+
+
+def _digits(seed=0):
+    """scikit-learn digits scaled to [0, 1], a seeded 1437 / 360 split, and two OOD sets."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(X), generator=g)
+    X, y = torch.tensor(X / 16.0, dtype=torch.float32)[perm], torch.tensor(y)[perm]
+    x_test = X[1437:]
+    shuffled = x_test[:, torch.randperm(64, generator=g)]  # digits with scrambled pixels
+    noise = torch.rand(360, 64, generator=g)
+    return X[:1437], y[:1437], x_test, y[1437:], {"shuffled": shuffled, "noise": noise}
+
+
+def _entropy(p):
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def test_no_underfitting_on_digits():
+    from laplace import Laplace
+
+    from rank1_pyro.metrics import accuracy, nll, ood_auroc
+
+    x_train, y_train, x_test, y_test, ood = _digits()
+    net = mlp(64, [64], 10, activation=nn.Tanh)  # P = 4810
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(200):  # MAP: cross-entropy + a Gaussian prior
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x_train), y_train) + sum(p.pow(2).sum() for p in net.parameters()) / 1437
+        loss.backward()
+        opt.step()
+    post = ProjectedPosterior(net, micro_batch_size=50, num_iterations=20, num_trace_probes=8).fit((x_train, y_train))
+    assert 0 < post.trace_estimate < post.num_params and post.convergence[-1] < 1e-2 * post.convergence[0]
+    with torch.no_grad():
+        map_probs = {name: net(x).softmax(-1) for name, x in [("train", x_train), ("test", x_test), *ood.items()]}
+    probs = {name: predict(post, x, num_samples=16, batch_size=512).probs
+             for name, x in [("train", x_train), ("test", x_test), *ood.items()]}
+    for name, y in (("train", y_train), ("test", y_test)):
+        assert abs(accuracy(probs[name], y) - accuracy(map_probs[name], y)) <= 1e-3
+    assert nll(probs["train"], y_train) == pytest.approx(nll(map_probs["train"], y_train), rel=1e-2)
+    # out-of-distribution detection by predictive entropy improves over the MAP's
+    for name in ood:
+        auroc = ood_auroc(_entropy(probs["test"]), _entropy(probs[name]))
+        assert auroc > ood_auroc(_entropy(map_probs["test"]), _entropy(map_probs[name]))
+
+    # a diagonal (GGN) Laplace at the same prior precision, same linearized predictive: it underfits
+    # (training NLL several times the MAP's) and loses test accuracy
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=256)
+    la = Laplace(net, "classification", subset_of_weights="all", hessian_structure="diag", prior_precision=post.alpha)
+    la.fit(loader)
+    deltas = la.posterior_variance.sqrt() * torch.randn(16, post.num_params)
+    f = post.functional
+    diag = {}
+    with torch.no_grad():
+        for name, x in (("train", x_train), ("test", x_test)):
+            out, jd = vmap(lambda d: f.jvp(x, d))(deltas)
+            diag[name] = (out + jd).softmax(-1).mean(0)
+    assert nll(diag["train"], y_train) > 2 * nll(map_probs["train"], y_train)
+    assert accuracy(diag["train"], y_train) <= accuracy(map_probs["train"], y_train)
+    assert accuracy(diag["test"], y_test) < accuracy(map_probs["test"], y_test) - 5e-3
