@@ -50,7 +50,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .layers import Rank1Conv2d, Rank1Layer, Rank1Linear, Rank1LSTM, _check_ensemble_size
+from ._checks import positive_int
+from .layers import Rank1Conv2d, Rank1Layer, Rank1Linear, Rank1LSTM
 from .models.base import Rank1Model, _sample_plate_shape, set_prior
 
 __all__ = ["rank1ize", "conversion_plan", "Rank1LinearDropIn", "Rank1LSTMDropIn", "MemberBatchNorm", "BATCHNORM_MODES"]
@@ -66,13 +67,6 @@ _DETERMINISTIC = (
     nn.PReLU,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
-
-
-def _positive_int(name: str, value) -> int:
-    """``value`` if it is an integer >= 1, else a ValueError naming ``name`` (used by the zoo builders)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------------------
@@ -135,7 +129,7 @@ class MemberBatchNorm(nn.Module):
         super().__init__()
         if not isinstance(bn, _BatchNorm):
             raise TypeError(f"MemberBatchNorm: expected a BatchNorm layer, got {type(bn).__name__}")
-        self.ensemble_size = _check_ensemble_size(ensemble_size)
+        self.ensemble_size = positive_int("ensemble_size", ensemble_size)
         self.members = nn.ModuleList(copy.deepcopy(bn) for _ in range(ensemble_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,7 +358,7 @@ def rank1ize(
     Returns:
         ``Rank1Model(net, ensemble_size, likelihood, num_data, flat_batch=True)``.
     """
-    ensemble_size = _check_ensemble_size(ensemble_size)
+    ensemble_size = positive_int("ensemble_size", ensemble_size)
     plan = conversion_plan(module, include, exclude, batchnorm)
     if not any(kind != "batchnorm" for kind in plan.values()):
         raise ValueError(

@@ -19,7 +19,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyro
 import torch
 from torch import nn
@@ -29,6 +28,7 @@ from .data import load_digits, rotate
 from .inference import DeltaGuide, MixtureGuide, Rank1Posterior, predict
 from .inference.train import empty_guide, train
 from .models import Rank1Model, mlp, rank1_mlp
+from .plots import reliability_diagram
 from .priors import Cauchy, Gaussian
 
 __all__ = ["DemoConfig", "run_demo", "count_parameters", "format_table"]
@@ -154,27 +154,4 @@ def _write(report: dict, probs: dict, labels: torch.Tensor, out_dir: Path) -> No
         + format_table(report["results"])
         + "\n"
     )
-    _reliability_plot(probs, labels, out_dir / "reliability.png")
-
-
-def _reliability_plot(probs: dict, labels: torch.Tensor, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(probs), figsize=(3.2 * len(probs), 3.4), sharey=True)
-    for ax, (name, p) in zip(axes, probs.items()):
-        conf, acc, count = (t.numpy() for t in metrics.reliability(p, labels))
-        used = count > 0
-        width = 1.0 / len(conf)
-        centers = (np.arange(len(conf)) + 0.5) * width
-        ax.bar(centers[used], acc[used], width=width, edgecolor="black", label="accuracy")
-        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-        ax.set_title(f"{name}\nECE {metrics.ece(p, labels):.3f}", fontsize=9)
-        ax.set_xlabel("confidence")
-    axes[0].set_ylabel("accuracy (rotated test set)")
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    reliability_diagram(probs, labels, out_dir / "reliability.png")

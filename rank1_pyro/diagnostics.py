@@ -72,7 +72,8 @@ import xarray as xr
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from .inference.predictive import SAMPLE_DIM, Posterior, Rank1Posterior, _check_num_samples, predict
+from ._checks import positive_int
+from .inference.predictive import SAMPLE_DIM, Posterior, Rank1Posterior, predict
 from .layers import MEMBER_DIM
 
 __all__ = [
@@ -118,12 +119,6 @@ def _check_data(data) -> tuple[torch.Tensor, torch.Tensor]:
     if y.shape != x.shape[:1]:
         raise ValueError(f"data: y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
     return x, y
-
-
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    return batch_size
 
 
 def _device_of(*modules) -> torch.device:
@@ -368,8 +363,8 @@ def to_datatree(
     from arviz_base import from_dict
 
     x, y = _check_data(data)
-    _check_num_samples(num_samples)
-    _check_batch_size(batch_size)
+    positive_int("num_samples", num_samples)
+    positive_int("batch_size", batch_size)
     if isinstance(posterior, Rank1Posterior):
         if model is not None and model is not posterior.model:
             raise ValueError("model: not the model of the Rank1Posterior (pass None or that model)")
@@ -502,8 +497,8 @@ def log_density_ratios(model, guide, data, num_samples: int = 256, *, batch_size
     quantities for the tree's own draws). ``guide`` must have a density (no point masses).
     """
     x, y = _check_data(data)
-    _check_num_samples(num_samples)
-    _check_batch_size(batch_size)
+    positive_int("num_samples", num_samples)
+    positive_int("batch_size", batch_size)
     if isinstance(guide, Rank1Posterior):
         model, guide = guide.model, guide.guide
     ev = _evaluate(model, guide, x, y, num_samples, batch_size, log_density=True)
@@ -616,7 +611,7 @@ def diagnose(
 
     x_test, y_test = _check_data(test_data)
     _check_data(train_data)
-    _check_num_samples(num_samples)
+    positive_int("num_samples", num_samples)
     draws = num_samples * getattr(model, "ensemble_size", 1)
     if draws < MIN_PARETO_DRAWS:
         raise ValueError(

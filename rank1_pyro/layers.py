@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
+from ._checks import positive_int
 from .priors import FactorPrior, Gaussian, PriorMap
 
 __all__ = [
@@ -72,18 +73,6 @@ def member_plate(ensemble_size: int) -> pyro.plate:
     return _MEMBER_PLATES[ensemble_size]
 
 
-def _check_size(owner: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_ensemble_size(ensemble_size) -> int:
-    if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
-        raise ValueError(f"ensemble_size must be an integer >= 1, got {ensemble_size!r}")
-    return ensemble_size
-
-
 class Rank1Layer(PyroModule):
     """Base class: holds ``ensemble_size`` and the prior, and samples the factor sites.
 
@@ -94,7 +83,7 @@ class Rank1Layer(PyroModule):
 
     def __init__(self, ensemble_size: int = 4, prior: FactorPrior | PriorMap | None = None):
         super().__init__()
-        self.ensemble_size = _check_ensemble_size(ensemble_size)
+        self.ensemble_size = positive_int("ensemble_size", ensemble_size)
         self.prior = PriorMap.coerce(Gaussian() if prior is None else prior)
 
     def factor_site(self, name: str) -> str:
@@ -174,8 +163,8 @@ class Rank1Linear(Rank1Layer):
 
     def __init__(self, in_features: int, out_features: int, ensemble_size: int = 4, bias: bool = True, prior=None):
         super().__init__(ensemble_size, prior)
-        _check_size("Rank1Linear", "in_features", in_features)
-        _check_size("Rank1Linear", "out_features", out_features)
+        positive_int("in_features", in_features, "Rank1Linear")
+        positive_int("out_features", out_features, "Rank1Linear")
         self.in_features, self.out_features = in_features, out_features
         self.factor_sizes = {"r": in_features, "s": out_features}
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -226,7 +215,7 @@ class Rank1Conv2d(Rank1Layer):
     ):
         super().__init__(ensemble_size, prior)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            _check_size("Rank1Conv2d", name, value)
+            positive_int(name, value, "Rank1Conv2d")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Rank1Conv2d: in_channels and out_channels must be divisible by groups={groups}")
         pair = nn.modules.utils._pair
@@ -281,8 +270,8 @@ class Rank1LSTM(Rank1Layer):
 
     def __init__(self, input_size: int, hidden_size: int, ensemble_size: int = 4, bias: bool = True, prior=None):
         super().__init__(ensemble_size, prior)
-        _check_size("Rank1LSTM", "input_size", input_size)
-        _check_size("Rank1LSTM", "hidden_size", hidden_size)
+        positive_int("input_size", input_size, "Rank1LSTM")
+        positive_int("hidden_size", hidden_size, "Rank1LSTM")
         self.input_size, self.hidden_size = input_size, hidden_size
         self.factor_sizes = {"r_ih": input_size, "s_ih": 4 * hidden_size, "r_hh": hidden_size, "s_hh": 4 * hidden_size}
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))

@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from ._checks import positive_int
+
 __all__ = [
     "accuracy",
     "nll",
@@ -69,8 +71,7 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15):
     Bin b of ``num_bins`` equal-width bins holds the confidences in (b/M, (b+1)/M].
     """
     _check(probs, labels)
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins must be an integer >= 1, got {num_bins!r}")
+    positive_int("num_bins", num_bins)
     conf, pred = probs.double().max(-1)
     correct = (pred == labels).double()
     bins = (conf * num_bins).ceil().long().clamp(1, num_bins) - 1

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ._checks import positive_int
 from . import metrics
 from .diagnostics import khat_label
 
@@ -53,8 +54,7 @@ def factor_forest(tree: xr.DataTree, path, *, max_entries: int = 6, var_names=No
     """
     import arviz_plots
 
-    if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-        raise ValueError(f"max_entries must be an integer >= 1, got {max_entries!r}")
+    positive_int("max_entries", max_entries)
     if "posterior" not in tree.children:
         raise ValueError("tree has no posterior group to plot")
     posterior = tree["posterior"]
@@ -89,31 +89,39 @@ def factor_forest(tree: xr.DataTree, path, *, max_entries: int = 6, var_names=No
     )
 
 
-def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, path, *, num_bins: int = 15, title: str = "") -> Path:
+def reliability_diagram(probs, labels: torch.Tensor, path, *, num_bins: int = 15, title: str = "") -> Path:
     """Reliability diagram of predicted class probabilities ``(N, C)`` (top-label confidence).
 
-    Bars: accuracy per confidence bin (:func:`rank1_pyro.metrics.reliability`), dots: the bin's mean
-    confidence; bars above the diagonal mean underconfidence, below it overconfidence. The lower
-    panel shows how many predictions fall in each bin.
+    ``probs`` is one ``(N, C)`` tensor, or a dict ``{name: probs}`` drawn as one column per entry
+    (e.g. several methods on the same labels). Bars: accuracy per confidence bin
+    (:func:`rank1_pyro.metrics.reliability`), dots: the bin's mean confidence; bars above the
+    diagonal mean underconfidence, below it overconfidence. The lower panels show how many
+    predictions fall in each bin.
     """
     plt = _pyplot()
-    conf, acc, count = metrics.reliability(probs, labels, num_bins)
+    panels = probs if isinstance(probs, dict) else {title: probs}
+    fig, axes = plt.subplots(
+        2, len(panels), figsize=(4.0 * len(panels), 5.2), sharex=True, squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1]},
+    )
     width = 1.0 / num_bins
-    centers = (torch.arange(num_bins, dtype=torch.float64) + 0.5) * width
-    used = count > 0
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    top.bar(centers[used], acc[used], width=width, edgecolor="black", label="accuracy in bin")
-    top.plot(centers[used], conf[used], "o", color="tab:red", markersize=4, label="mean confidence in bin")
-    top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    top.set_ylabel("accuracy")
-    top.set_ylim(0, 1)
-    top.legend(fontsize=7, loc="upper left")
-    scores = f"ECE {metrics.ece(probs, labels, num_bins):.3f}, accuracy {metrics.accuracy(probs, labels):.3f}"
-    top.set_title(f"{title}\n{scores}".strip(), fontsize=9)
-    bottom.bar(centers, count, width=width, color="grey", edgecolor="black")
-    bottom.set_xlabel("confidence (max predicted probability)")
-    bottom.set_ylabel("count")
-    bottom.set_xlim(0, 1)
+    centers = (np.arange(num_bins) + 0.5) * width
+    for column, (name, p) in enumerate(panels.items()):
+        top, bottom = axes[0, column], axes[1, column]
+        conf, acc, count = (t.numpy() for t in metrics.reliability(p, labels, num_bins))
+        used = count > 0
+        top.bar(centers[used], acc[used], width=width, edgecolor="black", label="accuracy in bin")
+        top.plot(centers[used], conf[used], "o", color="tab:red", markersize=4, label="mean confidence in bin")
+        top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+        top.set_ylim(0, 1)
+        scores = f"ECE {metrics.ece(p, labels, num_bins):.3f}, accuracy {metrics.accuracy(p, labels):.3f}"
+        top.set_title(f"{name}\n{scores}".strip(), fontsize=9)
+        bottom.bar(centers, count, width=width, color="grey", edgecolor="black")
+        bottom.set_xlabel("confidence (max predicted probability)")
+        bottom.set_xlim(0, 1)
+    axes[0, 0].set_ylabel("accuracy")
+    axes[1, 0].set_ylabel("count")
+    axes[0, 0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

@@ -82,13 +82,13 @@ L = torch.tensor([0, 1, 1])
 CASES = [
     # layers
     ("layer-zero-features", lambda: Rank1Linear(0, 3),
-     ValueError, r"Rank1Linear: in_features must be a positive integer, got 0"),
+     ValueError, r"Rank1Linear: in_features must be an integer >= 1, got 0"),
     ("layer-float-features", lambda: Rank1Linear(2, 1.5),
-     ValueError, r"Rank1Linear: out_features must be a positive integer, got 1\.5"),
+     ValueError, r"Rank1Linear: out_features must be an integer >= 1, got 1\.5"),
     ("conv-negative-channels", lambda: Rank1Conv2d(-1, 4, 3),
-     ValueError, r"Rank1Conv2d: in_channels must be a positive integer, got -1"),
+     ValueError, r"Rank1Conv2d: in_channels must be an integer >= 1, got -1"),
     ("conv-groups", lambda: Rank1Conv2d(3, 4, 3, groups=2), ValueError, r"divisible by groups=2"),
-    ("lstm-hidden", lambda: Rank1LSTM(3, 0), ValueError, r"Rank1LSTM: hidden_size must be a positive integer, got 0"),
+    ("lstm-hidden", lambda: Rank1LSTM(3, 0), ValueError, r"Rank1LSTM: hidden_size must be an integer >= 1, got 0"),
     ("layer-ensemble-size", lambda: Rank1Linear(2, 3, ensemble_size=0),
      ValueError, r"ensemble_size must be an integer >= 1, got 0"),
     ("layer-prior-string", lambda: Rank1Linear(2, 3, prior="gaussian"), ValueError, r"prior: expected a prior spec"),

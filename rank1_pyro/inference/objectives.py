@@ -56,6 +56,8 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.util import warn_if_nan
 from torch.distributions import kl_divergence
 
+from .._checks import positive_int
+
 
 __all__ = ["Rank1ELBO", "AveragedELBO", "MixtureELBO", "ExamplePlate", "ELBOTerms", "kl_annealing", "OBJECTIVES"]
 
@@ -128,8 +130,7 @@ class Rank1ELBO(ELBO):
     ):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator: unknown name {estimator!r}; valid: {list(ESTIMATORS)}")
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-            raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
+        positive_int("num_particles", num_particles)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,

@@ -33,6 +33,8 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
+from .._checks import positive_int
+
 __all__ = ["Posterior", "Rank1Posterior", "Prediction", "predict", "SAMPLE_DIM"]
 
 #: the plate dim that holds posterior samples in a vectorized predictive
@@ -46,12 +48,6 @@ class Posterior(Protocol):
     likelihood: str
 
     def sample_predictions(self, x: torch.Tensor, num_samples: int) -> torch.Tensor: ...
-
-
-def _check_num_samples(num_samples) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    return num_samples
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -78,7 +74,7 @@ class Rank1Posterior:
 
     def sample_latents(self, x: torch.Tensor, num_samples: int) -> dict[str, torch.Tensor]:
         """S draws of every latent site from the guide, e.g. factors ``(S, K, 1, size)``."""
-        _check_num_samples(num_samples)
+        positive_int("num_samples", num_samples)
         with pyro.plate("samples", num_samples, dim=SAMPLE_DIM):
             trace = poutine.trace(self.guide).get_trace(x)
         return {
@@ -188,9 +184,8 @@ def predict(posterior: Posterior, data, num_samples: int = 32, batch_size: int =
     """
     if not isinstance(posterior, Posterior):
         raise TypeError(f"posterior must provide likelihood and sample_predictions(x, num_samples), got {type(posterior).__name__}")
-    _check_num_samples(num_samples)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    positive_int("num_samples", num_samples)
+    positive_int("batch_size", batch_size)
     device = device or getattr(posterior, "device", None) or torch.device("cpu")
     chunks = [posterior.sample_predictions(x.to(device), num_samples).cpu() for x in _batches(data, batch_size)]
     if not chunks:

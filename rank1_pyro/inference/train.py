@@ -53,6 +53,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from .._checks import positive_int
 from .. import metrics
 from . import distributed as dist_utils
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_save, read_checkpoint, remove_stale_temporaries
@@ -103,18 +104,12 @@ def _check_pair(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    return batch_size
-
-
 def make_loader(data, batch_size: int, shuffle: bool, seed: int | None = None) -> DataLoader:
     """A DataLoader from ``(x, y)`` tensors, or ``data`` itself when it already is one."""
     if isinstance(data, DataLoader):
         return data
     x, y = _check_pair(data)
-    _check_batch_size(batch_size)
+    positive_int("batch_size", batch_size)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
 
@@ -258,7 +253,7 @@ def _check_arguments(
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
-    _check_batch_size(batch_size)
+    positive_int("batch_size", batch_size)
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer: unknown name {optimizer!r}; valid: ['adam', 'sgd']")
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0 or not math.isfinite(lr):

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vjp, vmap
 
-from ..inference.predictive import _check_num_samples
+from .._checks import positive_int
 from ..models.base import LIKELIHOODS
 from .functional import FlatFunctional, Rank1PointNetwork
 
@@ -103,12 +103,6 @@ class _Block:
     weights: torch.Tensor | None = None  # (R, O) = ∂ℓ/∂f at θ_* for kind="loss"
     eigvecs: torch.Tensor | None = None  # (M, k) kept eigenvectors of G_b
     inv_eigvals: torch.Tensor | None = None  # (k,)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def _as_xy(batch):
@@ -203,10 +197,10 @@ class ProjectedPosterior:
         self.likelihood = likelihood
         self.kind = kind
         self.predictive = predictive
-        self.num_iterations = _positive_int("num_iterations", num_iterations)
-        self.micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
-        self.num_trace_probes = _positive_int("num_trace_probes", num_trace_probes)
-        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        self.num_iterations = positive_int("num_iterations", num_iterations)
+        self.micro_batch_size = positive_int("micro_batch_size", micro_batch_size)
+        self.num_trace_probes = positive_int("num_trace_probes", num_trace_probes)
+        self.chunk_size = positive_int("chunk_size", chunk_size)
         if solver not in SOLVERS:
             raise ValueError(f"solver: unknown name {solver!r}; valid: {list(SOLVERS)}")
         self.solver = solver
@@ -400,7 +394,7 @@ class ProjectedPosterior:
         iteration and after each one.
         """
         self._check_fitted()
-        iterations = self.num_iterations if num_iterations is None else _positive_int("num_iterations", num_iterations)
+        iterations = self.num_iterations if num_iterations is None else positive_int("num_iterations", num_iterations)
         if not torch.is_tensor(vectors) or vectors.shape[-1:] != (self.num_params,) or vectors.dim() > 2:
             raise ValueError(f"vectors must have shape (P,) or (n, P) with P = {self.num_params}, got "
                              f"{tuple(vectors.shape) if torch.is_tensor(vectors) else type(vectors).__name__}")
@@ -468,7 +462,7 @@ class ProjectedPosterior:
         Sets :attr:`trace_estimate` and :attr:`trace_stderr` (standard error of the mean).
         """
         self._check_fitted()
-        n = self.num_trace_probes if num_probes is None else _positive_int("num_probes", num_probes)
+        n = self.num_trace_probes if num_probes is None else positive_int("num_probes", num_probes)
         z = torch.randint(0, 2, (n, self.num_params), device=self.device).to(self._theta.dtype) * 2 - 1
         values = self.project(z).pow(2).sum(-1).double()
         self.trace_estimate = values.mean().item()
@@ -483,7 +477,7 @@ class ProjectedPosterior:
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         r"""Fresh draws :math:`\theta_* + \alpha^{-1/2}\mathcal P\varepsilon`: ``(num_samples, P)``."""
-        _check_num_samples(num_samples)
+        positive_int("num_samples", num_samples)
         return self._theta + self.alpha ** -0.5 * self.project(self._noise(num_samples, generator))
 
     def clear_samples(self) -> None:
@@ -493,7 +487,7 @@ class ProjectedPosterior:
     @torch.no_grad()
     def draws(self, num_samples: int) -> torch.Tensor:
         """The cached θ draws behind :meth:`sample_predictions` (the first ``num_samples``): ``(S, P)``."""
-        _check_num_samples(num_samples)
+        positive_int("num_samples", num_samples)
         return self._theta + self._deltas(num_samples)
 
     def _deltas(self, num_samples: int) -> torch.Tensor:
@@ -508,7 +502,7 @@ class ProjectedPosterior:
     @torch.no_grad()
     def sample_outputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
         """Network outputs of ``num_samples`` posterior draws: ``(S, K, B, O)``."""
-        _check_num_samples(num_samples)
+        positive_int("num_samples", num_samples)
         if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] == 0:
             raise ValueError("x must be a non-empty batch (B, ...)")
         x = x.to(self.device)

@@ -29,7 +29,8 @@ from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from torch import nn
 
-from ..layers import MEMBER_DIM, _check_ensemble_size, factor_sites, rank1_layers
+from .._checks import positive_int
+from ..layers import MEMBER_DIM, factor_sites, rank1_layers
 from ..priors import PriorMap
 
 __all__ = ["Rank1Model", "LIKELIHOODS", "set_prior"]
@@ -102,7 +103,7 @@ class Rank1Model(PyroModule):
             if len(sizes) != 1:
                 raise ValueError(f"Rank1Model: cannot infer ensemble_size from the rank-1 layers (sizes {sizes})")
             ensemble_size = sizes.pop()
-        self.ensemble_size = _check_ensemble_size(ensemble_size)
+        self.ensemble_size = positive_int("ensemble_size", ensemble_size)
         if sizes - {self.ensemble_size}:
             raise ValueError(f"Rank1Model: ensemble_size={ensemble_size} but the rank-1 layers have sizes {sizes}")
         if likelihood not in LIKELIHOODS:

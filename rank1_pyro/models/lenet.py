@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._checks import positive_int
 from .. import convert
 from .base import Rank1Model
 
@@ -17,8 +18,8 @@ def lenet5_net(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
     LeNet-5's 32x32 input does). The second pooling is adaptive to a 5x5 map (identical to
     2x2 max pooling on 28x28 inputs), so any input of at least 12x12 pixels works.
     """
-    convert._positive_int("num_classes", num_classes)
-    convert._positive_int("in_channels", in_channels)
+    positive_int("num_classes", num_classes)
+    positive_int("in_channels", in_channels)
     return nn.Sequential(
         nn.Conv2d(in_channels, 6, 5, padding=2),
         nn.ReLU(),

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._checks import positive_int
 from .. import convert
 from .base import Rank1Model
 from .mlp import mlp
@@ -26,9 +27,9 @@ class LSTMClassifier(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, num_classes: int, dense_hidden: Sequence[int] = ()):
         super().__init__()
-        convert._positive_int("input_size", input_size)
-        convert._positive_int("hidden_size", hidden_size)
-        convert._positive_int("num_classes", num_classes)
+        positive_int("input_size", input_size)
+        positive_int("hidden_size", hidden_size)
+        positive_int("num_classes", num_classes)
         self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
         self.head = mlp(hidden_size, list(dense_hidden), num_classes)
 

@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from .._checks import positive_int
 from .. import convert
 from .base import Rank1Model
 
@@ -49,10 +50,10 @@ class CifarResNet(nn.Module):
         if not num_blocks or len(num_blocks) != len(widths):
             raise ValueError(f"num_blocks and widths must be non-empty and of equal length, got {num_blocks}, {widths}")
         for i, (n, w) in enumerate(zip(num_blocks, widths)):
-            convert._positive_int(f"num_blocks[{i}]", n)
-            convert._positive_int(f"widths[{i}]", w)
-        convert._positive_int("num_classes", num_classes)
-        convert._positive_int("in_channels", in_channels)
+            positive_int(f"num_blocks[{i}]", n)
+            positive_int(f"widths[{i}]", w)
+        positive_int("num_classes", num_classes)
+        positive_int("in_channels", in_channels)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
@@ -96,7 +97,7 @@ def resnet20_cifar_net(num_classes: int = 10, in_channels: int = 3) -> CifarResN
 
 def resnet50_net(num_classes: int = 1000) -> nn.Module:
     """torchvision's ResNet-50, randomly initialised (``weights=None``; nothing is downloaded)."""
-    convert._positive_int("num_classes", num_classes)
+    positive_int("num_classes", num_classes)
     return torchvision.models.resnet50(weights=None, num_classes=num_classes)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import positive_int
 from .. import convert
 from .base import Rank1Model
 
@@ -44,10 +45,10 @@ class WideResNet(nn.Module):
 
     def __init__(self, depth: int = 28, width: int = 10, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        convert._positive_int("depth", depth)
-        convert._positive_int("width", width)
-        convert._positive_int("num_classes", num_classes)
-        convert._positive_int("in_channels", in_channels)
+        positive_int("depth", depth)
+        positive_int("width", width)
+        positive_int("num_classes", num_classes)
+        positive_int("in_channels", in_channels)
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
         n = (depth - 4) // 6
