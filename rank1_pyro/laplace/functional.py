@@ -80,10 +80,28 @@ class FlatFunctional:
 
     def _params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.indices is not None:
-            theta = self.full_map.index_put((self.indices,), theta)
+            return self._subnetwork_params(theta)
         params = dict(self.fixed)
         for name, chunk, shape in zip(self.param_names, theta.split(self.numels), self.shapes):
             params[name] = chunk.view(shape)
+        return params
+
+    def _subnetwork_params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scatter the subnetwork's entries into their own tensors only: tensors without any stay
+        constants, so neither tangents nor (per-example) gradients are formed for them."""
+        if getattr(self, "_segments", None) is None:
+            starts = torch.tensor([0, *self.numels], device=self.indices.device).cumsum(0)
+            owner = torch.bucketize(self.indices, starts[1:], right=True)
+            order = torch.argsort(owner, stable=True)
+            counts = torch.bincount(owner, minlength=len(self.numels)).tolist()
+            local = (self.indices - starts[owner])[order].split(counts)
+            self._segments = (order, counts, local)
+        order, counts, local = self._segments
+        params = dict(self.fixed)
+        maps = self.full_map.split(self.numels)
+        for name, shape, value, count, where, piece in zip(self.param_names, self.shapes, maps, counts, local,
+                                                           theta[..., order].split(counts, dim=-1)):
+            params[name] = (value.index_put((where,), piece) if count else value).view(shape)
         return params
 
     def __call__(self, theta: torch.Tensor, x) -> torch.Tensor:
