@@ -26,7 +26,7 @@ test: $(STAMP)
 
 # the documentation site, warnings as errors
 docs: $(STAMP)
-	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
 	@echo "docs built: docs/_build/html/index.html"
 
 bench: $(STAMP)

@@ -3,21 +3,21 @@ r"""Training checkpoints that lose nothing: atomic on disk, exact to resume, saf
 A checkpoint is one file (by default ``<checkpoint_dir>/checkpoint.pt``) holding everything the
 training loop needs to go on as if it had never stopped:
 
-===================  ==========================================================================
-key                  content
-===================  ==========================================================================
-``format``           ``"rank1-pyro-checkpoint"`` and ``version`` (:data:`FORMAT`, :data:`VERSION`)
+====================  ==========================================================================
+key                   content
+====================  ==========================================================================
+``format``            ``"rank1-pyro-checkpoint"`` and ``version`` (:data:`FORMAT`, :data:`VERSION`)
 ``model``, ``guide``  state dicts: W, biases, BatchNorm buffers; the variational parameters
-``optimizer``        the torch optimizer's state dict (momenta, Adam moments, learning rates)
-``scheduler``        the learning-rate scheduler's state dict
-``position``         ``step`` (global), ``epoch``, ``batch`` (batches of that epoch consumed)
-``rng``              torch CPU, CUDA (training device), python ``random`` and numpy states
-``data_seed``        the shuffling seed: epoch e's order is a function of (data_seed, e), which
-                     is the whole state of the data loader's shuffling (see
-                     :class:`~rank1_pyro.inference.distributed.ShardedSampler`)
-``config``           the training arguments (plain values), ``world_size``
-``history``          finished epochs' records, the running sums of the current epoch, seconds
-===================  ==========================================================================
+``optimizer``         the torch optimizer's state dict (momenta, Adam moments, learning rates)
+``scheduler``         the learning-rate scheduler's state dict
+``position``          ``step`` (global), ``epoch``, ``batch`` (batches of that epoch consumed)
+``rng``               torch CPU, CUDA (training device), python ``random`` and numpy states
+``data_seed``         the shuffling seed: epoch e's order is a function of (data_seed, e), which
+                      is the whole state of the data loader's shuffling (see
+                      :class:`~rank1_pyro.inference.distributed.ShardedSampler`)
+``config``            the training arguments (plain values), ``world_size``
+``history``           finished epochs' records, the running sums of the current epoch, seconds
+====================  ==========================================================================
 
 **Atomic writes** (:func:`atomic_save`): the file is written to a temporary file in the same
 directory, flushed and ``fsync``-ed, then moved over the old one with ``os.replace`` (atomic on

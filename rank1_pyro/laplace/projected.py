@@ -77,7 +77,7 @@ from torch import nn
 from torch.func import vjp, vmap
 
 from .._checks import positive_int
-from ..models.base import LIKELIHOODS
+from .curvature import likelihood_name
 from .functional import FlatFunctional, Rank1PointNetwork
 
 __all__ = ["ProjectedPosterior", "KINDS", "PREDICTIVES", "SOLVERS", "LOSSES"]
@@ -121,7 +121,7 @@ class ProjectedPosterior:
         model: the trained network (any ``nn.Module`` mapping a batch to ``(B, O)`` outputs, e.g.
             logits), or a :class:`~rank1_pyro.laplace.functional.Rank1PointNetwork` (outputs
             ``(K·B, C)`` member-major; predictions then have K = ``ensemble_size``).
-        likelihood: ``"categorical"`` (outputs are logits) or ``"normal"``.
+        likelihood: ``"categorical"``/``"classification"`` (outputs are logits) or ``"normal"``/``"regression"``.
         param_names: the parameters making up θ (see :class:`FlatFunctional`); the rest stay
             at their trained values. For a rank-1 point network: ``"model.…weight"`` (W),
             ``"factors.…"`` (the factor means), or both.
@@ -181,8 +181,7 @@ class ProjectedPosterior:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood: unknown name {likelihood!r}; valid: {list(LIKELIHOODS)}")
+        likelihood = likelihood_name(likelihood)
         if kind not in KINDS:
             raise ValueError(f"kind: unknown name {kind!r}; valid: {list(KINDS)}")
         if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
