@@ -1,14 +1,22 @@
-"""Performance ratios of rank1-pyro, each measured side by side in one run.
+"""Every performance ratio of rank1-pyro in one run, each measured side by side.
 
-    python benchmarks/speed.py [--quick] [--device auto] [--out benchmarks/results/speed.json]
+    python benchmarks/speed.py [--device auto] [--skip-posthoc] [--out benchmarks/results/speed.json]
 
 Ratios (target in brackets):
 * Pyro rank-1 training step / hand-written pure-PyTorch step of the same computation
   (MLP 784-512-512-10, K = 4, batch 128, mixture ELBO, Adam)              [<= 1.3]
 * hand-written rank-1 step / deterministic step on K·B examples             [informational]
+* full mean-field BNN step (every weight Bayesian, AutoNormal) / Pyro rank-1 step [informational]
 * vectorized predictive, S = 32 / a Python loop of 32 single-sample forwards [>= 3x faster]
+* subnetwork Laplace fit time and peak memory / laplace-torch's FullSubnetLaplace on the same MLP
+  (1.86M weights) and the same 1,000 indices                               [time <= 0.5, memory far less]
+  (runs ``benchmarks/laplace_vs_laplace_torch.py``)
+* projected posterior: log-log slope of time per sample in the number of parameters [<= 1.15], of
+  the Gram part in the number of outputs [about 2], of the loss-projected variant in outputs [about 0]
+  (runs ``benchmarks/projected_scaling.py --skip-digits``)
 
 Timings are medians over repeated blocks after warm-up; the table prints the targets beside the ratios.
+On a shared machine run nothing else meanwhile: the ratios are robust to a steady load, not to bursts.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,6 +131,43 @@ def training_steps(device, batch=128, hidden=512, k=4, num_data=60000):
         }
 
 
+def mean_field_bnn_step(device, batch=128, hidden=512, num_data=60000):
+    """Every weight Bayesian (as TyXe does): N(0, 1) priors on all weights, AutoNormal guide."""
+    from pyro.infer import TraceMeanField_ELBO
+    from pyro.infer.autoguide import AutoNormal
+    from pyro.nn import PyroModule, PyroSample
+
+    sizes = [784, hidden, hidden, 10]
+    net = PyroModule[torch.nn.Sequential](
+        *[m for a, b in zip(sizes[:-1], sizes[1:]) for m in (PyroModule[torch.nn.Linear](a, b), torch.nn.ReLU())][:-1]
+    )
+    for layer in net:
+        if isinstance(layer, torch.nn.Linear):
+            layer.weight = PyroSample(pyro.distributions.Normal(0.0, 1.0).expand(layer.weight.shape).to_event(2))
+            layer.bias = PyroSample(pyro.distributions.Normal(0.0, 1.0).expand(layer.bias.shape).to_event(1))
+    net.to(device)
+
+    def model(x, y):
+        logits = net(x)
+        with pyro.plate("data", num_data, subsample=torch.arange(x.shape[0], device=device)):
+            pyro.sample("obs", pyro.distributions.Categorical(logits=logits), obs=y)
+
+    x = torch.randn(batch, 784, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    guide = AutoNormal(model)
+    guide(x, y)
+    elbo = TraceMeanField_ELBO()
+    opt = torch.optim.Adam(guide.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        elbo.differentiable_loss(model, guide, x, y).backward()
+        opt.step()
+
+    with pyro.validation_enabled(False):
+        return {"mean_field_bnn_step": timeit(step, 10, device=device)}
+
+
 def predictive(device, samples=32, batch=256, hidden=512, k=4):
     model = rank1_mlp(784, [hidden, hidden], 10, ensemble_size=k).to(device)
     posterior = Rank1Posterior(model, MixtureGuide(model).to(device))
@@ -131,20 +178,49 @@ def predictive(device, samples=32, batch=256, hidden=512, k=4):
     }
 
 
+HERE = Path(__file__).resolve().parent
+
+
+def posthoc_ratios(device, results_dir: Path) -> list[tuple[str, float, str]]:
+    """Run the two post-hoc benchmark scripts and read their JSON results back."""
+    laplace_dir = results_dir / "speed-laplace"
+    projected_json = results_dir / "speed-projected.json"
+    for cmd in (
+        [sys.executable, str(HERE / "laplace_vs_laplace_torch.py"), "--device", str(device.type), "--out", str(laplace_dir)],
+        [sys.executable, str(HERE / "projected_scaling.py"), "--device", str(device.type), "--skip-digits", "--out", str(projected_json)],
+    ):
+        print("running", " ".join(Path(c).name if c.endswith(".py") else c for c in cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    laplace = json.loads(max(laplace_dir.glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
+    projected = json.loads(projected_json.read_text())
+    slopes = projected["outputs"]["slopes"]
+    return [
+        ("subnetwork Laplace fit time / laplace-torch FullSubnetLaplace", laplace["ratios"]["time"], "<= 0.5"),
+        ("subnetwork Laplace fit peak memory / laplace-torch", laplace["ratios"]["memory"], "far less than 1"),
+        ("projected: log-log slope of time per sample in parameters", projected["parameters"]["slope"], "<= 1.15"),
+        ("projected: log-log slope of the Gram part in outputs", slopes["gram_part"], "about 2 (1.7..2.5)"),
+        ("projected (loss variant): log-log slope in outputs", slopes["loss"], "about 0 (|s| <= 0.2)"),
+    ]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-posthoc", action="store_true", help="skip the Laplace and projected-posterior runs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
-    t = {**training_steps(device), **predictive(device)}
+    t = {**training_steps(device), **mean_field_bnn_step(device), **predictive(device)}
     rows = [
         ("Pyro rank-1 step / hand-written PyTorch step", t["pyro_step"] / t["hand_step"], "<= 1.3"),
         ("hand-written rank-1 step / deterministic step on K*B", t["hand_step"] / t["deterministic_KB_step"], "info"),
+        ("mean-field BNN step (all weights) / Pyro rank-1 step", t["mean_field_bnn_step"] / t["pyro_step"], "info"),
         ("loop of 32 forwards / vectorized S=32 predictive", t["predictive_loop"] / t["predictive_vectorized"], ">= 3"),
     ]
+    if not args.skip_posthoc:
+        rows += posthoc_ratios(device, args.out.parent)
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("| timing | ms |\n|---|---:|")
     for name, sec in t.items():
