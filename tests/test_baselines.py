@@ -1,0 +1,270 @@
+"""Deep ensemble and MC dropout against hand computations, parameter counts, and a smoke run of the
+quality benchmark's core (benchmarks/quality.py) on tiny digits images, so the script cannot rot."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rank1_pyro.baselines import DeepEnsemble, MCDropout, insert_dropout, lenet5_dropout_net, member_seeds
+from rank1_pyro.data import Split, load_digits
+from rank1_pyro.demo import count_parameters
+from rank1_pyro.inference import MixtureGuide, Posterior, Rank1Posterior, predict
+from rank1_pyro.inference.train import empty_guide, train
+from rank1_pyro.models import Rank1Model, lenet5, lenet5_net, mlp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _data(n=24, d=4, c=3):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, d, generator=g), torch.randint(0, c, (n,), generator=g)
+
+
+def _flat_params(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+# ----------------------------------------------------------------------------- deep ensemble
+
+
+def test_deep_ensemble_members_are_independently_initialised_and_seeded():
+    before = torch.get_rng_state()
+    ens = DeepEnsemble.from_builder(lambda: mlp(4, [8], 3), ensemble_size=3, seed=5)
+    assert torch.equal(torch.get_rng_state(), before)  # the global random state is untouched
+    params = [_flat_params(m.net) for m in ens.members]
+    assert all(not torch.allclose(params[i], params[j]) for i in range(3) for j in range(i + 1, 3))
+    # member k is the network built under its own seed, whatever the other members are
+    for k, seed in enumerate(member_seeds(5, 3)):
+        torch.manual_seed(seed)
+        torch.testing.assert_close(params[k], _flat_params(mlp(4, [8], 3)))
+    again = DeepEnsemble.from_builder(lambda: mlp(4, [8], 3), ensemble_size=3, seed=5)
+    torch.testing.assert_close(_flat_params(again), _flat_params(ens))
+    other = DeepEnsemble.from_builder(lambda: mlp(4, [8], 3), ensemble_size=3, seed=6)
+    assert not any(torch.allclose(_flat_params(a), _flat_params(b)) for a in ens.members for b in other.members)
+
+
+def test_member_seeds_do_not_collide_across_runs():
+    seeds = [s for run in range(5) for s in member_seeds(run, 4)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**31 for s in seeds)
+    with pytest.raises(ValueError, match="seed"):
+        member_seeds(-1, 4)
+    with pytest.raises(ValueError, match="ensemble_size"):
+        member_seeds(0, 0)
+
+
+def test_deep_ensemble_fit_trains_each_member_alone():
+    x, y = _data()
+    ens = DeepEnsemble.from_builder(lambda: mlp(4, [8], 3), ensemble_size=2, seed=0)
+    init = [Rank1Model(mlp(4, [8], 3), ensemble_size=1, flat_batch=True) for _ in range(2)]
+    for copy, member in zip(init, ens.members):
+        copy.load_state_dict(member.state_dict())
+    histories = ens.fit((x, y), seed=3, epochs=3, batch_size=8, lr=1e-2, progress=False)
+    assert len(histories) == 2
+    # the same training run on a lone copy of member k (its own seed) ends in the same weights
+    for copy, member, seed in zip(init, ens.members, member_seeds(3, 2)):
+        train(copy, None, (x, y), seed=seed, epochs=3, batch_size=8, lr=1e-2, progress=False)
+        torch.testing.assert_close(_flat_params(copy), _flat_params(member))
+    assert not torch.allclose(_flat_params(ens.members[0]), _flat_params(ens.members[1]))
+
+
+def test_deep_ensemble_predictive_is_the_average_of_member_softmaxes():
+    x, _ = _data(n=7)
+    ens = DeepEnsemble.from_builder(lambda: mlp(4, [8], 3), ensemble_size=3, seed=0)
+    assert isinstance(ens, Posterior) and ens.likelihood == "categorical"
+    samples = ens.sample_predictions(x, num_samples=5)
+    assert samples.shape == (1, 3, 7, 3)  # deterministic members: one sample each
+    with torch.no_grad():
+        by_hand = torch.stack([torch.softmax(m.net(x), dim=-1) for m in ens.members]).mean(0)
+    torch.testing.assert_close(predict(ens, x, num_samples=5, batch_size=3).probs, by_hand)
+
+
+def test_deep_ensemble_regression_members_keep_their_noise():
+    x, y = _data()
+    ens = DeepEnsemble.from_builder(lambda: mlp(4, [8], 1), ensemble_size=2, seed=0, likelihood="normal")
+    with torch.no_grad():
+        ens.members[1].noise_raw.fill_(2.0)
+    out = ens.sample_predictions(x, 1)
+    assert out.shape == (1, 2, 24, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(out[0, 1, :, 0], ens.members[1].net(x).squeeze(-1))
+        torch.testing.assert_close(out[0, 1, :, 1], F.softplus(torch.tensor(2.0)).pow(2).expand(24))
+
+
+def test_deep_ensemble_bad_input():
+    with pytest.raises(ValueError, match="members"):
+        DeepEnsemble([])
+    with pytest.raises(ValueError, match="likelihood"):
+        DeepEnsemble([mlp(2, [], 2)], likelihood="poisson")
+    with pytest.raises(ValueError, match="ensemble_size 1"):
+        DeepEnsemble([lenet5(ensemble_size=2)])
+    with pytest.raises(TypeError, match="build"):
+        DeepEnsemble.from_builder(mlp(2, [], 2))
+
+
+# ----------------------------------------------------------------------------- MC dropout
+
+
+def test_insert_dropout_places_dropout_before_hidden_weight_layers():
+    net = lenet5_net()
+    dropped = insert_dropout(net, 0.3)
+    kinds = [type(m).__name__ for m in dropped]
+    assert kinds.count("Dropout") == 4  # before conv2 and the three dense layers, never on the input
+    for i, kind in enumerate(kinds):
+        if kind == "Dropout":
+            assert kinds[i + 1] in ("Conv2d", "Linear") and dropped[i].p == 0.3
+    assert kinds[0] == "Conv2d"
+    assert len(net) == 12  # the original is not modified
+    torch.testing.assert_close(_flat_params(dropped), _flat_params(net))  # same weights, copied
+    with pytest.raises(TypeError, match="Sequential"):
+        insert_dropout(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="probability"):
+        insert_dropout(net, 1.0)
+
+
+def test_mc_dropout_samples_use_fresh_masks_and_eval_mode_elsewhere():
+    # identity layers around the dropout: every output entry is 0 or x / (1 - p)
+    net = nn.Sequential(nn.Linear(5, 5), nn.Dropout(0.5), nn.Linear(5, 5))
+    with torch.no_grad():
+        for layer in (net[0], net[2]):
+            layer.weight.copy_(torch.eye(5))
+            layer.bias.zero_()
+    mc = MCDropout(net, likelihood="normal")
+    x = torch.rand(3, 5) + 0.5
+    mc.model.eval()
+    out = mc.sample_outputs(x, 400)
+    assert out.shape == (400, 1, 3, 5)
+    kept = torch.isclose(out[:, 0], 2 * x.expand_as(out[:, 0]))
+    assert (kept | (out[:, 0] == 0)).all()
+    assert 0.4 < kept.double().mean() < 0.6  # P(keep) = 1 - p
+    assert not torch.equal(kept[0], kept[1])  # masks differ between samples
+    assert not mc.model.net[1].training  # the dropout layer is back in eval mode
+
+
+def test_mc_dropout_predictions_vary_and_equal_the_plain_net_without_dropout():
+    x = torch.randn(6, 1, 28, 28)
+    torch.manual_seed(0)
+    base = lenet5_net()
+    plain = Rank1Posterior(Rank1Model(base, ensemble_size=1, flat_batch=True), empty_guide)
+    expected = plain.sample_predictions(x, 1)[0, 0]
+    with torch.no_grad():
+        torch.testing.assert_close(expected, torch.softmax(base.eval()(x), -1))
+    no_dropout = MCDropout(insert_dropout(base, 0.0)).sample_predictions(x, 4)
+    assert no_dropout.shape == (4, 1, 6, 10)
+    torch.testing.assert_close(no_dropout, expected.expand(4, 1, 6, 10))
+    mc = MCDropout(insert_dropout(base, 0.5))
+    samples = mc.sample_predictions(x, 8)
+    assert samples.shape == (8, 1, 6, 10)
+    assert samples.std(dim=0).max() > 1e-3  # dropout is on at prediction
+    assert mc.model.training  # the model's mode is restored
+    with pytest.raises(ValueError, match="no dropout"):
+        MCDropout(lenet5_net())
+
+
+def test_mc_dropout_fit_trains_the_network():
+    x, y = _data(n=64)
+    mc = MCDropout(insert_dropout(mlp(4, [32], 3), 0.1))
+    before = mc.model.net[0].weight.detach().clone()
+    history = mc.fit((x, y), epochs=30, batch_size=16, lr=1e-2, progress=False, seed=0)
+    assert not torch.equal(before, mc.model.net[0].weight)
+    assert history.epochs[-1]["loss"] < history.epochs[0]["loss"]
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+
+def test_parameter_counts_of_the_benchmark_models():
+    # LeNet-5 by hand: conv 1->6 (5x5), conv 6->16 (5x5), dense 400-120-84-10, all with biases
+    lenet = (6 * 25 + 6) + (16 * 6 * 25 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
+    assert lenet == 61_706 == count_parameters(lenet5_net())
+    assert count_parameters(lenet5_dropout_net(p=0.1)) == lenet  # dropout has no parameters
+    ens = DeepEnsemble.from_builder(lenet5_net, ensemble_size=4)
+    assert count_parameters(ens) == 4 * lenet
+    # rank-1 LeNet-5, K = 4: shared W, per-member biases, a mean and a scale per factor entry and member
+    k, biases = 4, 6 + 16 + 120 + 84 + 10
+    factors = (1 + 6) + (6 + 16) + (400 + 120) + (120 + 84) + (84 + 10)
+    model = lenet5(ensemble_size=k)
+    assert count_parameters(model, MixtureGuide(model)) == (lenet - biases) + k * biases + 2 * k * factors
+    assert count_parameters(model, MixtureGuide(model)) < 0.3 * count_parameters(ens)  # "a quarter"
+
+
+# ----------------------------------------------------------------------------- the quality benchmark
+
+
+def _quality_module():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_quality_data(quality):
+    digits = load_digits()
+    up = lambda x: F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)  # noqa: E731 (LeNet: >= 12x12)
+    split = Split(up(digits.x_train[:96]), digits.y_train[:96], up(digits.x_test[:40]), digits.y_test[:40], 10, "tiny")
+    ood = up(digits.x_test[40:60]).transpose(-1, -2)
+    cfg = quality.QualityConfig(
+        train_examples=None, test_examples=30, shift_examples=8, ood_examples=12, rotations=(90.0, 180.0),
+        corruptions=("gaussian_noise", "contrast"), severities=(1, 5), epochs=1, batch_size=32,
+        laplace_subnetwork=16, projected_fit_examples=8, projected_iterations=2, projected_probes=2,
+        projected_samples=2, rank1_laplace_fit_examples=2, rank1_samples=2, dropout_samples=2,
+    )
+    return cfg, quality.make_data(split, ood, cfg)
+
+
+def test_quality_benchmark_core_runs_on_tiny_digits(tmp_path):
+    quality = _quality_module()
+    cfg, data = _tiny_quality_data(quality)
+    assert data.sets["clean"][0] == slice(0, 30) and data.sets["ood"][1] is None
+    assert data.x_eval.shape[0] == 30 + 2 * 8 + 2 * 2 * 8 + 12
+    # standardised with the training statistics
+    torch.testing.assert_close(data.x_train.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
+    report = quality.run_quality(cfg, seeds=(0, 1), data=data, log=lambda s: None)
+    assert report["methods"] == list(quality.METHODS)
+    for method in quality.METHODS:
+        runs = report["runs"][method]
+        assert set(runs) == {"0", "1"}
+        for row in runs.values():
+            for key in ("clean_accuracy", "clean_nll", "clean_ece", "clean_brier", "rotation_nll",
+                        "corruption_ece", "ood_auroc"):
+                assert 0.0 <= row[key] < float("inf"), (method, key, row[key])
+        stats = report["summary"][method]["clean_nll"]
+        values = [r["clean_nll"] for r in runs.values()]
+        assert stats["mean"] == pytest.approx(sum(values) / 2)
+        assert stats["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    # the rotation average is the mean of the per-angle metrics
+    row = report["runs"]["deterministic"]["0"]
+    assert row["rotation_nll"] == pytest.approx((row["sets"]["rot90"]["nll"] + row["sets"]["rot180"]["nll"]) / 2)
+    assert report["runs"]["deep-ensemble"]["0"]["parameters"] == 4 * report["runs"]["deterministic"]["0"]["parameters"]
+    quality.write_report(report, tmp_path, "python benchmarks/quality.py --test")
+    text = (tmp_path / "results.md").read_text()
+    assert "| rank1-gaussian-mix |" in text and "±" in text and "`python benchmarks/quality.py --test`" in text
+    assert (tmp_path / "shift.png").stat().st_size > 0 and (tmp_path / "results.json").stat().st_size > 0
+
+
+def test_quality_benchmark_resumes_finished_jobs_and_reruns_changed_ones(tmp_path, monkeypatch):
+    quality = _quality_module()
+    cfg, data = _tiny_quality_data(quality)
+    methods, jobs_dir = ["deterministic", "subnet-laplace"], tmp_path / "jobs"
+    first = quality.run_quality(cfg, seeds=(0,), methods=methods, data=data, log=lambda s: None, jobs_dir=jobs_dir)
+    assert len(list(jobs_dir.glob("seed0-deterministic-*.json"))) == 1  # one job: the net and its Laplace
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished job ran again")
+
+    monkeypatch.setattr(quality, "run_job", no_training)
+    messages = []
+    again = quality.run_quality(cfg, seeds=(0,), methods=methods, data=data, log=messages.append, jobs_dir=jobs_dir)
+    assert messages == [f"resuming: 1 of 1 jobs already done in {jobs_dir}"]
+    for method in methods:
+        assert again["runs"][method]["0"]["clean_nll"] == first["runs"][method]["0"]["clean_nll"]
+    # another configuration is another job: it runs
+    with pytest.raises(AssertionError, match="ran again"):
+        quality.run_quality(quality.replace(cfg, epochs=2), seeds=(0,), methods=methods, data=data,
+                            log=lambda s: None, jobs_dir=jobs_dir)
