@@ -125,7 +125,7 @@ class QualityConfig:
     kl_annealing_fraction: float = 0.8
     ensemble_size: int = 4
     prior_scale: float = 0.1
-    init_sign_prob: float = 0.5
+    init_sign_prob: float | None = 0.5  # None: factor means start at 1
     dropout: float = 0.1
     rank1_samples: int = 4  # posterior draws per member at prediction (x K members)
     dropout_samples: int = 16
@@ -530,6 +530,8 @@ def markdown_report(report: dict, command: str) -> str:
     cfg = report["config"]
     n_seeds = len(report["seeds"])
     n_train = next(iter(report["summary"].values()))["train_examples"]["mean"]
+    sign_prob = cfg.get("init_sign_prob")
+    init = "at 1" if sign_prob is None else f"at random signs, P(+1) = {sign_prob}"
     lines = [
         f"# Predictive quality on Fashion-MNIST (LeNet-5, {n_seeds} seeds, mean ± std)",
         "",
@@ -539,7 +541,8 @@ def markdown_report(report: dict, command: str) -> str:
         "",
         f"Training: {n_train:,.0f} examples, {cfg['epochs']} epochs, Adam lr {cfg['lr']}, "
         f"batch {cfg['batch_size']}, L2 {cfg['weight_decay']}, KL annealed over {cfg['kl_annealing_fraction']:.0%} "
-        f"of training; K = {cfg['ensemble_size']}. Test: {cfg['test_examples']} clean images; "
+        f"of training; K = {cfg['ensemble_size']}, rank-1 factor means initialised "
+        f"{init}. Test: {cfg['test_examples']} clean images; "
         f"{cfg['shift_examples']} images per rotation angle ({', '.join(f'{a:g}' for a in cfg['rotations'])}°) "
         f"and per corruption ({', '.join(cfg['corruptions'])}) × severity "
         f"({', '.join(map(str, cfg['severities']))}); OOD: {cfg['ood_examples']} MNIST digits.",
@@ -630,6 +633,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default: cores // workers, at least 1)")
     parser.add_argument("--epochs", type=int, default=None, help="override the number of training epochs")
+    parser.add_argument("--init-sign-prob", default=None, metavar="P|none",
+                        help="ablation: P(+1) of the rank-1 factor means' random-sign init (default 0.5, the "
+                             "reference's), or 'none' to start every mean at 1")
     parser.add_argument("--data-root", default=None, help="directory with the Fashion-MNIST IDX files")
     parser.add_argument("--out", type=Path, default=None,
                         help="results directory (default: benchmarks/results/quality-<timestamp>); "
@@ -642,6 +648,14 @@ def main(argv=None) -> int:
         if args.epochs < 1:
             parser.error("--epochs must be >= 1")
         cfg = replace(cfg, epochs=args.epochs)
+    if args.init_sign_prob is not None:
+        try:
+            p = None if args.init_sign_prob.lower() == "none" else float(args.init_sign_prob)
+        except ValueError:
+            parser.error(f"--init-sign-prob must be a probability or 'none', got {args.init_sign_prob!r}")
+        if p is not None and not 0.0 <= p <= 1.0:
+            parser.error(f"--init-sign-prob must lie in [0, 1], got {p}")
+        cfg = replace(cfg, init_sign_prob=p)
     threads = args.threads or max(1, cores // args.workers)
     out = args.out or RESULTS_DIR / time.strftime(f"quality{'-quick' if args.quick else ''}-%Y%m%d-%H%M%S")
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
