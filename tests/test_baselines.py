@@ -1,10 +1,6 @@
 """Deep ensemble and MC dropout against hand computations, parameter counts, and a smoke run of the
 quality benchmark's core (benchmarks/quality.py) on tiny digits images, so the script cannot rot."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,8 +12,6 @@ from rank1_pyro.demo import count_parameters
 from rank1_pyro.inference import MixtureGuide, Posterior, Rank1Posterior, predict
 from rank1_pyro.inference.train import empty_guide, train
 from rank1_pyro.models import Rank1Model, lenet5, lenet5_net, mlp
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _data(n=24, d=4, c=3):
@@ -196,14 +190,6 @@ def test_parameter_counts_of_the_benchmark_models():
 # ----------------------------------------------------------------------------- the quality benchmark
 
 
-def _quality_module():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _tiny_quality_data(quality):
     digits = load_digits()
     up = lambda x: F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)  # noqa: E731 (LeNet: >= 12x12)
@@ -218,8 +204,8 @@ def _tiny_quality_data(quality):
     return cfg, quality.make_data(split, ood, cfg)
 
 
-def test_quality_benchmark_core_runs_on_tiny_digits(tmp_path):
-    quality = _quality_module()
+def test_quality_benchmark_core_runs_on_tiny_digits(tmp_path, benchmark_script):
+    quality = benchmark_script("quality")
     cfg, data = _tiny_quality_data(quality)
     assert data.sets["clean"][0] == slice(0, 30) and data.sets["ood"][1] is None
     assert data.x_eval.shape[0] == 30 + 2 * 8 + 2 * 2 * 8 + 12
@@ -248,8 +234,8 @@ def test_quality_benchmark_core_runs_on_tiny_digits(tmp_path):
     assert (tmp_path / "shift.png").stat().st_size > 0 and (tmp_path / "results.json").stat().st_size > 0
 
 
-def test_quality_benchmark_resumes_finished_jobs_and_reruns_changed_ones(tmp_path, monkeypatch):
-    quality = _quality_module()
+def test_quality_benchmark_resumes_finished_jobs_and_reruns_changed_ones(tmp_path, monkeypatch, benchmark_script):
+    quality = benchmark_script("quality")
     cfg, data = _tiny_quality_data(quality)
     methods, jobs_dir = ["deterministic", "subnet-laplace"], tmp_path / "jobs"
     first = quality.run_quality(cfg, seeds=(0,), methods=methods, data=data, log=lambda s: None, jobs_dir=jobs_dir)

@@ -1,26 +1,13 @@
 """benchmarks/speed.py runs (tiny sizes), so the performance table cannot rot."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pyro
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def _speed_module():
-    spec = importlib.util.spec_from_file_location("speed_benchmark", ROOT / "benchmarks" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_speed_benchmark_timings_run_on_tiny_networks():
-    speed = _speed_module()
+def test_speed_benchmark_timings_run_on_tiny_networks(benchmark_script):
+    speed = benchmark_script("speed")
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
     cpu = torch.device("cpu")
@@ -34,9 +21,9 @@ def test_speed_benchmark_timings_run_on_tiny_networks():
     assert all(math.isfinite(t) and t > 0 for t in timings.values()), timings
 
 
-def test_hand_written_step_minimises_the_mixture_elbo_of_the_same_network():
+def test_hand_written_step_minimises_the_mixture_elbo_of_the_same_network(benchmark_script):
     """The hand-written baseline is a rank-1 network under the mixture ELBO: its loss is finite and falls."""
-    speed = _speed_module()
+    speed = benchmark_script("speed")
     torch.manual_seed(0)
     hand = speed.HandRank1([6, 8, 3], k=2, num_data=32, device=torch.device("cpu"))
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
