@@ -127,6 +127,10 @@ CASES = [
      ValueError, r"estimator: unknown name 'sample'; valid: \['member', 'example'\]"),
     ("elbo-particles", lambda: AveragedELBO(num_particles=0),
      ValueError, r"num_particles must be an integer >= 1, got 0"),
+    ("elbo-kl-weight-negative", lambda: MixtureELBO(kl_weight=-1),
+     ValueError, r"kl_weight must be a finite number >= 0, got -1"),
+    ("elbo-kl-weight-nan", lambda: AveragedELBO(kl_weight=float("nan")),
+     ValueError, r"kl_weight must be a finite number >= 0, got nan"),
     # model
     ("model-likelihood", lambda: rank1_mlp(2, [4], 2, likelihood="poisson"),
      ValueError, r"likelihood: unknown name 'poisson'"),

@@ -140,6 +140,17 @@ class Rank1ELBO(ELBO):
         self.estimator = estimator
         self.analytic_kl = analytic_kl
 
+    @property
+    def kl_weight(self) -> float:
+        """β, the weight of the KL terms (a finite number ≥ 0; 1 is the ELBO)."""
+        return self._kl_weight
+
+    @kl_weight.setter
+    def kl_weight(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"kl_weight must be a finite number >= 0, got {value!r}")
+        self._kl_weight = float(value)
+
     # -- the member reduction -------------------------------------------------------------
     def reduce_members(self, log_p: torch.Tensor, dim: int) -> torch.Tensor:
         raise NotImplementedError
