@@ -8,6 +8,7 @@ numerical guards: factors clipped to [-10, 10] whatever the prior or guide draws
 import math
 import re
 
+import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
@@ -324,3 +325,15 @@ def test_extreme_guide_draws_give_a_finite_loss():
     torch.testing.assert_close(out, poutine.condition(m.outputs, data=clipped)(X))
     loss = MixtureELBO().differentiable_loss(m, guide, X, Y)
     assert torch.isfinite(loss)
+
+
+def test_value_checks_of_the_model_follow_pyros_validation_flag():
+    """Checks that read data back to the host (NaN inputs, label range) run only under Pyro's
+    validation, as Pyro's own distribution checks do; shape and dtype checks always run."""
+    with pyro.validation_enabled(False):
+        out = model().outputs(with_nan(X))
+        assert torch.isnan(out[:, 1]).all() and torch.isfinite(out[:, 0]).all()
+        with pytest.raises(ValueError, match=r"y must have shape \(4,\)"):
+            call_model(X, Y[:3])
+    with pyro.validation_enabled(True), pytest.raises(ValueError, match="x contains NaN"):
+        model().outputs(with_nan(X))

@@ -33,8 +33,8 @@ one of two ways (``mode``):
   per-example gradient of a whole weight matrix is ever formed -- the cost that makes a generic
   per-example Jacobian memory-bound. Any other parameter entries (norm layers, rank-1 factors,
   custom modules) get theirs from ``jacrev`` of single examples vmapped over the batch, or, for
-  networks that cannot be vmapped over single examples (data-dependent control flow such as a
-  rank-1 model's input checks), from ``jacrev`` of sub-batches of at most :data:`FALLBACK_BLOCK`
+  networks that cannot be vmapped over single examples (data-dependent Python control flow;
+  :class:`FlatFunctional` already turns Pyro's value checks off), from ``jacrev`` of sub-batches of at most :data:`FALLBACK_BLOCK`
   examples (each cotangent then pulls back through the whole sub-batch: b times the work).
 * ``"auto"`` (default): forward when :math:`M \le K \cdot O` (K·O the output rows of one
   example, see below), reverse otherwise -- the fewer of columns and per-example outputs.

@@ -15,6 +15,7 @@ projected posterior can be placed over W, the factors, or both.
 
 from __future__ import annotations
 
+import pyro
 import pyro.poutine as poutine
 import torch
 from torch import nn
@@ -109,7 +110,9 @@ class FlatFunctional:
         was_training = self.module.training
         self.module.eval()
         try:
-            out = functional_call(self.module, (self._params(theta), self.buffers), (x,))
+            # no data-dependent value checks under torch.func transforms (they cannot be vmapped)
+            with pyro.validation_enabled(False):
+                out = functional_call(self.module, (self._params(theta), self.buffers), (x,))
         finally:
             self.module.train(was_training)
         return out.unsqueeze(-1) if out.dim() == 1 else out.reshape(out.shape[0], -1)

@@ -23,6 +23,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from pyro.poutine.indep_messenger import IndepMessenger
@@ -142,7 +143,9 @@ class Rank1Model(PyroModule):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
-        if x.is_floating_point() and not torch.isfinite(x).all():
+        # value checks read the data back to the host: only under Pyro's validation, like Pyro's
+        # own distribution checks (``train`` validates its first step; ``pyro.enable_validation(False)``)
+        if x.is_floating_point() and is_validation_enabled() and not torch.isfinite(x).all():
             raise ValueError("x contains NaN or infinite values")
         if not self.flat_batch:
             return self.net(x.unsqueeze(0).expand(self.ensemble_size, *x.shape))
@@ -167,12 +170,14 @@ class Rank1Model(PyroModule):
         if self.likelihood == "categorical":
             if y.is_floating_point() or y.dtype == torch.bool:
                 raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+            if not is_validation_enabled():
+                return
             num_classes = out.shape[-1]
             if y.min() < 0 or y.max() >= num_classes:
                 raise ValueError(
                     f"labels out of range: expected 0..{num_classes - 1}, got min {int(y.min())}, max {int(y.max())}"
                 )
-        elif not torch.isfinite(y).all():
+        elif is_validation_enabled() and not torch.isfinite(y).all():
             raise ValueError("y contains NaN or infinite values")
 
     def data_plate(self, batch_size: int, device) -> pyro.plate:
