@@ -155,17 +155,19 @@ class MCDropout(Rank1Posterior):
         net: the network (with at least one dropout layer), or a one-member
             :class:`~rank1_pyro.models.Rank1Model` around it.
         likelihood: ``"categorical"`` or ``"normal"`` (ignored when ``net`` is a model).
+        max_rows: the most rows (draws × B) of one forward; more draws run in chunks
+            (see :class:`~rank1_pyro.inference.predictive.Rank1Posterior`).
 
     Train it with :meth:`fit` (the network is trained as an ordinary deterministic one, dropout
     active as always in training). ``sample_predictions(x, S)`` returns ``(S, 1, B, C)``: every
     other layer runs in eval mode, only the dropout layers keep sampling masks.
     """
 
-    def __init__(self, net: nn.Module, likelihood: str = "categorical"):
+    def __init__(self, net: nn.Module, likelihood: str = "categorical", max_rows: int = 8192):
         model = _deterministic_model(net, likelihood)
         if not any(isinstance(m, _DropoutNd) for m in model.modules()):
             raise ValueError("MCDropout: the network has no dropout layer (torch.nn.Dropout, Dropout2d, ...)")
-        super().__init__(model, empty_guide)
+        super().__init__(model, empty_guide, max_rows=max_rows)
 
     @property
     def net(self) -> nn.Module:

@@ -121,14 +121,15 @@ def test_insert_dropout_places_dropout_before_hidden_weight_layers():
         insert_dropout(net, 1.0)
 
 
-def test_mc_dropout_samples_use_fresh_masks_and_eval_mode_elsewhere():
+@pytest.mark.parametrize("max_rows", [8192, 7])  # 7 rows: draws in chunks of two
+def test_mc_dropout_samples_use_fresh_masks_and_eval_mode_elsewhere(max_rows):
     # identity layers around the dropout: every output entry is 0 or x / (1 - p)
     net = nn.Sequential(nn.Linear(5, 5), nn.Dropout(0.5), nn.Linear(5, 5))
     with torch.no_grad():
         for layer in (net[0], net[2]):
             layer.weight.copy_(torch.eye(5))
             layer.bias.zero_()
-    mc = MCDropout(net, likelihood="normal")
+    mc = MCDropout(net, likelihood="normal", max_rows=max_rows)
     x = torch.rand(3, 5) + 0.5
     mc.model.eval()
     out = mc.sample_outputs(x, 400)
@@ -136,7 +137,7 @@ def test_mc_dropout_samples_use_fresh_masks_and_eval_mode_elsewhere():
     kept = torch.isclose(out[:, 0], 2 * x.expand_as(out[:, 0]))
     assert (kept | (out[:, 0] == 0)).all()
     assert 0.4 < kept.double().mean() < 0.6  # P(keep) = 1 - p
-    assert not torch.equal(kept[0], kept[1])  # masks differ between samples
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2])  # masks differ between samples
     assert not mc.model.net[1].training  # the dropout layer is back in eval mode
 
 

@@ -25,6 +25,22 @@ def test_vectorized_predictive_equals_a_loop_over_samples():
     assert not torch.allclose(vectorized[0], vectorized[1]) and not torch.allclose(vectorized[:, 0], vectorized[:, 1])
 
 
+@pytest.mark.parametrize("max_rows", [1, 25, 10**6])
+def test_chunked_evaluation_of_the_draws_equals_one_vectorized_forward(max_rows):
+    """max_rows splits the draws into chunks (1 row: one draw at a time; 25 rows: 2 draws of K·B = 10),
+    after all S draws are sampled at once: the predictions are the same, hierarchical scales included."""
+    model = rank1_mlp(4, [8], 3, ensemble_size=2, prior=Gaussian(1.0, HalfCauchy(0.1)))
+    guide = MixtureGuide(model, init_scale=0.3)
+    x = torch.randn(5, 4)
+    pyro.set_rng_seed(3)
+    reference = Rank1Posterior(model, guide, max_rows=10**6).sample_predictions(x, 7)
+    pyro.set_rng_seed(3)
+    chunked = Rank1Posterior(model, guide, max_rows=max_rows).sample_predictions(x, 7)
+    assert chunked.shape == (7, 2, 5, 3)
+    torch.testing.assert_close(chunked, reference)
+    assert not torch.allclose(chunked[0], chunked[-1])
+
+
 def test_sample_predictions_shapes_and_probabilities():
     model = rank1_mlp(4, [8], 3, ensemble_size=2)
     guide = MixtureGuide(model)

@@ -59,14 +59,24 @@ def _device_of(module: nn.Module) -> torch.device:
 class Rank1Posterior:
     """The mixture posterior of a rank-1 model: ``q(θ) = (1/K) Σ_k q_k`` from its guide.
 
+    Args:
+        model: the rank-1 model (:class:`~rank1_pyro.models.Rank1Model`).
+        guide: its guide (``empty_guide`` for a deterministic network).
+        max_rows: the most network rows (draws × K × B) one vectorized forward may hold; larger
+            requests run in chunks of draws. All draws are sampled at once either way. Past a few
+            thousand rows a bigger forward stops being faster, on a CPU it gets slower (its
+            activations leave the caches), and memory grows with S; 8192 is the fastest setting
+            measured by ``benchmarks/speed.py`` on a CPU.
+
     ``sample_predictions`` runs in eval mode (BatchNorm running statistics, no dropout) under
     ``torch.no_grad`` and restores the previous mode.
     """
 
-    def __init__(self, model: nn.Module, guide):
+    def __init__(self, model: nn.Module, guide, max_rows: int = 8192):
         self.model = model
         self.guide = guide
         self.likelihood = model.likelihood
+        self.max_rows = positive_int("max_rows", max_rows)
 
     @property
     def device(self) -> torch.device:
@@ -74,14 +84,20 @@ class Rank1Posterior:
 
     def sample_latents(self, x: torch.Tensor, num_samples: int) -> dict[str, torch.Tensor]:
         """S draws of every latent site from the guide, e.g. factors ``(S, K, 1, size)``."""
+        return {name: value for name, (value, _) in self._latent_draws(x, num_samples).items()}
+
+    def _latent_draws(self, x: torch.Tensor, num_samples: int) -> dict[str, tuple[torch.Tensor, int]]:
+        """``{site: (value, index of its sample dim, or -1 where the value does not vary over draws)}``."""
         positive_int("num_samples", num_samples)
         with pyro.plate("samples", num_samples, dim=SAMPLE_DIM):
             trace = poutine.trace(self.guide).get_trace(x)
-        return {
-            name: site["value"]
-            for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-        }
+        draws = {}
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+                value = site["value"]
+                dim = value.dim() - site["fn"].event_dim + SAMPLE_DIM
+                draws[name] = (value, dim if dim >= 0 and value.shape[dim] == num_samples else -1)
+        return draws
 
     def outputs_given(self, x: torch.Tensor, latents: dict[str, torch.Tensor]) -> torch.Tensor:
         """Network outputs with the latent sites set to ``latents``: ``(..., K, B, C)``.
@@ -92,11 +108,21 @@ class Rank1Posterior:
         return poutine.condition(self.model.outputs, data=latents)(x)
 
     def sample_outputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-        """Network outputs for S guide draws of all K members: ``(S, K, B, C)``."""
-        latents = self.sample_latents(x, num_samples)
-        with pyro.plate("samples", num_samples, dim=SAMPLE_DIM):
-            out = self.outputs_given(x, latents)
-        return out.expand(num_samples, *out.shape[-3:])
+        """Network outputs for S guide draws of all K members: ``(S, K, B, C)``.
+
+        The S draws are taken at once; the network evaluates them in vectorized chunks of at
+        most ``max_rows`` rows (at least one draw per chunk).
+        """
+        draws = self._latent_draws(x, num_samples)
+        chunk = max(1, self.max_rows // (getattr(self.model, "ensemble_size", 1) * x.shape[0]))
+        pieces = []
+        for start in range(0, num_samples, chunk):
+            n = min(chunk, num_samples - start)
+            latents = {name: value if dim < 0 else value.narrow(dim, start, n) for name, (value, dim) in draws.items()}
+            with pyro.plate("samples", n, dim=SAMPLE_DIM):
+                out = self.outputs_given(x, latents)
+            pieces.append(out.expand(n, *out.shape[-3:]))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     @torch.no_grad()
     def sample_predictions(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
