@@ -8,9 +8,11 @@ and a method ``sample_predictions(x, num_samples)`` returning, for a batch ``x``
 
 for S posterior samples of each of K mixture components (K = 1 for single-Gaussian
 posteriors such as Laplace; S = 1 for closed-form predictives such as the probit
-approximation). :class:`Rank1Posterior` implements it for a rank-1 model and its guide, in one
-vectorized forward: the guide and the model run under ``pyro.plate("samples", S, dim=-3)``,
-so all S·K weight draws share one batched matmul/convolution, with no Python loop over samples.
+approximation). :class:`Rank1Posterior` implements it for a rank-1 model and its guide,
+vectorized: the guide draws all S samples under ``pyro.plate("samples", S, dim=-3)``, and the
+model evaluates them under the same plate, so the S·K weight draws share one batched
+matmul/convolution, with no Python loop over samples. Requests larger than ``max_rows``
+network rows (S·K·B) are evaluated in chunks of draws, each one such vectorized forward.
 
 :func:`predict` minibatches over a data set and returns a :class:`Prediction`, which computes
 the mixture predictive :math:`p(y \mid x) = \frac{1}{SK} \sum_{s,k} p(y \mid x, \theta_{sk})` and the
