@@ -443,14 +443,19 @@ def summary(tree: xr.DataTree, var_names=None, *, ci_prob: float | None = None, 
     above 1: the components occupy different modes; it saturates once they stop overlapping);
     it is **not** a convergence diagnostic, since
     the draws are independent draws from a variational posterior, not Markov chains. For the same
-    reason the MCMC columns (ESS, MCSE) are dropped. NaN for a single component.
+    reason the MCMC columns (ESS, MCSE) are dropped. NaN for a single component; inf for
+    point-mass components (zero spread within each).
     """
     import arviz_stats
 
     _posterior(tree)
-    df = arviz_stats.summary(
-        tree, var_names=var_names, group="posterior", kind="all", round_to="none", ci_prob=ci_prob, ci_kind=ci_kind
-    )
+    # point-mass components (DeltaGuide) have zero within-component variance: R-hat is inf there
+    # by definition (fully separated components), not a numerical accident worth a warning
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = arviz_stats.summary(
+            tree, var_names=var_names, group="posterior", kind="all", round_to="none", ci_prob=ci_prob,
+            ci_kind=ci_kind,
+        )
     keep = [c for c in df.columns if c in ("mean", "sd") or c.endswith("_lb") or c.endswith("_ub")]
     out = df[keep].copy()
     out["component_separation_rhat"] = df["r_hat"] if tree["posterior"].sizes["chain"] > 1 else np.nan
@@ -470,7 +475,8 @@ def site_summary(tree: xr.DataTree):
 
     ds = _posterior(tree)
     multi = ds.sizes["chain"] > 1
-    rhat = arviz_stats.rhat(ds) if multi else None
+    with np.errstate(divide="ignore", invalid="ignore"):  # inf for point-mass components, see summary()
+        rhat = arviz_stats.rhat(ds) if multi else None
     rows = {}
     for name, da in ds.data_vars.items():
         shared = bool(da.attrs.get("shared_by_components", 0))

@@ -89,7 +89,7 @@ def test_regression_model_predictive_moments():
     guide = MixtureGuide(model)
     samples = Rank1Posterior(model, guide).sample_predictions(x, 3)
     assert samples.shape == (3, 2, 32, 2)
-    torch.testing.assert_close(samples[..., 1], torch.full((3, 2, 32), float(model.noise_scale()) ** 2))
+    torch.testing.assert_close(samples[..., 1], torch.full((3, 2, 32), model.noise_scale().item() ** 2))
 
 
 def test_mixture_nll_is_at_most_the_mean_member_nll():
