@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from ._checks import positive_int
+from ._checks import one_of, positive_int
 from .inference.predictive import Rank1Posterior, _device_of
 from .inference.train import History, empty_guide, train
 from .models import Rank1Model, lenet5_net
@@ -55,8 +55,7 @@ def _deterministic_model(net: nn.Module, likelihood: str) -> Rank1Model:
         return net
     if not isinstance(net, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(net).__name__}")
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood: unknown name {likelihood!r}; valid: {list(LIKELIHOODS)}")
+    one_of("likelihood", likelihood, LIKELIHOODS)
     # flat_batch: the network sees an ordinary (N, ...) batch, whatever its forward assumes
     return Rank1Model(net, ensemble_size=1, likelihood=likelihood, flat_batch=True)
 
@@ -92,9 +91,7 @@ class DeepEnsemble(nn.Module):
         super().__init__()
         if isinstance(members, nn.Module) or not isinstance(members, Sequence) or len(members) == 0:
             raise ValueError(f"members must be a non-empty sequence of networks, got {type(members).__name__}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood: unknown name {likelihood!r}; valid: {list(LIKELIHOODS)}")
-        self.likelihood = likelihood
+        self.likelihood = one_of("likelihood", likelihood, LIKELIHOODS)
         self.members = nn.ModuleList(_deterministic_model(m, likelihood) for m in members)
         if any(m.likelihood != likelihood for m in self.members):
             raise ValueError(f"every member must have likelihood {likelihood!r}")

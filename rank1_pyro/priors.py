@@ -28,6 +28,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ._checks import one_of
+
 __all__ = [
     "Gaussian",
     "Cauchy",
@@ -226,8 +228,7 @@ def make_prior(family: str = "gaussian", loc: float = 1.0, scale=0.1) -> FactorP
     if isinstance(scale, dict):
         scale = dict(scale)
         name = str(scale.pop("family", "")).lower()
-        if name not in _SCALES:
-            raise ValueError(f"prior scale family: unknown name {name!r}; valid: {sorted(_SCALES)}")
+        one_of("prior scale family", name, sorted(_SCALES))
         try:
             scale = _SCALES[name](**scale)
         except TypeError as e:

@@ -337,3 +337,12 @@ def test_value_checks_of_the_model_follow_pyros_validation_flag():
             call_model(X, Y[:3])
     with pyro.validation_enabled(True), pytest.raises(ValueError, match="x contains NaN"):
         model().outputs(with_nan(X))
+
+
+def test_the_shared_name_check_returns_valid_names_and_lists_the_valid_ones_in_order():
+    from rank1_pyro._checks import one_of
+
+    assert one_of("solver", "cg", ("cg", "alternating")) == "cg"
+    assert one_of("likelihood", "regression", {"classification": 0, "regression": 1}) == "regression"
+    with pytest.raises(ValueError, match=r"^solver: unknown name 'lu'; valid: \['cg', 'alternating'\]$"):
+        one_of("solver", "lu", ("cg", "alternating"))

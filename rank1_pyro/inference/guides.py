@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
+from .._checks import one_of
 from ..layers import factor_sites, member_plate
 
 __all__ = ["Rank1Guide", "MixtureGuide", "DeltaGuide", "CauchyGuide", "inverse_softplus"]
@@ -71,8 +72,7 @@ class Rank1Guide(PyroModule):
             raise ValueError(f"init_loc_std must be >= 0, got {init_loc_std!r}")
         if not init_scale > 0.0:
             raise ValueError(f"init_scale must be > 0, got {init_scale!r}")
-        if scale_guide not in ("lognormal", "delta"):
-            raise ValueError(f"scale_guide: unknown name {scale_guide!r}; valid: ['delta', 'lognormal']")
+        one_of("scale_guide", scale_guide, ["delta", "lognormal"])
         self._model = (model,)  # a tuple keeps the model's parameters out of the guide's
         self.sites = factor_sites(model)
         if not self.sites:

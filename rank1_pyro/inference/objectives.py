@@ -56,7 +56,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.util import warn_if_nan
 from torch.distributions import kl_divergence
 
-from .._checks import positive_int
+from .._checks import one_of, positive_int
 
 
 __all__ = ["Rank1ELBO", "AveragedELBO", "MixtureELBO", "ExamplePlate", "ELBOTerms", "kl_annealing", "OBJECTIVES"]
@@ -128,8 +128,7 @@ class Rank1ELBO(ELBO):
         vectorize_particles: bool = True,
         max_plate_nesting: int = 2,
     ):
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator: unknown name {estimator!r}; valid: {list(ESTIMATORS)}")
+        one_of("estimator", estimator, ESTIMATORS)
         positive_int("num_particles", num_particles)
         super().__init__(
             num_particles=num_particles,

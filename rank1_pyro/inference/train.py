@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from .._checks import positive_int
+from .._checks import one_of, positive_int
 from .. import metrics
 from . import distributed as dist_utils
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_save, read_checkpoint, remove_stale_temporaries
@@ -204,9 +204,7 @@ def _objective(objective) -> Rank1ELBO:
     if objective is None:
         return MixtureELBO()
     if isinstance(objective, str):
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective: unknown name {objective!r}; valid: {sorted(OBJECTIVES)}")
-        return OBJECTIVES[objective]()
+        return OBJECTIVES[one_of("objective", objective, sorted(OBJECTIVES))]()
     if not hasattr(objective, "differentiable_loss"):
         raise TypeError(f"objective must be a name or a Pyro ELBO, got {type(objective).__name__}")
     return objective
@@ -254,8 +252,7 @@ def _check_arguments(
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
     positive_int("batch_size", batch_size)
-    if optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer: unknown name {optimizer!r}; valid: ['adam', 'sgd']")
+    one_of("optimizer", optimizer, ["adam", "sgd"])
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be > 0, got {lr!r}")
     _number("momentum", momentum)

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, jvp, vjp, vmap
 
-from .._checks import positive_int
+from .._checks import one_of, positive_int
 from .functional import FlatFunctional
 
 __all__ = [
@@ -103,9 +103,7 @@ FALLBACK_BLOCK = 16
 
 def likelihood_name(likelihood: str) -> str:
     """``"classification"``/``"categorical"`` -> ``"categorical"``; ``"regression"``/``"normal"`` -> ``"normal"``."""
-    if likelihood not in LIKELIHOOD_NAMES:
-        raise ValueError(f"likelihood: unknown name {likelihood!r}; valid: {list(LIKELIHOOD_NAMES)}")
-    return LIKELIHOOD_NAMES[likelihood]
+    return LIKELIHOOD_NAMES[one_of("likelihood", likelihood, LIKELIHOOD_NAMES)]
 
 
 def as_batches(data) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -229,8 +227,7 @@ class JacobianColumns:
 
     def __init__(self, functional: FlatFunctional, mode: str = "auto", max_elements: int = DEFAULT_MAX_ELEMENTS,
                  per_example: bool | None = None, layer_rules: bool = True):
-        if mode not in JACOBIAN_MODES:
-            raise ValueError(f"mode: unknown name {mode!r}; valid: {list(JACOBIAN_MODES)}")
+        one_of("mode", mode, JACOBIAN_MODES)
         self.f = narrow(functional)
         self.theta = self.f.theta_map
         self.requested_mode = mode

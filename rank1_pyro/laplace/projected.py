@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vjp, vmap
 
-from .._checks import positive_int
+from .._checks import one_of, positive_int
 from .curvature import likelihood_name
 from .functional import FlatFunctional, Rank1PointNetwork
 
@@ -182,8 +182,7 @@ class ProjectedPosterior:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         likelihood = likelihood_name(likelihood)
-        if kind not in KINDS:
-            raise ValueError(f"kind: unknown name {kind!r}; valid: {list(KINDS)}")
+        one_of("kind", kind, KINDS)
         if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a positive number or None, got {alpha!r}")
         if eig_rtol is not None and not 0.0 < eig_rtol < 1.0:
@@ -200,9 +199,7 @@ class ProjectedPosterior:
         self.micro_batch_size = positive_int("micro_batch_size", micro_batch_size)
         self.num_trace_probes = positive_int("num_trace_probes", num_trace_probes)
         self.chunk_size = positive_int("chunk_size", chunk_size)
-        if solver not in SOLVERS:
-            raise ValueError(f"solver: unknown name {solver!r}; valid: {list(SOLVERS)}")
-        self.solver = solver
+        self.solver = one_of("solver", solver, SOLVERS)
         self.over_relaxation = bool(over_relaxation)
         self.eig_rtol = eig_rtol
         self.tol = tol
@@ -244,9 +241,7 @@ class ProjectedPosterior:
 
     @predictive.setter
     def predictive(self, value: str) -> None:
-        if value not in PREDICTIVES:
-            raise ValueError(f"predictive: unknown name {value!r}; valid: {list(PREDICTIVES)}")
-        self._predictive = value
+        self._predictive = one_of("predictive", value, PREDICTIVES)
 
     @property
     def alpha(self) -> float:

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import jvp, vmap
 
-from .._checks import positive_int
+from .._checks import one_of, positive_int
 from .curvature import (
     DEFAULT_MAX_ELEMENTS,
     JACOBIAN_MODES,
@@ -371,9 +371,7 @@ class SubnetLaplace:
         self.sigma_noise = _positive("sigma_noise", sigma_noise)
         self._prior_precision = None if prior_precision is None else _positive("prior_precision", prior_precision)
         self.predictive = predictive
-        if jacobian_mode not in JACOBIAN_MODES:
-            raise ValueError(f"jacobian_mode: unknown name {jacobian_mode!r}; valid: {list(JACOBIAN_MODES)}")
-        self.jacobian_mode = jacobian_mode
+        self.jacobian_mode = one_of("jacobian_mode", jacobian_mode, JACOBIAN_MODES)
         self.max_block_elements = positive_int("max_block_elements", max_block_elements)
         self.chunk_size = positive_int("chunk_size", chunk_size)
         if selection_options is not None and not isinstance(selection_options, dict):
@@ -449,9 +447,7 @@ class SubnetLaplace:
 
     @predictive.setter
     def predictive(self, value: str) -> None:
-        if value not in PREDICTIVES:
-            raise ValueError(f"predictive: unknown name {value!r}; valid: {list(PREDICTIVES)}")
-        self._predictive = value
+        self._predictive = one_of("predictive", value, PREDICTIVES)
 
     @property
     def prior_precision(self) -> float:
@@ -516,8 +512,7 @@ class SubnetLaplace:
         ``"gridsearch"`` (lowest NLL of the closed-form GLM predictive on ``val_loader`` over ``grid``,
         default ``logspace(-4, 4, 41)``). Returns δ."""
         self._check_fitted()
-        if method not in _PRIOR_METHODS:
-            raise ValueError(f"method: unknown name {method!r}; valid: {list(_PRIOR_METHODS)}")
+        one_of("method", method, _PRIOR_METHODS)
         if method == "marglik":
             self.prior_precision = self._marglik_root()
         else:

@@ -30,7 +30,7 @@ from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from torch import nn
 
-from .._checks import positive_int
+from .._checks import one_of, positive_int
 from ..layers import MEMBER_DIM, factor_sites, rank1_layers
 from ..priors import PriorMap
 
@@ -107,9 +107,7 @@ class Rank1Model(PyroModule):
         self.ensemble_size = positive_int("ensemble_size", ensemble_size)
         if sizes - {self.ensemble_size}:
             raise ValueError(f"Rank1Model: ensemble_size={ensemble_size} but the rank-1 layers have sizes {sizes}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood: unknown name {likelihood!r}; valid: {list(LIKELIHOODS)}")
-        self.likelihood = likelihood
+        self.likelihood = one_of("likelihood", likelihood, LIKELIHOODS)
         to_pyro_module_(net)  # PyroModule containers give the sample sites their full module paths
         self.net = net
         self.num_data = num_data

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .._checks import one_of
 from ..convert import BATCHNORM_MODES
 from ..inference.guides import CauchyGuide, DeltaGuide, MixtureGuide
 from ..inference.objectives import OBJECTIVES
@@ -158,8 +159,7 @@ class RunConfig:
 
     def __post_init__(self):
         def choice(name, options):
-            if getattr(self, name) not in options:
-                raise ValueError(f"{name}: unknown name {getattr(self, name)!r}; valid: {sorted(options)}")
+            one_of(name, getattr(self, name), sorted(options))
 
         def positive(name, integer=False):
             value = getattr(self, name)
@@ -364,9 +364,7 @@ def cifar_datasets(name: str, root):
     import torchvision
     from torchvision import transforms as T
 
-    if name not in _CIFAR_FILES:
-        raise ValueError(f"cifar data set: unknown name {name!r}; valid: {sorted(_CIFAR_FILES)}")
-    folder, files = _CIFAR_FILES[name]
+    folder, files = _CIFAR_FILES[one_of("cifar data set", name, sorted(_CIFAR_FILES))]
     root = _root(root)
     candidates = [root / folder] + ([root] if root.name == folder else [])
     checked = []
