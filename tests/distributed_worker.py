@@ -21,6 +21,8 @@ from torch import nn  # noqa: E402
 from rank1_pyro import MixtureELBO, MixtureGuide, Rank1Linear, Rank1Model, rank1_mlp  # noqa: E402
 from rank1_pyro.inference.train import NonFiniteLossError, train  # noqa: E402
 
+from faulty_objectives import StopAt  # noqa: E402
+
 N, BATCH, EPOCHS, SEED = 128, 32, 2, 3  # 4 global steps per epoch
 
 
@@ -45,20 +47,6 @@ def run(distributed, checkpoint_dir=None, **kwargs):
         **kwargs,
     )
     return state(model, guide), history.epochs
-
-
-class StopAt(MixtureELBO):
-    """Every rank is interrupted at the same call (a crash of the whole job)."""
-
-    def __init__(self, stop):
-        super().__init__()
-        self.calls, self.stop = 0, stop
-
-    def loss_terms(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.stop:
-            raise KeyboardInterrupt
-        return super().loss_terms(*args, **kwargs)
 
 
 def run_interrupted_then_resumed(checkpoint_dir):

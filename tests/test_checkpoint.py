@@ -18,6 +18,8 @@ from rank1_pyro.inference import checkpoint as C
 from rank1_pyro.inference.checkpoint import CheckpointError, load_weights, read_checkpoint
 from rank1_pyro.inference.train import NonFiniteLossError, train
 
+from faulty_objectives import FailingELBO, StopAt
+
 WORKER = Path(__file__).resolve().parent / "checkpoint_worker.py"
 
 
@@ -89,20 +91,6 @@ def run(tmp_path, model=None, guide=None, train_data=None, **kwargs):
 
 def params(*modules):
     return [p.detach().clone() for m in modules for p in m.state_dict().values()]
-
-
-class StopAt(MixtureELBO):
-    """Raises KeyboardInterrupt at a given call: an in-process stand-in for a crash."""
-
-    def __init__(self, stop):
-        super().__init__()
-        self.calls, self.stop = 0, stop
-
-    def loss_terms(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.stop:
-            raise KeyboardInterrupt
-        return super().loss_terms(*args, **kwargs)
 
 
 @pytest.mark.parametrize("loader", [False, True], ids=["tensors", "dataloader"])
@@ -278,17 +266,6 @@ def test_stale_temp_files_of_a_killed_writer_are_removed(good_checkpoint):
     run(good_checkpoint.parent.parent, epochs=2, resume=True)
     assert not stale.exists() and other.exists()
     assert read_checkpoint(good_checkpoint)["position"]["epoch"] == 2
-
-
-class FailingELBO(MixtureELBO):
-    def __init__(self, fail_at):
-        super().__init__()
-        self.calls, self.fail_at = 0, fail_at
-
-    def loss_terms(self, *args, **kwargs):
-        terms = super().loss_terms(*args, **kwargs)
-        self.calls += 1
-        return terms._replace(loss=terms.loss * float("nan")) if self.calls > self.fail_at else terms
 
 
 def test_nan_loss_keeps_the_last_good_checkpoint_on_disk(tmp_path):

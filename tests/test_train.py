@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from rank1_pyro import MixtureELBO, MixtureGuide, Rank1Model, mlp, rank1_mlp
+from rank1_pyro import MixtureGuide, Rank1Model, mlp, rank1_mlp
 from rank1_pyro.inference.train import NonFiniteLossError, _lr_factor, evaluate, resolve_device, train
+
+from faulty_objectives import FailingELBO
 
 
 def separable(n=300, seed=0):
@@ -44,21 +46,6 @@ def test_learning_rate_warmup_and_step_decay():
     factors = [_lr_factor(step, 10, warmup_epochs=1, decay_epochs=(2, 3), decay_rate=0.1) for step in range(40)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[19] == pytest.approx(1.0) and factors[20] == pytest.approx(0.1) and factors[30] == pytest.approx(0.01)
-
-
-class FailingELBO(MixtureELBO):
-    """A MixtureELBO whose loss becomes NaN from a given call on."""
-
-    def __init__(self, fail_at):
-        super().__init__()
-        self.calls, self.fail_at = 0, fail_at
-
-    def loss_terms(self, *args, **kwargs):
-        terms = super().loss_terms(*args, **kwargs)
-        self.calls += 1
-        if self.calls > self.fail_at:
-            return terms._replace(loss=terms.loss * float("nan"))
-        return terms
 
 
 def test_nan_loss_stops_before_the_update_and_names_the_step():
