@@ -129,7 +129,9 @@ def scaling_in_outputs(device, args, target_params=8000):
     return rows, slopes
 
 
-def _digits(seed=0):
+def digits_problem(seed=0):
+    """scikit-learn digits scaled to [0, 1], a seeded 1437 / 360 split, and two OOD sets
+    (shuffled-pixel digits, uniform noise); tests/test_projected.py runs the same problem."""
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
@@ -161,7 +163,7 @@ def digits_comparison(device, args):
     from laplace import Laplace
 
     torch.manual_seed(0)
-    x_train, y_train, x_test, y_test, ood = _digits()
+    x_train, y_train, x_test, y_test, ood = digits_problem()
     sets = {"train": x_train, "test": x_test, **ood}
     net = mlp(64, [128], 10, activation=nn.Tanh).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)

@@ -280,30 +280,17 @@ def test_runs_on_the_model_device():
     assert post.sample_predictions(x, 4).device.type == "cuda"
 
 
-def _digits(seed=0):
-    """scikit-learn digits scaled to [0, 1], a seeded 1437 / 360 split, and two OOD sets."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(X), generator=g)
-    X, y = torch.tensor(X / 16.0, dtype=torch.float32)[perm], torch.tensor(y)[perm]
-    x_test = X[1437:]
-    shuffled = x_test[:, torch.randperm(64, generator=g)]  # digits with scrambled pixels
-    noise = torch.rand(360, 64, generator=g)
-    return X[:1437], y[:1437], x_test, y[1437:], {"shuffled": shuffled, "noise": noise}
-
-
 def _entropy(p):
     return -(p * p.clamp_min(1e-12).log()).sum(-1)
 
 
-def test_no_underfitting_on_digits():
+def test_no_underfitting_on_digits(benchmark_script):
     from laplace import Laplace
 
     from rank1_pyro.metrics import accuracy, nll, ood_auroc
 
-    x_train, y_train, x_test, y_test, ood = _digits()
+    # the data of benchmarks/projected_scaling.py's digits comparison
+    x_train, y_train, x_test, y_test, ood = benchmark_script("projected_scaling").digits_problem()
     net = mlp(64, [64], 10, activation=nn.Tanh)  # P = 4810
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(200):  # MAP: cross-entropy + a Gaussian prior
