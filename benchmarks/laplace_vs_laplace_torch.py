@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     head = (f"MLP {x_tr.shape[1]}-{'-'.join(map(str, args.hidden))}-10 ({num_weights:,} weights), "
             f"subnetwork {indices.numel()} ({args.strategy}), N={len(x_tr)}, batch {args.batch_size}, "
             f"delta={args.prior_precision}, device {device}, {args.threads} threads")
-    rows = [f"| method | fit s | fit peak MB | test NLL | test acc |", "|---|---|---|---|---|"]
+    rows = ["| method | fit s | fit peak MB | test NLL | test acc |", "|---|---|---|---|---|"]
     for m in METHODS:
         r = results[m]
         rows.append(f"| {m} | {r['fit_seconds']:.2f} | {r['fit_peak_mb']:.0f} | {r['test_nll']:.6f} | {r['test_accuracy']:.4f} |")

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -60,7 +59,6 @@ import torch
 from rank1_pyro import metrics
 from rank1_pyro.baselines import DeepEnsemble, MCDropout, lenet5_dropout_net
 from rank1_pyro.data import (
-    CORRUPTIONS,
     ROTATIONS,
     Split,
     channel_stats,
@@ -69,6 +67,7 @@ from rank1_pyro.data import (
     load_mnist5k,
     rotate,
     standardize,
+    to_loader,
 )
 from rank1_pyro.demo import count_parameters
 from rank1_pyro.inference import DeltaGuide, MixtureGuide, Rank1Posterior, predict
@@ -308,17 +307,13 @@ def _subset(data: BenchmarkData, n: int | None) -> tuple[torch.Tensor, torch.Ten
     return data.x_train[:n], data.y_train[:n]
 
 
-def _loader(xy, batch_size: int = 256):
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*xy), batch_size=batch_size)
-
-
 def fit_posthoc(method: str, cfg: QualityConfig, data: BenchmarkData, base: Trained) -> tuple[object, int, dict]:
     """``(posterior, num_samples, details)`` of a post-hoc method around its trained ``base``."""
     if method == "subnet-laplace":
         la = SubnetLaplace(
             base.model.net, "classification", cfg.laplace_selection, subnetwork_size=cfg.laplace_subnetwork,
             predictive="glm",
-        ).fit(_loader(_subset(data, cfg.laplace_fit_examples)))
+        ).fit(to_loader(*_subset(data, cfg.laplace_fit_examples), batch_size=256))
         return la, 1, {"prior_precision": la.prior_precision, "subnetwork": la.num_params,
                        "covariance_entries": la.num_params * (la.num_params + 1) // 2}
     if method == "projected":

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 __all__ = [
     "Split",
     "to_loader",
+    "as_tensors",
     "channel_stats",
     "standardize",
     "load_digits",
@@ -133,6 +134,14 @@ def to_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool =
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator,
                       drop_last=drop_last)
+
+
+def as_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole map-style data set as ``(x, y)`` tensors (the first two fields of its items)."""
+    if isinstance(dataset, TensorDataset):
+        return tuple(dataset.tensors[:2])
+    x, y = next(iter(DataLoader(dataset, batch_size=len(dataset))))[:2]
+    return x, y
 
 
 def channel_stats(x: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:

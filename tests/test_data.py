@@ -334,3 +334,11 @@ def test_missing_optional_package_gives_clear_import_error(monkeypatch, module, 
         monkeypatch.setitem(sys.modules, name, None)  # makes `import` fail
     with pytest.raises(ImportError, match=f"pip install {module}"):
         loader()
+
+
+def test_as_tensors_materialises_any_map_style_data_set():
+    x, y = torch.randn(7, 2), torch.arange(7)
+    fast = D.as_tensors(torch.utils.data.TensorDataset(x, y, y))  # extra fields are dropped
+    slow = D.as_tensors([(x[i], y[i]) for i in range(7)])  # a plain list of pairs goes through a DataLoader
+    for got in (fast, slow):
+        assert len(got) == 2 and torch.equal(got[0], x) and torch.equal(got[1], y)

@@ -58,20 +58,11 @@ def _train_digits_model(epochs: int, seed: int, device):
     return model, guide, train_data, test_data
 
 
-def _tensors(dataset):
-    """A whole data set as ``(x, y)`` tensors."""
-    import torch
-
-    if isinstance(dataset, torch.utils.data.TensorDataset):
-        return tuple(dataset.tensors[:2])
-    x, y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset))))[:2]
-    return x, y
-
-
 def run(args) -> int:
     import pyro
 
     from ..cli import UsageError
+    from ..data import as_tensors
     from ..diagnostics import MIN_PARETO_DRAWS, diagnose
     from ..inference.checkpoint import CHECKPOINT_NAME
     from ..inference.train import resolve_device
@@ -93,7 +84,7 @@ def run(args) -> int:
             f"for the Pareto fits, got {args.samples}"
         )
     if saved:
-        train_data, test_data = _tensors(train_set), _tensors(test_set)
+        train_data, test_data = as_tensors(train_set), as_tensors(test_set)
         source = f"loaded run {cfg.name!r} from {args.run_dir}"
     else:
         model, guide, train_data, test_data = _train_digits_model(args.epochs, args.seed, device)

@@ -21,9 +21,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from ..data import rotate
+    from ..data import as_tensors, rotate
     from ..inference.train import evaluate, resolve_device
     from ..runs import load_run
 
@@ -31,7 +29,7 @@ def run(args) -> int:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     device = resolve_device(args.device)
     cfg, model, guide, (_, test_set) = load_run(args.run_dir, args.data_root, device)
-    x, y = next(iter(torch.utils.data.DataLoader(test_set, batch_size=len(test_set))))
+    x, y = as_tensors(test_set)
     rows = {"test": evaluate(model, guide, (x, y), num_samples=args.samples, device=device)}
     if x.dim() == 4:
         for angle in (30, 45, 60):

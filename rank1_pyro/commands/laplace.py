@@ -151,8 +151,7 @@ def _map_mlp(args, device):
 
 
 def _trained_run(args, device):
-    import torch
-
+    from ..data import as_tensors
     from ..laplace import rank1_point_network
     from ..runs import load_run
 
@@ -160,8 +159,7 @@ def _trained_run(args, device):
     if model.likelihood != "categorical":
         raise ValueError(f"the laplace command handles classification runs; {args.run_dir} has likelihood {model.likelihood!r}")
     net = rank1_point_network(model, guide).eval()
-    full = lambda ds: next(iter(torch.utils.data.DataLoader(ds, batch_size=len(ds))))[:2]  # noqa: E731
-    return net, full(train_set), full(test_set), f"{cfg.name} (K={model.ensemble_size})"
+    return net, as_tensors(train_set), as_tensors(test_set), f"{cfg.name} (K={model.ensemble_size})"
 
 
 def run(args) -> int:

@@ -61,7 +61,7 @@ from .checkpoint import restore_training, training_state
 from .objectives import OBJECTIVES, MixtureELBO, Rank1ELBO, kl_annealing
 from .predictive import Rank1Posterior, predict
 
-__all__ = ["train", "History", "NonFiniteLossError", "resolve_device", "make_loader", "empty_guide"]
+__all__ = ["train", "History", "NonFiniteLossError", "resolve_device", "empty_guide"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -102,16 +102,6 @@ def _check_pair(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
                     f"{int(bad.nonzero()[0])})"
                 )
     return x, y
-
-
-def make_loader(data, batch_size: int, shuffle: bool, seed: int | None = None) -> DataLoader:
-    """A DataLoader from ``(x, y)`` tensors, or ``data`` itself when it already is one."""
-    if isinstance(data, DataLoader):
-        return data
-    x, y = _check_pair(data)
-    positive_int("batch_size", batch_size)
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
 def _rebuildable(loader: DataLoader) -> bool:
