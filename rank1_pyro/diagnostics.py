@@ -73,7 +73,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from ._checks import positive_int
-from .inference.predictive import SAMPLE_DIM, Posterior, Rank1Posterior, predict
+from .inference.predictive import SAMPLE_DIM, Posterior, Rank1Posterior, _device_of, predict
 from .layers import MEMBER_DIM
 
 __all__ = [
@@ -119,14 +119,6 @@ def _check_data(data) -> tuple[torch.Tensor, torch.Tensor]:
     if y.shape != x.shape[:1]:
         raise ValueError(f"data: y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
     return x, y
-
-
-def _device_of(*modules) -> torch.device:
-    for m in modules:
-        if isinstance(m, nn.Module):
-            for p in m.parameters():
-                return p.device
-    return torch.device("cpu")
 
 
 @contextlib.contextmanager

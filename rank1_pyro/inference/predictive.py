@@ -52,9 +52,12 @@ class Posterior(Protocol):
     def sample_predictions(self, x: torch.Tensor, num_samples: int) -> torch.Tensor: ...
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
+def _device_of(*modules) -> torch.device:
+    """The device of the first parameter of the first ``nn.Module`` among ``modules`` (CPU if none)."""
+    for m in modules:
+        if isinstance(m, nn.Module):
+            for p in m.parameters():
+                return p.device
     return torch.device("cpu")
 
 
