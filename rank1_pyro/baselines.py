@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from ._checks import one_of, positive_int
-from .inference.predictive import Rank1Posterior, _device_of
+from .inference.predictive import Rank1Posterior, _device_of, _module_mode
 from .inference.train import History, empty_guide, train
 from .models import Rank1Model, lenet5_net
 from .models.base import LIKELIHOODS
@@ -185,15 +185,8 @@ class MCDropout(Rank1Posterior):
         Called by :meth:`sample_predictions` after it has put the model in eval mode; the
         dropout layers are switched to training mode for the passes and back afterwards.
         """
-        layers = self.dropout_layers()
-        modes = [m.training for m in layers]
-        for m in layers:
-            m.train()
-        try:
+        with _module_mode(self.dropout_layers(), training=True):
             return super().sample_outputs(x, num_samples)
-        finally:
-            for m, mode in zip(layers, modes):
-                m.train(mode)
 
 
 # --------------------------------------------------------------------------------------- dropout networks

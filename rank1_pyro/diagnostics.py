@@ -73,7 +73,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from ._checks import positive_int
-from .inference.predictive import SAMPLE_DIM, Posterior, Rank1Posterior, _device_of, predict
+from .inference.predictive import SAMPLE_DIM, Posterior, Rank1Posterior, _device_of, _module_mode, predict
 from .layers import MEMBER_DIM
 
 __all__ = [
@@ -124,20 +124,15 @@ def _check_data(data) -> tuple[torch.Tensor, torch.Tensor]:
 @contextlib.contextmanager
 def _evaluation(model, guide):
     """Eval mode, no gradients, and ``num_data=None`` (unscaled log-likelihoods); all restored."""
-    modules = [(m, m.training) for m in (model, guide) if isinstance(m, nn.Module)]
     num_data = getattr(model, "num_data", None)
-    for m, _ in modules:
-        m.eval()
     if num_data is not None:
         model.num_data = None
     try:
-        with torch.no_grad():
+        with _module_mode((model, guide), training=False), torch.no_grad():
             yield
     finally:
         if num_data is not None:
             model.num_data = num_data
-        for m, mode in modules:
-            m.train(mode)
 
 
 # ----------------------------------------------------------------------------- Pyro evaluation

@@ -25,6 +25,7 @@ uncertainty split
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -50,6 +51,20 @@ class Posterior(Protocol):
     likelihood: str
 
     def sample_predictions(self, x: torch.Tensor, num_samples: int) -> torch.Tensor: ...
+
+
+@contextlib.contextmanager
+def _module_mode(modules, training: bool):
+    """Every ``nn.Module`` among ``modules`` in training (``True``) or eval mode; each one's own
+    mode is restored afterwards."""
+    saved = [(m, m.training) for m in modules if isinstance(m, nn.Module)]
+    for m, _ in saved:
+        m.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            m.train(mode)
 
 
 def _device_of(*modules) -> torch.device:
@@ -132,18 +147,12 @@ class Rank1Posterior:
 
     @torch.no_grad()
     def sample_predictions(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-        modes = [(m, m.training) for m in (self.model, self.guide) if isinstance(m, nn.Module)]
-        for m, _ in modes:
-            m.eval()
-        try:
+        with _module_mode((self.model, self.guide), training=False):
             out = self.sample_outputs(x, num_samples)
             if self.likelihood == "categorical":
                 return torch.softmax(out, dim=-1)
             d = self.model.predictive_distribution(out)
             return torch.stack([d.mean, d.variance.expand_as(d.mean)], dim=-1)
-        finally:
-            for m, mode in modes:
-                m.train(mode)
 
 
 @dataclass
