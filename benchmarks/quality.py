@@ -218,9 +218,9 @@ def evaluate(posterior, data: BenchmarkData, num_samples: int, batch_size: int =
     """Every metric of ``posterior`` on every evaluation set (one :func:`predict` call)."""
     start = time.perf_counter()
     prediction = predict(posterior, data.x_eval, num_samples=num_samples, batch_size=batch_size)
-    probs, entropy = prediction.probs, prediction.total_entropy
+    probs, log_probs, entropy = prediction.probs, prediction.log_probs, prediction.total_entropy
     per_set = {
-        name: metrics.classification_metrics(probs[where], y)
+        name: metrics.classification_metrics(probs[where], y, log_probs[where])
         for name, (where, y) in data.sets.items()
         if y is not None
     }

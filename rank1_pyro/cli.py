@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, TypeError, FileNotFoundError) as e:
-        print(f"rank1-pyro {args.command}: error: {e}", file=sys.stderr)
+    except (UsageError, ValueError, TypeError, OSError, FloatingPointError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the exception held
+        print(f"rank1-pyro {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rank1-pyro {args.command}: interrupted", file=sys.stderr)

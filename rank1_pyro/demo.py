@@ -113,7 +113,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = None, 
         row = {"parameters": count_parameters(model, guide), "train_seconds": round(history.seconds, 2)}
         for tag, x, y in (("clean", x_test, y_test), ("shifted", x_shift, y_shift)):
             prediction = predict(posterior, x, num_samples=samples)
-            row.update({f"{tag}_{k}": v for k, v in metrics.classification_metrics(prediction.probs, y).items()})
+            row.update({f"{tag}_{k}": v for k, v in metrics.classification_metrics(prediction.probs, y, prediction.log_probs).items()})
             if tag == "shifted":
                 probs_shift[name] = prediction.probs
         results[name] = row

@@ -73,6 +73,8 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from ._checks import positive_int
+from .inference.joint import joint_latents
+from .inference.objectives import is_point_mass
 from .inference.predictive import SAMPLE_DIM, Posterior, Rank1Posterior, _device_of, _module_mode, predict
 from .layers import MEMBER_DIM
 
@@ -149,16 +151,6 @@ def _member_size(site) -> int | None:
     return None
 
 
-def _is_point_mass(fn) -> bool:
-    while True:
-        if isinstance(fn, dist.Delta):
-            return True
-        base = getattr(fn, "base_dist", None)
-        if base is None:
-            return False
-        fn = base
-
-
 def _per_draw(log_prob: torch.Tensor, num_samples: int, num_components: int, name: str) -> torch.Tensor:
     """Reduce a site's log-density, batch ``(S|1, K|1, B|1)``, to one value per draw ``(S, K)``."""
     if log_prob.dim() > 3:
@@ -180,15 +172,35 @@ class _Evaluation:
     log_q: torch.Tensor | None  # (S, K): log of the variational (mixture) density, None for point masses
 
 
-def _log_mixture_density(sites, num_samples: int, num_components: int, device) -> torch.Tensor | None:
-    """:math:`\\log q(\\theta_{ks})`, with the member sites' density the equal-weight mixture over components."""
+def _log_mixture_density(sites, num_samples: int, num_components: int, device, joints=None) -> torch.Tensor | None:
+    """:math:`\\log q(\\theta_{ks})`, with the member sites' density the equal-weight mixture over components.
+
+    Any guide with a density: its auxiliary sites (autoguides' unconstrained draws) carry the
+    density, and its ``Delta`` sites the log-Jacobian of the map to the model's sites. A joint
+    latent (``AutoContinuous``) scores member k's coordinates, with the global ones, under each
+    component j's marginal (:mod:`~rank1_pyro.inference.joint`). Only a guide of point masses
+    without auxiliary sites (``DeltaGuide``, ``AutoDelta``) has no density: ``None``.
+    """
     S, K = num_samples, num_components
+    joints = joints or {}
+    has_auxiliary = any(site["infer"].get("is_auxiliary") for _, site in sites)
     shared = torch.zeros(S, K, dtype=torch.float64, device=device)
     components = torch.zeros(K, S, K, dtype=torch.float64, device=device)  # [j, s, k] = log q_j(theta_ks), member sites
     for name, site in sites:
         fn, value = site["fn"], site["value"]
-        if _is_point_mass(fn):
-            return None
+        joint = joints.get(name)
+        if joint is not None and joint.num_members is not None:
+            if joint.num_members != K:
+                raise ValueError(f"guide site {name!r} holds {joint.num_members} members, the model {K}")
+            u = value.reshape(S, value.shape[-1])
+            for j in range(K):
+                components[j] += joint.member_log_density(u, j).double()
+            continue
+        if is_point_mass(fn):
+            if not has_auxiliary:
+                return None
+            shared += _per_draw(fn.log_prob(value).double(), S, K, name)  # the transform's log-Jacobian
+            continue
         if _member_size(site) is None:
             shared += _per_draw(fn.log_prob(value).double(), S, K, name)
             continue
@@ -210,7 +222,7 @@ def _evaluate(model, guide, x, y, num_samples: int, batch_size: int, log_density
             guide_trace = poutine.trace(guide).get_trace(*first)
         guide_sites = [(n, s) for n, s in _sample_sites(guide_trace) if not s["is_observed"]]
         values = {name: site["value"] for name, site in guide_sites}
-        loglik, predictive, log_prior, K = {}, {}, None, 1
+        loglik, predictive, log_prior, K, model_latents = {}, {}, None, 1, None
         for start in range(0, x.shape[0], batch_size):
             xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
             with pyro.plate("samples", S, dim=SAMPLE_DIM):
@@ -227,12 +239,17 @@ def _evaluate(model, guide, x, y, num_samples: int, batch_size: int, log_density
                     fn, shape = site["fn"], (S, K, xb.shape[0])
                     loglik.setdefault(name, []).append(fn.log_prob(site["value"]).expand(shape).double().cpu())
                     predictive.setdefault(name, []).append(fn.sample().expand(shape).cpu())
+            if model_latents is None:  # the model's own latent sites: what the posterior group exports
+                model_latents = {name for name, site in sites if name in values}
         if not loglik:
             raise ValueError("the model has no observed sites: it must observe y when called as model(x, y)")
-        log_q = _log_mixture_density(guide_sites, S, K, device) if log_density and guide_sites else None
-    latents = {
+        log_q = (
+            _log_mixture_density(guide_sites, S, K, device, joint_latents(guide)) if log_density and guide_sites else None
+        )
+    latents = {  # auxiliary guide sites (autoguides' unconstrained or joint draws) are not model variables
         name: (site["value"].detach().cpu(), site["fn"].event_dim, _member_size(site) is not None)
         for name, site in guide_sites
+        if name in model_latents
     }
     return _Evaluation(
         latents,
@@ -397,6 +414,10 @@ def to_netcdf(tree: xr.DataTree, path) -> Path:
     if not isinstance(tree, xr.DataTree):
         raise TypeError(f"tree must be an xarray.DataTree, got {type(tree).__name__}")
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the directory {path.parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
     tree.to_netcdf(path, engine="h5netcdf")
     return path
 
@@ -630,7 +651,7 @@ def diagnose(
     ]
     files = ["train.nc", "test.nc"]
     if prediction.likelihood == "categorical":
-        m = metrics.classification_metrics(prediction.probs, y_test.cpu())
+        m = metrics.classification_metrics(prediction.probs, y_test.cpu(), prediction.log_probs)
         lines.append("held-out predictive (mixture): " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
         members = [metrics.accuracy(p, y_test.cpu()) for p in prediction.member_probs]
         lines.append("held-out accuracy of each component alone: " + ", ".join(f"{a:.4f}" for a in members))

@@ -22,6 +22,7 @@ outside the member plate. Guides and objectives see nothing but these sites, so 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
+from pyro.poutine.runtime import get_plates
 from torch import nn
 
 from ._checks import positive_int
@@ -44,12 +46,16 @@ __all__ = [
     "factor_sites",
     "rank1_layers",
     "member_plate",
+    "members",
     "MEMBER_DIM",
+    "MEMBERS",
     "FACTOR_CLIP",
 ]
 
 #: the plate dim of the ensemble members; the data plate uses dim -1.
 MEMBER_DIM = -2
+#: the name of the members plate (objectives, guides and diagnostics find member sites by it)
+MEMBERS = "members"
 #: factors are clipped to [-FACTOR_CLIP, FACTOR_CLIP] before use, as in the reference code,
 #: so a heavy-tailed (Cauchy) draw cannot blow up the activations.
 FACTOR_CLIP = 10.0
@@ -69,8 +75,55 @@ def member_plate(ensemble_size: int) -> pyro.plate:
     """
     if ensemble_size not in _MEMBER_PLATES:
         with poutine.block():  # built outside any trace: its subsample site must not be recorded
-            _MEMBER_PLATES[ensemble_size] = pyro.plate("members", ensemble_size, dim=MEMBER_DIM)
+            _MEMBER_PLATES[ensemble_size] = pyro.plate(MEMBERS, ensemble_size, dim=MEMBER_DIM)
     return _MEMBER_PLATES[ensemble_size]
+
+
+def _active_members():
+    """The frame of the ``members`` plate the caller runs in, or ``None``."""
+    return next((f for f in get_plates() if f.name == MEMBERS), None)
+
+
+class members:
+    """Write a rank-1 model in plain Pyro: tile inputs over the K members and open the members plate.
+
+    ``m.tile(x)`` views a batch ``(B, ...)`` as ``(K, B, ...)`` (an ``expand``, no copy); the
+    rank-1 layers sample their factors in the members plate by themselves. Open ``with m:``
+    around the sites that carry one value per member (the observations), so that their batch
+    shape has the member dim at -2, as the objectives expect::
+
+        def model(x, y=None):
+            m = members(4)
+            mean = net(m.tile(x)).squeeze(-1)                       # (K, B)
+            with m, pyro.plate("data", N, subsample=torch.arange(len(x)), dim=-1):
+                pyro.sample("obs", dist.Normal(mean, 0.1), obs=y)
+
+    The network may also run inside ``with m:`` (layers then use this plate instead of opening
+    one), unless a prior is hierarchical: its scale is global and is sampled outside the plate.
+    The plate is recorded once per trace, as autoguides expect.
+    :class:`~rank1_pyro.models.Rank1Model` is this pattern for a categorical or Normal likelihood.
+    """
+
+    def __init__(self, ensemble_size: int):
+        self.ensemble_size = positive_int("ensemble_size", ensemble_size)
+        self._plate = None
+
+    def tile(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of shape ``(B, ...)`` viewed as ``(K, B, ...)``."""
+        if not torch.is_tensor(x) or x.dim() < 1:
+            raise ValueError(f"members.tile: expected a batch tensor (B, ...), got {getattr(x, 'shape', type(x))}")
+        return x.unsqueeze(0).expand(self.ensemble_size, *x.shape)
+
+    def __enter__(self) -> "members":
+        if _active_members() is not None:
+            raise ValueError("members(K): already inside a members plate; do not nest them")
+        if self._plate is None:  # built on first use, inside the caller's trace; re-entered after that
+            self._plate = pyro.plate(MEMBERS, self.ensemble_size, dim=MEMBER_DIM)
+        self._plate.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._plate.__exit__(*exc)
 
 
 class Rank1Layer(PyroModule):
@@ -94,8 +147,21 @@ class Rank1Layer(PyroModule):
         """Draw factor ``name`` for all K members: shape ``(..., K, 1, size)``."""
         site = self.factor_site(name)
         spec = self.prior.for_site(site)
+        active = _active_members()
+        if active is not None and active.size != self.ensemble_size:
+            raise ValueError(
+                f"{type(self).__name__} {site!r}: ensemble_size={self.ensemble_size} but it runs inside a members "
+                f"plate of size {active.size}"
+            )
+        # a hierarchical scale is global: sampled outside the members plate (it cannot leave an open one)
+        if spec.hierarchical and active is not None:
+            raise ValueError(
+                f"{site!r}: a hierarchical prior's scale is shared by all members and must be sampled outside the "
+                "members plate; call the network outside `members(K)` (tile the input with members(K).tile) "
+                "and open the plate only around the likelihood"
+            )
         scale = spec.sample_scale(site + "_scale")
-        with member_plate(self.ensemble_size):
+        with contextlib.nullcontext() if active is not None else member_plate(self.ensemble_size):
             value = pyro.sample(site, spec.distribution(self.factor_sizes[name], scale, device))
         return value.clamp(-FACTOR_CLIP, FACTOR_CLIP)
 
@@ -133,7 +199,8 @@ class Rank1Layer(PyroModule):
         n = math.prod(lead)
         if x.shape[0] % n:
             raise ValueError(
-                f"flat input of {x.shape[0]} rows is not a tiling of the factors' leading dims {tuple(lead)}"
+                f"flat input of {x.shape[0]} rows is not a tiling of the factors' leading dims {tuple(lead)}; "
+                "give the layer a (K, B, ...) batch: `rank1_pyro.members(K).tile(x)` (or use Rank1Model)"
             )
         return x.reshape(*lead, x.shape[0] // n, *x.shape[1:]), True
 

@@ -13,6 +13,15 @@ Classification metrics take the *mixture* predictive ``probs`` of shape ``(N, C)
 * :func:`disagreement`, :func:`pairwise_kl` -- diversity of the K members' predictives ``(K, N, C)``.
 
 Regression: :func:`gaussian_nll`, :func:`rmse`, :func:`interval_coverage`.
+
+Selective prediction and calibration, as torch-uncertainty reports them:
+
+* :func:`adaptive_ece` -- ECE with 15 equal-*mass* bins (each holds N/15 examples by confidence).
+* :func:`aurc` -- area under the risk-coverage curve: the mean, over k = 1..N, of the error rate of
+  the k most confident predictions (lower is better; ties in confidence broken by order).
+* :func:`selective_accuracy` -- the accuracy of the ``coverage`` fraction of most confident predictions.
+* :func:`fpr_at_tpr` -- the false-positive rate at 95 % true-positive rate of telling
+  in-distribution inputs (positives, scored higher) from out-of-distribution ones.
 """
 
 from __future__ import annotations
@@ -36,6 +45,11 @@ __all__ = [
     "rmse",
     "interval_coverage",
     "classification_metrics",
+    "adaptive_ece",
+    "aurc",
+    "selective_accuracy",
+    "fpr_at_tpr",
+    "selective_metrics",
 ]
 
 _EPS = 1e-12
@@ -52,6 +66,18 @@ def _check(probs: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError("probs contains NaN or infinite values")
     if labels.numel() and (labels.min() < 0 or labels.max() >= probs.shape[1]):
         raise ValueError(f"labels out of range 0..{probs.shape[1] - 1}")
+    if probs.numel():
+        # probabilities: in [0, 1] and each row sums to 1 (a tolerance for float32/half rounding)
+        tol = 1e-2 if probs.is_floating_point() and torch.finfo(probs.dtype).bits < 32 else 1e-3
+        if probs.min() < -tol or probs.max() > 1 + tol:
+            raise ValueError(f"probs must lie in [0, 1], got values in [{float(probs.min()):.4g}, {float(probs.max()):.4g}]")
+        err = (probs.double().sum(-1) - 1).abs()
+        if err.max() > tol:
+            row = int(err.argmax())
+            raise ValueError(
+                f"probs rows must sum to 1 (within {tol:g}): row {row} sums to {float(probs[row].double().sum()):.6g}; "
+                "pass probabilities, e.g. softmax(logits), not logits or unnormalised scores"
+            )
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -59,10 +85,20 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return (probs.argmax(-1) == labels).double().mean().item()
 
 
-def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+def nll(probs: torch.Tensor, labels: torch.Tensor, log_probs: torch.Tensor | None = None) -> float:
+    """Mean negative log predictive probability of the labels, never clamped.
+
+    Pass ``log_probs`` (e.g. :attr:`~rank1_pyro.inference.predictive.Prediction.log_probs`, computed
+    in log space) to stay exact where probabilities underflow: a probability that is 0 in floating
+    point gives an infinite NLL here, not a capped one.
+    """
     _check(probs, labels)
+    if log_probs is not None:
+        if log_probs.shape != probs.shape:
+            raise ValueError(f"log_probs must have the shape of probs {tuple(probs.shape)}, got {tuple(log_probs.shape)}")
+        return -log_probs.double().gather(-1, labels.long().unsqueeze(-1)).mean().item()
     p = probs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).double()
-    return -(p.clamp_min(_EPS).log()).mean().item()
+    return -p.log().mean().item()
 
 
 def reliability(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15):
@@ -153,11 +189,77 @@ def interval_coverage(mean: torch.Tensor, variance: torch.Tensor, targets: torch
     return ((targets.double() - mean.double()).abs() <= half).double().mean().item()
 
 
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy, NLL, ECE and Brier score in one dict."""
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, log_probs: torch.Tensor | None = None) -> dict[str, float]:
+    """Accuracy, NLL (from ``log_probs`` when given, see :func:`nll`), ECE and Brier score in one dict."""
     return {
         "accuracy": accuracy(probs, labels),
-        "nll": nll(probs, labels),
+        "nll": nll(probs, labels, log_probs),
         "ece": ece(probs, labels),
         "brier": brier(probs, labels),
+    }
+
+
+def adaptive_ece(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> float:
+    r"""ECE over ``num_bins`` equal-mass bins: examples sorted by confidence and split into bins of
+    (nearly) equal size, :math:`\sum_b \frac{|B_b|}{N} |\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|`."""
+    _check(probs, labels)
+    positive_int("num_bins", num_bins)
+    conf, pred = probs.double().max(-1)
+    order = conf.argsort(stable=True)
+    correct = (pred == labels).double()[order]
+    conf = conf[order]
+    n = len(conf)
+    total = 0.0
+    for idx in torch.arange(n).tensor_split(min(num_bins, n)):
+        if len(idx):
+            total += len(idx) / n * abs(correct[idx].mean().item() - conf[idx].mean().item())
+    return total
+
+
+def _risk_order(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Errors (1.0) and hits (0.0) from the most to the least confident prediction."""
+    _check(probs, labels)
+    conf, pred = probs.double().max(-1)
+    order = (-conf).argsort(stable=True)
+    return (pred != labels).double()[order]
+
+
+def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the risk-coverage curve (see the module docstring): the mean selective risk."""
+    errors = _risk_order(probs, labels)
+    if not len(errors):
+        raise ValueError("aurc needs at least one example")
+    risks = errors.cumsum(0) / torch.arange(1, len(errors) + 1, dtype=torch.float64)
+    return risks.mean().item()
+
+
+def selective_accuracy(probs: torch.Tensor, labels: torch.Tensor, coverage: float = 0.8) -> float:
+    """Accuracy of the ``ceil(coverage × N)`` most confident predictions."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage!r}")
+    errors = _risk_order(probs, labels)
+    k = max(1, math.ceil(coverage * len(errors) - 1e-9))
+    return 1.0 - errors[:k].mean().item()
+
+
+def fpr_at_tpr(score_in: torch.Tensor, score_out: torch.Tensor, tpr: float = 0.95) -> float:
+    """False-positive rate at ``tpr`` true-positive rate: in-distribution inputs are the positives and
+    score *higher* (e.g. the confidence); the threshold is the highest one that accepts at least a
+    ``tpr`` fraction of them, and the result the fraction of out-of-distribution scores at or above it."""
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr!r}")
+    score_in, score_out = score_in.reshape(-1).double(), score_out.reshape(-1).double()
+    if score_in.numel() == 0 or score_out.numel() == 0:
+        raise ValueError("fpr_at_tpr needs at least one in- and one out-of-distribution score")
+    ranked = score_in.sort(descending=True).values
+    threshold = ranked[max(0, math.ceil(tpr * len(ranked) - 1e-9) - 1)]
+    return (score_out >= threshold).double().mean().item()
+
+
+def selective_metrics(probs: torch.Tensor, labels: torch.Tensor, coverage: float = 0.8) -> dict[str, float]:
+    """Adaptive ECE, AURC and the selective accuracy at ``coverage`` (key ``"sel_acc@80"`` for 0.8)."""
+    return {
+        "aece": adaptive_ece(probs, labels),
+        "aurc": aurc(probs, labels),
+        f"sel_acc@{round(coverage * 100)}": selective_accuracy(probs, labels, coverage),
     }

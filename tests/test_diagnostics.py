@@ -302,7 +302,7 @@ def test_diagnose_of_a_regression_model(tmp_path):
 
 def test_diagnose_command_writes_report_and_figures(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["diagnose", str(run_dir), "--epochs", "1", "--samples", "8"]) == 0
+    assert main(["diagnose", str(run_dir), "--train-digits", "--epochs", "1", "--samples", "8"]) == 0
     out = capsys.readouterr().out
     report = (run_dir / "diagnostics" / "report.txt").read_text()
     assert report in out and "k-hat" in report and "component_separation_rhat" in report
@@ -312,8 +312,8 @@ def test_diagnose_command_writes_report_and_figures(tmp_path, capsys):
     tree = D.from_netcdf(run_dir / "diagnostics" / "train.nc")
     assert tree["posterior"].sizes["chain"] == 4 and tree["posterior"].sizes["draw"] == 8
     assert math.isfinite(D.vi_khat(tree))
-    assert main(["diagnose", str(run_dir), "--samples", "0"]) == 2
-    assert main(["diagnose", str(run_dir), "--samples", "6"]) == 2  # 24 draws: too few for a Pareto fit
+    assert main(["diagnose", str(run_dir), "--train-digits", "--samples", "0"]) == 2
+    assert main(["diagnose", str(run_dir), "--train-digits", "--samples", "6"]) == 2  # 24 draws: too few
     assert "at least 25" in capsys.readouterr().err
 
 

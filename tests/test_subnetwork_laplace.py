@@ -490,7 +490,7 @@ def test_cli_trains_a_map_mlp_and_reports(tmp_path, capsys):
     from rank1_pyro.cli import main
 
     run = tmp_path / "run"
-    args = ["laplace", str(run), "--subnetwork", "largest-magnitude", "--size", "200", "--epochs", "3",
+    args = ["laplace", str(run), "--map-mlp", "--subnetwork", "largest-magnitude", "--size", "200", "--epochs", "3",
             "--hidden", "16", "--rotate", "45"]
     assert main(args) == 0
     out = capsys.readouterr().out

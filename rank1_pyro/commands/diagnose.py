@@ -1,10 +1,11 @@
 """``rank1-pyro diagnose RUN_DIR``: ArviZ diagnostics of a rank-1 BNN, written to ``RUN_DIR/diagnostics/``.
 
-When ``RUN_DIR`` is a run directory of ``rank1-pyro train`` (``config.json`` and ``checkpoint.pt``),
-its model, guide and data set are loaded (:func:`rank1_pyro.runs.load_run`). Otherwise (no saved
-model, e.g. a ``rank1-pyro demo`` directory, which holds metrics only, or a new path) the command
-trains its own small rank-1 MLP (64-64-10, K = 4 mixture components, Gaussian prior N(1, 0.1²),
-``--epochs`` epochs) on scikit-learn's bundled digits, so it always runs end to end. Then
+``RUN_DIR`` is a run directory of ``rank1-pyro train`` (``config.json`` and ``checkpoint.pt``): its
+model, guide and data set are loaded (:func:`rank1_pyro.runs.load_run`); a directory that is not a
+run (a typo, a half-written run) is refused with a message naming the missing files, and nothing
+is trained or written. With ``--train-digits`` (and a ``RUN_DIR`` that holds no run) the command
+instead trains its own small rank-1 MLP (64-64-10, K = 4 mixture components, Gaussian prior
+N(1, 0.1²), ``--epochs`` epochs) on scikit-learn's bundled digits, to see the diagnostics end to end. Then
 :func:`rank1_pyro.diagnostics.diagnose` writes the figures, netCDF DataTrees and text report, and
 the report is printed. The whole training set is evaluated S·K times (k-hat needs all of D).
 """
@@ -22,16 +23,18 @@ def register(subparsers) -> None:
         "diagnose",
         help="ArviZ diagnostics (posteriors, predictive checks, VI k-hat, PSIS-LOO) into RUN_DIR/diagnostics/",
         description="Write ArviZ diagnostics of a rank-1 BNN into RUN_DIR/diagnostics/: forest plot of the rank-1 "
-        "factors, reliability diagram, PIT check, Pareto k-hat plot, netCDF DataTrees and a text report. A run "
-        "directory of `rank1-pyro train` is loaded; without a saved model a small rank-1 MLP is first trained on "
-        "scikit-learn's digits.",
+        "factors, reliability diagram, PIT check, Pareto k-hat plot, netCDF DataTrees and a text report. RUN_DIR "
+        "is a run directory of `rank1-pyro train`; with --train-digits a small rank-1 MLP is instead trained on "
+        "scikit-learn's digits into a RUN_DIR that holds no run.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="run directory (created if missing)")
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a run directory written by `rank1-pyro train`")
+    p.add_argument("--train-digits", action="store_true",
+                   help="train a small rank-1 MLP on digits (into a RUN_DIR holding no run) instead of loading a run")
     p.add_argument("--samples", type=int, default=32, help="Monte Carlo draws per mixture component (default: 32)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs of the digits model trained without a saved model (default: 30)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs of the --train-digits model (default: 30)")
     p.add_argument("--data-root", default=None, help="directory holding a loaded run's data set, as for train")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=run)
 
 
@@ -64,16 +67,21 @@ def run(args) -> int:
     from ..cli import UsageError
     from ..data import as_tensors
     from ..diagnostics import MIN_PARETO_DRAWS, diagnose
-    from ..inference.checkpoint import CHECKPOINT_NAME
     from ..inference.train import resolve_device
-    from ..runs import CONFIG_FILE, load_run
+    from ..runs import check_run_dir, check_run_path, load_run, run_state
 
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.run_dir.exists() and not args.run_dir.is_dir():
-        raise UsageError(f"RUN_DIR is not a directory: {args.run_dir}")
+    if args.samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {args.samples}")
+    check_run_path(args.run_dir)
+    if args.train_digits:
+        if run_state(args.run_dir) != "missing":
+            raise UsageError(f"{args.run_dir} holds a run: drop --train-digits to diagnose it")
+    else:
+        check_run_dir(args.run_dir)  # names what is missing; nothing is trained in its place
     device = resolve_device(args.device)
-    saved = (args.run_dir / CONFIG_FILE).is_file() and (args.run_dir / CHECKPOINT_NAME).is_file()
+    saved = not args.train_digits
     ensemble_size = ENSEMBLE_SIZE
     if saved:
         cfg, model, guide, (train_set, test_set) = load_run(args.run_dir, args.data_root, device)
@@ -88,10 +96,7 @@ def run(args) -> int:
         source = f"loaded run {cfg.name!r} from {args.run_dir}"
     else:
         model, guide, train_data, test_data = _train_digits_model(args.epochs, args.seed, device)
-        source = (
-            f"RUN_DIR holds no saved model ({CONFIG_FILE} + {CHECKPOINT_NAME}): "
-            f"trained a rank-1 MLP on digits for {args.epochs} epochs"
-        )
+        source = f"--train-digits: trained a rank-1 MLP on digits for {args.epochs} epochs"
     pyro.set_rng_seed(args.seed)
     report = diagnose(
         model,

@@ -4,9 +4,11 @@
   model becomes a point network (W, biases and the factor means, K members;
   :func:`~rank1_pyro.laplace.rank1_point_network`) and the Laplace is fitted on the run's
   training set; the prior mean is 1 on the factors (their prior location) and 0 elsewhere.
-* Any other RUN_DIR: a MAP MLP on ``--dataset`` (default: scikit-learn's digits) is trained with
-  Adam and weight decay and cached as ``RUN_DIR/map_mlp.pt``; a later call with the same
-  dataset, hidden sizes and seed reuses it.
+* With ``--map-mlp`` (and a RUN_DIR that holds no run): a MAP MLP on ``--dataset`` (default:
+  scikit-learn's digits) is trained with Adam and weight decay and cached as ``RUN_DIR/map_mlp.pt``;
+  a later call with the same dataset, hidden sizes and seed reuses it.
+* Anything else (a mistyped or half-written run directory) is refused with a message naming the
+  missing files; nothing is trained in its place.
 
 Prints NLL, accuracy and ECE of the network itself ("MAP") and of the subnetwork Laplace on the
 test set and, for image data, on rotated copies of it; writes ``RUN_DIR/laplace.json``.
@@ -33,18 +35,25 @@ def _size(text: str):
             raise ValueError(f"--size must be an integer count or a fraction, got {text!r}") from None
 
 
-def register(subparsers) -> None:
-    from ..laplace.subnetwork import PREDICTIVES, SUBNETWORK_STRATEGIES
+#: the choices of --subnetwork and --predictive, spelled out so that ``--help`` imports no torch
+#: (a test checks them against :data:`~rank1_pyro.laplace.subnetwork.SUBNETWORK_STRATEGIES`, ``PREDICTIVES``)
+SUBNETWORK_STRATEGIES = ("largest-variance", "largest-swag-variance", "largest-magnitude", "random", "by-name",
+                         "last-layer", "rank1-factors")
+PREDICTIVES = ("glm", "glm-mc", "nn")
 
+
+def register(subparsers) -> None:
     p = subparsers.add_parser(
         "laplace",
         help="subnetwork linearized Laplace on a trained network",
         description="Fit a full-covariance linearized Laplace over a subnetwork of a trained network and print "
         "NLL, accuracy and ECE before and after, on the test set and rotated copies. RUN_DIR is a run of "
-        "`rank1-pyro train` (its rank-1 model at the factor means is used), or any other directory: then a MAP "
-        f"MLP is trained on --dataset and cached there as {MAP_FILE}.",
+        "`rank1-pyro train` (its rank-1 model at the factor means is used); with --map-mlp, a directory holding "
+        f"no run, where a MAP MLP is trained on --dataset and cached as {MAP_FILE}.",
     )
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a `rank1-pyro train` run, or a directory for the MAP MLP")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a `rank1-pyro train` run (or, with --map-mlp, a directory for the MAP MLP)")
+    p.add_argument("--map-mlp", action="store_true",
+                   help=f"train (or reuse RUN_DIR/{MAP_FILE}) a MAP MLP on --dataset instead of loading a run")
     p.add_argument("--subnetwork", default="largest-variance", choices=list(SUBNETWORK_STRATEGIES),
                    help="subnetwork selection strategy (default: largest-variance)")
     p.add_argument("--size", type=_size, default=None,
@@ -61,7 +70,7 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=60, help="training epochs of the MAP MLP (default: 60)")
     p.add_argument("--data-root", default=None, help="directory holding the data set (Fashion-MNIST, CIFAR, ...)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=run)
 
 
@@ -122,14 +131,21 @@ def _map_mlp(args, device):
     net = mlp(meta["in_features"], meta["hidden"], meta["num_classes"])
     path = args.run_dir / MAP_FILE
     if path.is_file():
-        saved = torch.load(path, weights_only=True)
+        try:
+            saved = torch.load(path, weights_only=True)
+        except Exception as e:  # truncated, corrupt, or a file holding code (refused by weights_only)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{path} is not a usable MAP MLP cache (corrupt or foreign: {first}); delete it to retrain") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
+            raise ValueError(f"{path} is not a MAP MLP cache of this command; delete it to retrain")
         if saved.get("meta") != meta:
             raise ValueError(f"{path} holds a MAP MLP for {saved.get('meta')}, not {meta}; use another RUN_DIR")
-        net.load_state_dict(saved["state_dict"])
+        try:
+            net.load_state_dict(saved["state_dict"])
+        except RuntimeError as e:
+            raise ValueError(f"{path} does not fit the MAP MLP {meta}: {str(e).splitlines()[0]}; delete it to retrain") from None
         print(f"loaded the MAP MLP from {path}")
     else:
-        if args.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
         model = Rank1Model(net, ensemble_size=1)  # deterministic: MAP by the training loop
         train(model, None, (x_train.flatten(1), y_train), epochs=args.epochs, batch_size=64, lr=3e-3,
               weight_decay=1e-4, device=device, progress=False, seed=args.seed)
@@ -168,15 +184,26 @@ def run(args) -> int:
 
     from ..data import rotate
     from ..inference.train import resolve_device
-    from ..runs import CONFIG_FILE, write_json
+    from ..runs import RunError, check_run_dir, check_run_path, run_state, write_json
 
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.subnetwork == "by-name" and not args.pattern:
         raise ValueError("--subnetwork by-name needs --pattern (e.g. --pattern 'body.2.*')")
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    check_run_path(args.run_dir)
+    if args.map_mlp:
+        if run_state(args.run_dir) != "missing":
+            raise ValueError(f"{args.run_dir} holds a run of `rank1-pyro train`: drop --map-mlp to use it")
+    else:
+        try:
+            check_run_dir(args.run_dir)
+        except RunError as e:
+            raise RunError(f"{e} (pass --map-mlp to train a MAP MLP there instead)") from None
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    is_run = (args.run_dir / CONFIG_FILE).is_file()
+    is_run = not args.map_mlp
     net, (x_train, y_train), (x_test, y_test), what = (_trained_run if is_run else _map_mlp)(args, device)
     prior_mean = torch.cat([torch.full((p.numel(),), 1.0 if n.startswith("factors.") else 0.0)
                             for n, p in net.named_parameters() if p.requires_grad])

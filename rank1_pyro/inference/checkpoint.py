@@ -59,6 +59,7 @@ __all__ = [
     "training_state",
     "restore_training",
     "remove_stale_temporaries",
+    "data_fingerprint",
 ]
 
 #: file name of the checkpoint inside a run's checkpoint directory
@@ -239,6 +240,58 @@ def load_weights(path, model: nn.Module, guide=None) -> dict:
     ckpt = read_checkpoint(path)
     _load_modules(path, ckpt, model, guide, guide_required=False)
     return ckpt
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+def _hash_tensor(h, t) -> None:
+    if not torch.is_tensor(t):
+        t = torch.as_tensor(np.asarray(t))
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def data_fingerprint(data) -> str | None:
+    """SHA-256 of a training set's contents, to refuse resuming on other data of the same size.
+
+    Handles ``(x, y)`` tensors, a ``TensorDataset``, a ``Subset`` of a handled data set, data sets
+    with ``data``/``targets`` arrays (torchvision's CIFAR, MNIST) or ``samples`` (``ImageFolder``);
+    ``None`` for anything else (then the contents are not checked on resume).
+    """
+    import hashlib
+
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    h = hashlib.sha256()
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if isinstance(data, Subset):
+        inner = data_fingerprint(data.dataset)
+        if inner is None:
+            return None
+        h.update(inner.encode())
+        _hash_tensor(h, torch.as_tensor(list(data.indices), dtype=torch.int64))
+        return h.hexdigest()
+    if isinstance(data, (tuple, list)) and data and all(torch.is_tensor(t) for t in data):
+        tensors = data
+    elif isinstance(data, TensorDataset):
+        tensors = data.tensors
+    elif hasattr(data, "data") and hasattr(data, "targets"):
+        tensors = (data.data, data.targets)
+    elif hasattr(data, "samples"):
+        h.update(repr(list(data.samples)).encode())
+        return h.hexdigest()
+    else:
+        return None
+    try:
+        for t in tensors:
+            _hash_tensor(h, t)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ parameters exist as soon as the guide is built) and samples them inside the same
 
 Hierarchical scale sites (one per factor site, outside the member plate) get a LogNormal guide
 (or a Delta with ``scale_guide="delta"``). Any Pyro autoguide (e.g. ``AutoNormal``) also runs
-on the same model, since the factors are ordinary sample sites.
+on the same model, since the factors are ordinary sample sites, and the objectives count its
+entropy exactly (:mod:`.objectives`). Start it with ``init_loc_fn=init_to_median`` (r = s = 1):
+Pyro's default initialisation puts every factor at 0, the saddle where the network outputs only
+its biases.
 """
 
 from __future__ import annotations

@@ -8,31 +8,56 @@ With N training examples, a minibatch of B, K members and variational components
   .. math:: \mathcal L_{avg} = \frac1K \sum_k \Big( \mathbb E_{q_k}\big[\textstyle\sum_n \ell_{nk}\big]
             - \mathrm{KL}(q_k \,\|\, p) \Big).
 
+  It is a lower bound on :math:`\log p(\mathcal D)`: each member's ELBO is one, and so is the
+  ELBO of the mixture :math:`\frac1K\sum_k q_k`, which is at least their average.
+
 * :class:`MixtureELBO` -- the log-likelihood of the mixture of members,
 
   .. math:: \mathcal L_{mix} = \mathbb E_{q}\Big[\textstyle\sum_n \log \frac1K \sum_k e^{\ell_{nk}}\Big]
             - \frac1K \sum_k \mathrm{KL}(q_k \,\|\, p) \;\ge\; \mathcal L_{avg}
 
-  (Jensen). It equals ``TraceEnum_ELBO`` on the same model with an enumerated, uniformly
-  distributed member index per example (see the tests).
+  (Jensen, on every draw). It is **not** a lower bound on :math:`\log p(\mathcal D)`: with
+  every :math:`q_k` the exact posterior of a conjugate model it exceeds :math:`\log p(\mathcal D)`
+  (see the tests). It is the ELBO-like objective of the *ensemble model*
+  :math:`\prod_n \frac1K \sum_k p(y_n \mid x_n, \theta_k)`, in which every example picks its
+  member, with the KL of one member; it equals ``TraceEnum_ELBO`` on that model with an
+  enumerated, uniformly distributed member index per example (see the tests).
 
-Both are lower bounds on :math:`\log p(\mathcal D)` for the mixture posterior, since
-:math:`\mathrm{KL}(\frac1K\sum_k q_k \,\|\, p) \le \frac1K\sum_k \mathrm{KL}(q_k\,\|\,p)`.
-(The reference code adds :math:`\sum_k \mathrm{KL}_k`, i.e. ``kl_weight = K`` here.)
+**Weighting of the latent terms, for any guide.** Terms of sites inside the ``members`` plate
+(model log priors, guide log densities, analytic KLs) count 1/K; terms of global sites (a
+hierarchical scale :math:`\sigma`, shared by the members) count 1. For a guide that does not
+factorise over members, the weighting applies to its density's parts:
+:math:`\log q(u) = \log q(u_G) + \log q(u_M \mid u_G)` with weight 1 on the global marginal and
+1/K on the conditional (:mod:`.joint`). In general
+
+.. math:: \mathcal L_{avg} = \mathbb E_q\Big[\frac1K \sum_k \ell_k
+          + \frac1K \log\frac{p(\theta_{1:K} \mid \sigma)}{q(\theta_{1:K} \mid \sigma)}
+          + \log \frac{p(\sigma)}{q(\sigma)}\Big].
+
+Pyro's own ``Trace_ELBO`` on the same model and guide counts every member's likelihood and every
+site once, so ``Trace_ELBO = K·L_avg − (K−1)·E[log p(σ) − log q(σ)]``: without a hierarchical prior
+it is exactly K times the averaged ELBO (the same optimum), with one it weighs the scale site K
+times less than these objectives do (tested).
 
 Common behaviour:
 
 * The minibatch log-likelihood is scaled by N / B by the model's data plate.
-* KL terms are analytic where ``torch.distributions.kl_divergence`` knows the pair
-  (Normal-Normal, Delta-anything) and single-sample Monte Carlo
-  :math:`\log q(\theta) - \log p(\theta)` otherwise (Cauchy priors or guides).
-* ``kl_weight`` (β of KL annealing) multiplies the KL terms only; a training loop sets it
-  every step (see :func:`kl_annealing`).
+* A latent term is the closed-form KL where the guide site is an ordinary sample of the model
+  site's name and ``torch.distributions.kl_divergence`` knows the pair (Normal-Normal);
+  otherwise it is the single-sample Monte Carlo :math:`\log q - \log p` over **every** guide
+  site, auxiliary sites of autoguides included (their entropy), and over every model latent
+  site (Cauchy priors, ``Delta`` sites of autoguides, which carry the log-Jacobian of their
+  transform). This is what ``Trace_ELBO`` computes, with the weights above.
+* ``kl_weight`` (a constructor argument, 1 = the ELBO) multiplies the latent terms only; the
+  reference loss :math:`\text{mean NLL} + \sum_k \mathrm{KL}_k / N` is ``kl_weight = K``.
+  KL annealing multiplies it further: a training loop sets ``annealing`` (β in [0, 1]) every
+  step, and the effective weight is ``kl_weight × annealing`` (:attr:`Rank1ELBO.effective_kl_weight`).
 * ``estimator="member"`` draws one factor sample per member per step (the plain Pyro
   estimator); ``estimator="example"`` draws independent factors for every example of the
   batch (the reference's lower-variance estimator): the factor sites move into an extra
   ``examples`` plate scaled by 1/B, so each member's KL still counts once. It needs the
-  model's first argument to be the batch-first input.
+  model's first argument to be the batch-first input. Its cost: B·K draws (and log
+  densities) per factor site instead of K; the layers' arithmetic is unchanged.
 
 Use them like any Pyro ELBO: ``SVI(model, guide, optim, loss=MixtureELBO())``, or
 ``MixtureELBO().differentiable_loss(model, guide, x, y)`` with a torch optimizer.
@@ -52,11 +77,13 @@ from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import check_fully_reparametrized, torch_item
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 from torch.distributions import kl_divergence
 
 from .._checks import one_of, positive_int
+from ..layers import MEMBERS
+from .joint import joint_latents
 
 
 __all__ = ["Rank1ELBO", "AveragedELBO", "MixtureELBO", "ExamplePlate", "ELBOTerms", "kl_annealing", "OBJECTIVES"]
@@ -84,7 +111,7 @@ class ExamplePlate(Messenger):
         self._frame = CondIndepStackFrame("examples", -1, self.batch_size, 0)
 
     def _pyro_sample(self, msg):
-        if msg["is_observed"] or isinstance(msg["fn"], _Subsample) or _member_dim(msg) is None:
+        if msg["is_observed"] or site_is_subsample(msg) or _member_frame(msg) is None:
             return
         shape = msg["fn"].batch_shape
         msg["fn"] = msg["fn"].expand(shape[:-1] + (self.batch_size,))
@@ -92,15 +119,26 @@ class ExamplePlate(Messenger):
         msg["cond_indep_stack"] = msg["cond_indep_stack"] + (self._frame,)
 
 
-def _member_dim(site) -> int | None:
+def _member_frame(site):
+    """The ``members`` plate frame of a site, or ``None`` for a global site."""
     for frame in site["cond_indep_stack"]:
-        if frame.name == "members":
-            return frame.dim
+        if frame.name == MEMBERS:
+            return frame
     return None
 
 
+def is_point_mass(fn) -> bool:
+    """Whether ``fn`` is a ``Delta`` (possibly wrapped, e.g. by ``Independent``): a point mass."""
+    while True:
+        if isinstance(fn, dist.Delta):
+            return True
+        fn = getattr(fn, "base_dist", None)
+        if fn is None:
+            return False
+
+
 class ELBOTerms(NamedTuple):
-    """``loss = -(log_likelihood - kl_weight * kl)``; ``logits`` of the "obs" site when categorical."""
+    """``loss = -(log_likelihood - effective_kl_weight * kl)``; ``logits`` of the "obs" site when categorical."""
 
     loss: torch.Tensor
     log_likelihood: torch.Tensor
@@ -108,15 +146,38 @@ class ELBOTerms(NamedTuple):
     logits: torch.Tensor | None
 
 
+def _weight(site) -> float | torch.Tensor:
+    """A site's scale, divided by K inside the members plate (see the module docstring)."""
+    frame = _member_frame(site)
+    return site["scale"] if frame is None else site["scale"] / frame.size
+
+
+def _masked_sum(log_p: torch.Tensor, site) -> torch.Tensor:
+    if site["mask"] is not None and not isinstance(site["mask"], bool):
+        log_p = log_p.masked_fill(~site["mask"], 0.0)
+    return log_p.sum()
+
+
+def _finite_number(name: str, value, upper: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= upper:
+        bound = "" if upper == math.inf else f" and <= {upper:g}"
+        raise ValueError(f"{name} must be a finite number >= 0{bound}, got {value!r}")
+    return float(value)
+
+
 class Rank1ELBO(ELBO):
-    """Base class; subclasses define how the member dim of the log-likelihood is reduced.
+    r"""Base class; subclasses define how the member dim of the log-likelihood is reduced.
 
     Args:
         num_particles: Monte Carlo particles per step (vectorized by default).
-        kl_weight: β, the KL annealing weight (mutable attribute).
+        kl_weight: the weight of the latent (KL) terms: 1 is the ELBO; ``K`` gives the reference
+            loss's :math:`\sum_k \mathrm{KL}_k`.
         estimator: ``"member"`` or ``"example"`` (see the module docstring).
         analytic_kl: use closed-form KL where available (``False``: always Monte Carlo).
         max_plate_nesting: plates in the model; rank-1 models use two (members, data).
+
+    ``annealing`` (β in [0, 1], default 1) is the KL-annealing factor a training loop sets every
+    step; it never changes ``kl_weight``.
     """
 
     def __init__(
@@ -136,19 +197,32 @@ class Rank1ELBO(ELBO):
             vectorize_particles=vectorize_particles,
         )
         self.kl_weight = kl_weight
+        self.annealing = 1.0
         self.estimator = estimator
         self.analytic_kl = analytic_kl
 
     @property
     def kl_weight(self) -> float:
-        """β, the weight of the KL terms (a finite number ≥ 0; 1 is the ELBO)."""
+        """The user's weight of the KL terms (a finite number ≥ 0; 1 is the ELBO)."""
         return self._kl_weight
 
     @kl_weight.setter
     def kl_weight(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"kl_weight must be a finite number >= 0, got {value!r}")
-        self._kl_weight = float(value)
+        self._kl_weight = _finite_number("kl_weight", value)
+
+    @property
+    def annealing(self) -> float:
+        """β of KL annealing in [0, 1], set by the training loop (:func:`kl_annealing`)."""
+        return self._annealing
+
+    @annealing.setter
+    def annealing(self, value: float) -> None:
+        self._annealing = _finite_number("annealing", value, upper=1.0)
+
+    @property
+    def effective_kl_weight(self) -> float:
+        """``kl_weight × annealing``: what multiplies the KL in the loss."""
+        return self.kl_weight * self.annealing
 
     # -- the member reduction -------------------------------------------------------------
     def reduce_members(self, log_p: torch.Tensor, dim: int) -> torch.Tensor:
@@ -161,7 +235,16 @@ class Rank1ELBO(ELBO):
             if not batch:
                 raise ValueError("estimator='example' needs the model's first argument to be a batch-first tensor")
             model, guide = ExamplePlate(batch)(model), ExamplePlate(batch)(guide)
-        return get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
+        try:
+            return get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
+        except ValueError as e:
+            if "invalid log_prob shape" in str(e):
+                raise ValueError(
+                    f"{e}\nA rank-1 model's sites carry the member dim (K) at dim -2: sample the observations "
+                    "inside the members plate, e.g. `with rank1_pyro.members(K) as m:` around the likelihood "
+                    "(see the how-to 'Define a model')."
+                ) from None
+            raise
 
     # -- terms ----------------------------------------------------------------------------
     def log_likelihood(self, site) -> torch.Tensor:
@@ -169,40 +252,64 @@ class Rank1ELBO(ELBO):
         log_p = site["unscaled_log_prob"]
         if site["mask"] is not None and not isinstance(site["mask"], bool):
             log_p = log_p.masked_fill(~site["mask"], 0.0)
-        dim = _member_dim(site)
-        if dim is not None and log_p.dim() >= -dim:
-            log_p = self.reduce_members(log_p, dim)
+        frame = _member_frame(site)
+        if frame is not None and log_p.dim() >= -frame.dim:
+            log_p = self.reduce_members(log_p, frame.dim)
         return (log_p * site["scale"]).sum()
 
-    def kl(self, model_site, guide_site) -> torch.Tensor:
-        """KL(q ‖ p) of one latent site, summed; member-plate sites count 1/K each."""
-        check_fully_reparametrized(guide_site)
-        kl = None
-        if self.analytic_kl:
-            try:
-                kl = kl_divergence(guide_site["fn"], model_site["fn"])
-            except NotImplementedError:
-                pass
-        if kl is None:
-            kl = guide_site["unscaled_log_prob"] - model_site["unscaled_log_prob"]
-        scale = guide_site["scale"]
-        dim = _member_dim(guide_site)
-        if dim is not None:
-            scale = scale / guide_site["fn"].batch_shape[dim]
-        if guide_site["mask"] is not None and not isinstance(guide_site["mask"], bool):
-            kl = kl.masked_fill(~guide_site["mask"], 0.0)
-        return kl.sum() * scale
+    def analytic_kl_term(self, model_site, guide_site) -> torch.Tensor | None:
+        """Weighted closed-form KL(q ‖ p) of a guide site that samples the model site, or ``None``.
 
-    def elbo_terms(self, model_trace, guide_trace) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(log-likelihood, KL)`` of one (possibly vectorized) particle, both summed."""
+        ``None`` when the pair has no closed form, when the guide site is a point mass (a ``Delta``,
+        whose log density may carry a log-Jacobian), or when ``analytic_kl`` is off.
+        """
+        if not self.analytic_kl or guide_site is None or is_point_mass(guide_site["fn"]):
+            return None
+        try:
+            kl = kl_divergence(guide_site["fn"], model_site["fn"])
+        except NotImplementedError:
+            return None
+        return _masked_sum(kl, guide_site) * _weight(guide_site)
+
+    def elbo_terms(self, model_trace, guide_trace, joints: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log-likelihood, KL)`` of one (possibly vectorized) particle, both summed and weighted.
+
+        ``KL`` = Σ over latent sites of (analytic KL, or Monte Carlo log q − log p), with the
+        member/global weights of the module docstring; ``joints`` are the guide's joint latents
+        (:func:`~rank1_pyro.inference.joint.joint_latents`).
+        """
+        joints = joints or {}
         log_lik = kl = 0.0
+        analytic = set()
         for name, site in model_trace.nodes.items():
-            if site["type"] != "sample" or is_identically_zero(site["scale"]):
+            if site["type"] != "sample" or site_is_subsample(site) or is_identically_zero(site["scale"]):
                 continue
             if site["is_observed"]:
                 log_lik = log_lik + self.log_likelihood(site)
-            elif name in guide_trace.nodes:
-                kl = kl + self.kl(site, guide_trace.nodes[name])
+                continue
+            guide_site = guide_trace.nodes.get(name)
+            term = self.analytic_kl_term(site, guide_site)
+            if term is not None:
+                kl = kl + term
+                analytic.add(name)
+            else:
+                kl = kl - _masked_sum(site["unscaled_log_prob"], site) * _weight(site)
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site) or name in analytic:
+                continue
+            if site["is_observed"] or is_identically_zero(site["scale"]):
+                continue
+            if not is_point_mass(site["fn"]):
+                check_fully_reparametrized(site)
+            log_q = _masked_sum(site["unscaled_log_prob"], site) * _weight(site)
+            joint = joints.get(name)
+            if joint is not None and joint.num_members is not None:
+                # log q(u) = log q(u_G) + log q(u_M | u_G): weight 1 on the global marginal, 1/K on the rest
+                k = joint.num_members
+                log_q = log_q / k
+                if joint.global_idx.numel():
+                    log_q = log_q + (1 - 1 / k) * joint.global_log_density(site["value"]).sum() * site["scale"]
+            kl = kl + log_q
         return torch.as_tensor(log_lik), torch.as_tensor(kl)
 
     # -- the ELBO interface ---------------------------------------------------------------
@@ -210,19 +317,22 @@ class Rank1ELBO(ELBO):
         """The loss and its parts, averaged over particles (see :class:`ELBOTerms`)."""
         log_lik = kl = 0.0
         logits = None
+        joints = None
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            particle_log_lik, particle_kl = self.elbo_terms(model_trace, guide_trace)
+            if joints is None:  # autoguides set up their latent layout on their first call
+                joints = joint_latents(guide)
+            particle_log_lik, particle_kl = self.elbo_terms(model_trace, guide_trace, joints)
             log_lik = log_lik + particle_log_lik / self.num_particles
             kl = kl + particle_kl / self.num_particles
             obs = model_trace.nodes.get("obs")
             if obs is not None and isinstance(obs["fn"], dist.Categorical):
                 logits = obs["fn"].logits
-        loss = -(log_lik - self.kl_weight * kl)
+        loss = -(log_lik - self.effective_kl_weight * kl)
         warn_if_nan(loss, "loss")
         return ELBOTerms(loss, log_lik, kl, logits)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """The negative ELBO, −(log-likelihood − β·KL), averaged over particles."""
+        """The negative ELBO, −(log-likelihood − kl_weight·annealing·KL), averaged over particles."""
         return self.loss_terms(model, guide, *args, **kwargs).loss
 
     def loss(self, model, guide, *args, **kwargs) -> float:

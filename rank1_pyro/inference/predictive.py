@@ -26,10 +26,12 @@ uncertainty split
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
@@ -146,11 +148,20 @@ class Rank1Posterior:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     @torch.no_grad()
+    def sample_log_predictions(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """Classification: log class probabilities ``(S, K, B, C)`` (``log_softmax`` of the logits, exact
+        far below the smallest float probability)."""
+        if self.likelihood != "categorical":
+            raise ValueError("sample_log_predictions: only for likelihood='categorical'")
+        with _module_mode((self.model, self.guide), training=False):
+            return torch.log_softmax(self.sample_outputs(x, num_samples), dim=-1)
+
+    @torch.no_grad()
     def sample_predictions(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        if self.likelihood == "categorical":
+            return self.sample_log_predictions(x, num_samples).exp()
         with _module_mode((self.model, self.guide), training=False):
             out = self.sample_outputs(x, num_samples)
-            if self.likelihood == "categorical":
-                return torch.softmax(out, dim=-1)
             d = self.model.predictive_distribution(out)
             return torch.stack([d.mean, d.variance.expand_as(d.mean)], dim=-1)
 
@@ -160,17 +171,28 @@ class Prediction:
     """Per-sample predictions of a data set and the quantities derived from them.
 
     ``samples``: ``(S, K, N, C)`` probabilities (classification) or ``(S, K, N, 2)`` Gaussian
-    (mean, variance) pairs (regression).
+    (mean, variance) pairs (regression). ``log_samples``: the log-probabilities ``(S, K, N, C)``
+    when the posterior provides them (``sample_log_predictions``), so that :attr:`log_probs` and
+    the NLL stay exact where probabilities underflow.
     """
 
     samples: torch.Tensor
     likelihood: str
+    log_samples: torch.Tensor | None = None
 
     # -- classification -------------------------------------------------------------------
     @property
     def probs(self) -> torch.Tensor:
         """The mixture predictive ``(N, C)``: the average over samples and members."""
         return self.samples.mean(dim=(0, 1))
+
+    @property
+    def log_probs(self) -> torch.Tensor:
+        r"""Log of the mixture predictive ``(N, C)``, in log space:
+        :math:`\log \frac{1}{SK} \sum_{s,k} p_{sk} = \operatorname{logsumexp}_{s,k} \log p_{sk} - \log SK`."""
+        log_samples = self.log_samples if self.log_samples is not None else self.samples.double().log()
+        s, k = log_samples.shape[:2]
+        return torch.logsumexp(log_samples.double().flatten(0, 1), dim=0) - math.log(s * k)
 
     @property
     def member_probs(self) -> torch.Tensor:
@@ -208,17 +230,41 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def _batches(data, batch_size: int) -> Iterable[torch.Tensor]:
+    if isinstance(data, np.ndarray):  # numpy arrays are accepted as they are tensors
+        try:
+            data = torch.from_numpy(np.ascontiguousarray(data))
+        except TypeError as e:
+            raise TypeError(f"data: cannot use a numpy array of dtype {data.dtype}: {e}") from None
     if torch.is_tensor(data):
         if data.dim() == 0 or data.shape[0] == 0:
             raise ValueError(f"data must be a non-empty batch (N, ...), got shape {tuple(data.shape)}")
         yield from data.split(batch_size)
         return
     for batch in data:  # a DataLoader or any iterable of x or (x, y, ...) batches
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        if not torch.is_tensor(x):
+            raise TypeError(f"data: every batch must be a tensor or numpy array of inputs, got {type(x).__name__}")
+        yield x
+
+
+def _posterior_dtype(posterior) -> torch.dtype | None:
+    """The floating dtype of the posterior's network (``None`` when it cannot be told)."""
+    for name in ("model", "net", "network"):
+        module = getattr(posterior, name, None)
+        if isinstance(module, nn.Module):
+            for p in module.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+    return None
 
 
 def predict(posterior: Posterior, data, num_samples: int = 32, batch_size: int = 256, device=None) -> Prediction:
-    """Monte Carlo predictive of ``posterior`` on ``data`` (a tensor ``(N, ...)`` or a loader).
+    """Monte Carlo predictive of ``posterior`` on ``data`` (a tensor or numpy array ``(N, ...)``, or a loader).
+
+    Inputs are converted at the boundary: numpy arrays become tensors, and floating-point inputs
+    of another dtype (numpy's float64) are cast to the dtype of the posterior's network.
 
     ``device`` defaults to the posterior's (``posterior.device`` when it has one); batches are
     moved there and results returned on the CPU.
@@ -228,7 +274,18 @@ def predict(posterior: Posterior, data, num_samples: int = 32, batch_size: int =
     positive_int("num_samples", num_samples)
     positive_int("batch_size", batch_size)
     device = device or getattr(posterior, "device", None) or torch.device("cpu")
-    chunks = [posterior.sample_predictions(x.to(device), num_samples).cpu() for x in _batches(data, batch_size)]
+    dtype = _posterior_dtype(posterior)  # float64 (numpy's default) inputs run in the network's dtype
+
+    def move(x):
+        return x.to(device, dtype=dtype) if dtype is not None and x.is_floating_point() else x.to(device)
+
+    # log-probabilities where the posterior has them: the NLL of the mixture stays exact in log space
+    log_space = posterior.likelihood == "categorical" and hasattr(posterior, "sample_log_predictions")
+    sample = posterior.sample_log_predictions if log_space else posterior.sample_predictions
+    chunks = [sample(move(x), num_samples).cpu() for x in _batches(data, batch_size)]
     if not chunks:
         raise ValueError("data is empty")
-    return Prediction(torch.cat(chunks, dim=2), posterior.likelihood)
+    out = torch.cat(chunks, dim=2)
+    if log_space:
+        return Prediction(out.exp(), posterior.likelihood, log_samples=out)
+    return Prediction(out, posterior.likelihood)

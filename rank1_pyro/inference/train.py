@@ -46,6 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
@@ -57,6 +58,7 @@ from .._checks import one_of, positive_int
 from .. import metrics
 from . import distributed as dist_utils
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_save, read_checkpoint, remove_stale_temporaries
+from .checkpoint import data_fingerprint
 from .checkpoint import restore_training, training_state
 from .objectives import OBJECTIVES, MixtureELBO, Rank1ELBO, kl_annealing
 from .predictive import Rank1Posterior, predict
@@ -76,15 +78,35 @@ def resolve_device(device="auto") -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} was requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r} was requested but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
+def _as_tensor(t):
+    """A tensor as it is; a numpy array as a tensor (sharing its memory); anything else as it is."""
+    if isinstance(t, np.ndarray):
+        try:
+            return torch.from_numpy(np.ascontiguousarray(t))
+        except TypeError as e:  # object or string arrays
+            raise TypeError(f"cannot use a numpy array of dtype {t.dtype}: {e}") from None
+    return t
+
+
 def _check_pair(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
-    """Check ``(x, y)`` tensors: same number of examples, not empty, no NaN/inf; return them."""
+    """Check ``(x, y)`` tensors or numpy arrays: same number of examples, not empty, no NaN/inf;
+    return them as tensors."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        data = tuple(_as_tensor(t) for t in data)
     if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data)):
-        raise TypeError(f"{name} must be a DataLoader or a pair of tensors (x, y), got {type(data).__name__}")
+        raise TypeError(
+            f"{name} must be a DataLoader or a pair of tensors (x, y), got {type(data).__name__} "
+            "(numpy arrays are accepted as tensors)"
+        )
     x, y = data
     of = "" if name == "data" else f" of {name}"
     if x.dim() == 0 or y.dim() == 0:
@@ -102,6 +124,23 @@ def _check_pair(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
                     f"{int(bad.nonzero()[0])})"
                 )
     return x, y
+
+
+def _model_dtype(*modules) -> torch.dtype:
+    """The floating-point dtype of the first floating parameter among ``modules`` (the default dtype if none)."""
+    for m in modules:
+        if isinstance(m, nn.Module):
+            for p in m.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+    return torch.get_default_dtype()
+
+
+def _to_model(t: torch.Tensor, device, dtype: torch.dtype, non_blocking: bool = False) -> torch.Tensor:
+    """``t`` on ``device``; floating-point inputs (e.g. numpy's float64) converted to the model's ``dtype``."""
+    if t.is_floating_point() and t.dtype != dtype:
+        return t.to(device, dtype=dtype, non_blocking=non_blocking)
+    return t.to(device, non_blocking=non_blocking)
 
 
 def _rebuildable(loader: DataLoader) -> bool:
@@ -262,6 +301,13 @@ def _check_arguments(
         raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, Path)):
         raise TypeError(f"checkpoint_dir must be a path (str or pathlib.Path), got {type(checkpoint_dir).__name__}")
+    if checkpoint_dir is not None:
+        where = Path(checkpoint_dir)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if where.exists() and not where.is_dir():
+            what = "is a file" if where == Path(checkpoint_dir) else f"cannot be created: {where} is a file"
+            raise ValueError(f"checkpoint_dir {checkpoint_dir} {what}, not a directory")
     if checkpoint_every is not None:
         _number("checkpoint_every", checkpoint_every, minimum=1, integer=True)
         if checkpoint_dir is None:
@@ -274,23 +320,50 @@ def _check_arguments(
     return decay_epochs
 
 
-def _check_model_labels(model, x: torch.Tensor, y: torch.Tensor, device) -> None:
-    """Check all labels of tensor data against the network's outputs, before training starts.
-
-    One forward of one example in eval mode, on a fork of the random state (training draws
-    are not affected, BatchNorm statistics are not updated).
-    """
-    if not (hasattr(model, "outputs") and hasattr(model, "_check_labels")):
-        return
+def _one_output(model, x: torch.Tensor, device) -> torch.Tensor:
+    """The network's outputs for one example, in eval mode, on a fork of the random state
+    (training draws are not affected, BatchNorm statistics are not updated)."""
     training = model.training
     try:
         model.eval()
         devices = [device] if device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices), poutine.block():
-            out = model.outputs(x[:1].to(device))
+            return model.outputs(_to_model(x[:1], device, _model_dtype(model)))
     finally:
         model.train(training)
+
+
+def _check_model_labels(model, x: torch.Tensor, y: torch.Tensor, device) -> None:
+    """Check all labels of tensor data against the network's outputs, before training starts."""
+    if not (hasattr(model, "outputs") and hasattr(model, "_check_labels")):
+        return
+    out = _one_output(model, x, device)
     model._check_labels(y, out.expand(*out.shape[:-2], y.shape[0], out.shape[-1]))
+
+
+def _num_classes(model, x: torch.Tensor, device) -> int | None:
+    """The number of classes of a categorical rank-1 model (``None`` for other models): the
+    training loop checks every batch's labels against it."""
+    if not (hasattr(model, "outputs") and getattr(model, "likelihood", None) == "categorical"):
+        return None
+    return int(_one_output(model, x, device).shape[-1])
+
+
+def _label_flag(y: torch.Tensor, num_classes: int | None):
+    """``(flag, y)``: a device tensor, true when a label lies outside ``0..num_classes-1``, and the labels
+    clamped into range (so an out-of-range label never reaches an indexing kernel). No host sync:
+    the flag is read only when the loss (made NaN by it) is not finite."""
+    if num_classes is None or y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        return None, y
+    return ((y < 0) | (y >= num_classes)).any(), y.clamp(0, num_classes - 1)
+
+
+def _raise_if_bad_labels(flag, y: torch.Tensor, num_classes: int | None, where: str) -> None:
+    if flag is not None and bool(flag):
+        raise ValueError(
+            f"labels out of range {where}: expected 0..{num_classes - 1}; training stopped before the update, "
+            "parameters hold their last good values"
+        )
 
 
 def _first_batch(loader: Iterable):
@@ -318,10 +391,10 @@ def evaluate(model, guide, data, num_samples: int = 8, batch_size: int = 512, de
         xs, ys = zip(*[(b[0], b[1]) for b in data])
         x, y = torch.cat(xs), torch.cat(ys)
     else:
-        x, y = data
+        x, y = _check_pair(data)
     prediction = predict(Rank1Posterior(model, guide), x, num_samples=num_samples, batch_size=batch_size, device=device)
     if prediction.likelihood == "categorical":
-        return metrics.classification_metrics(prediction.probs, y.cpu())
+        return metrics.classification_metrics(prediction.probs, y.cpu(), prediction.log_probs)
     return {
         "rmse": metrics.rmse(prediction.mean, y.cpu()),
         "nll": metrics.gaussian_nll(prediction.mean, prediction.variance, y.cpu()),
@@ -358,9 +431,15 @@ def train(
 ) -> History:
     """Train ``model`` and ``guide`` on ``data`` (``(x, y)`` tensors or a DataLoader); see the module docs.
 
+    Inputs are converted at the boundary: numpy arrays are accepted as tensors, and floating-point
+    inputs of another dtype (numpy's float64) are cast to the dtype of the model's parameters.
+    Every batch's labels are checked on the device (no host sync per batch): an out-of-range label
+    stops training before the update with a :class:`ValueError` naming the epoch and step.
+
     ``model.num_data`` is set to the training-set size so minibatch likelihoods scale by N / B.
     Returns the :class:`History`. ``objective`` is ``"mixture"`` (default), ``"averaged"``, or any
-    Pyro ELBO instance (its ``kl_weight`` is driven by the annealing schedule when it has one).
+    Pyro ELBO instance. KL annealing sets a rank-1 objective's ``annealing`` factor, which multiplies its own
+    ``kl_weight`` (so ``AveragedELBO(kl_weight=4.0)`` trains with 4 × β); other ELBOs refuse annealing.
 
     Checkpoints: with ``checkpoint_dir``, the whole training state is written atomically to
     ``checkpoint_dir/checkpoint.pt`` at the end of every epoch and, with ``checkpoint_every=n``,
@@ -379,6 +458,11 @@ def train(
         kl_annealing_epochs, grad_clip, eval_samples, seed, checkpoint_dir, checkpoint_every, resume, distributed,
     )
     elbo = _objective(objective)
+    if kl_annealing_epochs and not isinstance(elbo, Rank1ELBO):
+        raise ValueError(
+            f"kl_annealing_epochs={kl_annealing_epochs!r} needs a rank-1 objective (AveragedELBO or MixtureELBO), "
+            f"which has a KL weight; {type(elbo).__name__} has none (pass kl_annealing_epochs=0)"
+        )
     device = resolve_device(device)
     if not isinstance(data, DataLoader):
         data = _check_pair(data)
@@ -399,12 +483,14 @@ def train(
     model.to(device)
     if isinstance(guide, nn.Module):
         guide.to(device)
+    dtype = _model_dtype(model)
     if not isinstance(data, DataLoader):
         _check_model_labels(model, *data, device)
     if hasattr(model, "num_data"):
         model.num_data = num_data
     # one call creates lazily-initialised guide parameters (Pyro autoguides) before the optimizer
-    x0, y0 = (t.to(device) for t in _first_batch(loader)[:2])
+    x0, y0 = (_to_model(t, device, dtype) for t in _first_batch(loader)[:2])
+    num_classes = _num_classes(model, x0, device)
     guide(x0, y0)
     modules = [m for m in (model, guide) if isinstance(m, nn.Module)]
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -418,6 +504,8 @@ def train(
     )
     config = dict(  # plain values, recorded in every checkpoint
         objective=_objective_name(elbo),
+        kl_weight=getattr(elbo, "kl_weight", None),
+        estimator=getattr(elbo, "estimator", None),
         epochs=epochs,
         batch_size=data.batch_size if isinstance(data, DataLoader) else batch_size,
         optimizer=optimizer,
@@ -435,6 +523,8 @@ def train(
         steps_per_epoch=steps_per_epoch,
         world_size=ctx.world_size,
         checkpoint_every=checkpoint_every,
+        # the training set's contents: resuming on other data of the same size is refused
+        data_fingerprint=data_fingerprint(loader.dataset) if checkpoint_dir is not None else None,
     )
     history = History()
     totals = _zero_totals()
@@ -497,11 +587,12 @@ def train(
         if first == 0:
             totals = _zero_totals()
         for batch_idx, batch in enumerate(_set_position(loader, sampler, data_seed, epoch, first), start=first):
-            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            x, y = _to_model(batch[0], device, dtype, True), _to_model(batch[1], device, dtype, True)
+            bad_labels, y = _label_flag(y, num_classes)
             if ctx.enabled and buffers:
                 dist_utils.broadcast_tensors(buffers)
-            if hasattr(elbo, "kl_weight"):
-                elbo.kl_weight = kl_annealing(step + 1, kl_annealing_epochs * steps_per_epoch)
+            if isinstance(elbo, Rank1ELBO):  # β multiplies the objective's own kl_weight, never replaces it
+                elbo.annealing = kl_annealing(step + 1, kl_annealing_epochs * steps_per_epoch)
             opt.zero_grad(set_to_none=True)
             with pyro.validation_enabled(pyro.infer.util.is_validation_enabled() and step == validated_step):
                 if isinstance(elbo, Rank1ELBO):
@@ -509,9 +600,12 @@ def train(
                     loss = terms.loss
                 else:
                     terms, loss = None, elbo.differentiable_loss(model, guide, x, y)
+            if bad_labels is not None:
+                loss = torch.where(bad_labels, torch.full_like(loss, math.nan), loss)
             where = f"at epoch {epoch}, step {batch_idx} (global step {step})"
             if not ctx.enabled:
                 if not torch.isfinite(loss):
+                    _raise_if_bad_labels(bad_labels, y, num_classes, where)
                     raise NonFiniteLossError(
                         f"loss is {loss.item()} {where}; "
                         "training stopped before the update, parameters hold their last good values"
@@ -526,6 +620,7 @@ def train(
                 bad_ranks = dist_utils.average_gradients(params, ctx.world_size, flag=0.0 if finite else 1.0)
                 if bad_ranks:
                     opt.zero_grad(set_to_none=True)
+                    _raise_if_bad_labels(bad_labels, y, num_classes, f"{where} on rank {ctx.rank}")
                     raise NonFiniteLossError(
                         f"loss is not finite on {int(bad_ranks)} of {ctx.world_size} processes {where} "
                         f"(this rank's: {loss.item()}); training stopped before the update, parameters hold "
@@ -559,7 +654,7 @@ def train(
             "epoch": epoch + 1,
             "loss": totals["loss"],
             "lr": sched.get_last_lr()[0],
-            "kl_weight": getattr(elbo, "kl_weight", 1.0),
+            "kl_weight": getattr(elbo, "effective_kl_weight", 1.0),
         }
         if isinstance(elbo, Rank1ELBO):
             record.update(nll=totals["nll"] / num_data, kl=totals["kl"])  # nll per example; kl in total
@@ -593,5 +688,8 @@ def _check_resumable(path, saved: dict, config: dict) -> None:
     """The interrupted run's data and batch layout must be this run's, or the position means nothing."""
     keys = ("num_data", "batch_size", "steps_per_epoch", "optimizer")
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {config[k]!r}" for k in keys if saved.get(k) != config[k]]
+    theirs, ours = saved.get("data_fingerprint"), config.get("data_fingerprint")
+    if theirs and ours and theirs != ours:
+        diff.append("training data: the checkpoint was trained on other data of the same size (contents differ)")
     if diff:
         raise CheckpointError(f"{path} cannot resume this run: " + "; ".join(diff))

@@ -122,6 +122,10 @@ def as_batches(data) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
             x, y = batch, None
         if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] == 0:
             raise ValueError("data: every batch must hold a non-empty tensor of inputs (B, ...)")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError("data: the inputs contain NaN or infinite values")
+        if y is not None and torch.is_tensor(y) and y.is_floating_point() and not bool(torch.isfinite(y).all()):
+            raise ValueError("data: the targets contain NaN or infinite values")
         if y is not None and (not torch.is_tensor(y) or y.shape[:1] != x.shape[:1]):
             raise ValueError(f"data: targets must be a tensor with {x.shape[0]} rows, got "
                              f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
@@ -445,11 +449,22 @@ def ggn_factor(out: torch.Tensor, J: torch.Tensor, likelihood: str, sigma_noise:
     return p.sqrt() * (J - (p * J).sum(-2, keepdim=True))
 
 
+def check_labels(y: torch.Tensor, num_classes: int) -> None:
+    """Class labels: integers in ``0..num_classes-1`` (a clear error instead of an indexing failure)."""
+    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"data: class labels must be integers, got dtype {y.dtype}")
+    if y.numel() and (bool(y.min() < 0) or bool(y.max() >= num_classes)):
+        raise ValueError(
+            f"data: labels out of range: expected 0..{num_classes - 1}, got min {int(y.min())}, max {int(y.max())}"
+        )
+
+
 def log_likelihood(out: torch.Tensor, y: torch.Tensor, likelihood: str, sigma_noise: float = 1.0) -> torch.Tensor:
     r""":math:`\sum \log p(y \mid f)` over all rows of ``out`` ``(..., O)`` with targets ``y``: class
     indices ``(...)``, or regression targets ``(...)`` (O = 1) or ``(..., O)``; in float64."""
     out = out.double()
     if likelihood_name(likelihood) == "categorical":
+        check_labels(y, out.shape[-1])
         return torch.log_softmax(out, -1).gather(-1, y.long().unsqueeze(-1)).sum()
     y = y.double().reshape(out.shape)
     var = float(sigma_noise) ** 2

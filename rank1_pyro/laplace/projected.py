@@ -77,7 +77,7 @@ from torch import nn
 from torch.func import vjp, vmap
 
 from .._checks import one_of, positive_int
-from .curvature import likelihood_name
+from .curvature import check_labels, likelihood_name
 from .functional import FlatFunctional, Rank1PointNetwork
 
 __all__ = ["ProjectedPosterior", "KINDS", "PREDICTIVES", "SOLVERS", "LOSSES"]
@@ -90,7 +90,8 @@ SOLVERS = ("cg", "alternating")
 #: space of the gradients does not depend on a positive per-example scale (e.g. a noise variance)
 LOSSES = {
     "categorical": lambda out, y: F.cross_entropy(out, y, reduction="none"),
-    "normal": lambda out, y: 0.5 * (out.squeeze(-1) - y) ** 2,
+    # targets (R,) or (R, O) (e.g. (N, 1)) against outputs (R, O): one loss per row, never an (R, R) broadcast
+    "normal": lambda out, y: 0.5 * ((out - y.reshape(out.shape).to(out.dtype)) ** 2).sum(-1),
 }
 
 
@@ -302,6 +303,10 @@ class ProjectedPosterior:
                     y = y.repeat(self.ensemble_size, *([1] * (y.dim() - 1)))  # member-major rows
                 else:
                     raise ValueError(f"the network gives {block.rows} output rows for {y.shape[0]} targets")
+            if self.likelihood == "categorical" and self.loss_fn is LOSSES["categorical"]:
+                check_labels(y, out.shape[-1])
+            elif self.likelihood == "normal" and self.loss_fn is LOSSES["normal"] and y.numel() != out.numel():
+                raise ValueError(f"targets of shape {tuple(y.shape)} do not fit outputs of shape {tuple(out.shape)}")
             with torch.enable_grad():
                 block.weights = torch.func.grad(lambda o: self.loss_fn(o, y).sum())(out.detach())
         if not gram:
@@ -327,6 +332,8 @@ class ProjectedPosterior:
             x, y = _as_xy(batch)
             if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] == 0:
                 raise ValueError("train_data: every batch must hold a non-empty tensor of inputs (B, ...)")
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise ValueError("train_data: the inputs contain NaN or infinite values")
             ys = [None] * math.ceil(x.shape[0] / self.micro_batch_size) if y is None else y.split(self.micro_batch_size)
             yield from zip(x.split(self.micro_batch_size), ys)
 

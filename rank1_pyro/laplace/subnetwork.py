@@ -502,7 +502,11 @@ class SubnetLaplace:
         and differentiably)."""
         self._check_fitted()
         delta = self.prior_precision if prior_precision is None else prior_precision
+        if isinstance(delta, bool) or not (torch.is_tensor(delta) or isinstance(delta, (int, float))):
+            raise TypeError(f"prior_precision must be a number or a tensor, got {type(delta).__name__}")
         delta = torch.as_tensor(delta, dtype=torch.float64, device=self.device)
+        if not bool(((delta > 0) & torch.isfinite(delta)).all()):
+            raise ValueError(f"prior_precision must be > 0 and finite, got {delta.tolist()}")
         diff = (self.theta_map - self.prior_mean).double()
         return (self.log_likelihood - 0.5 * delta * diff.pow(2).sum() + 0.5 * self.num_params * delta.log()
                 - 0.5 * torch.log(self._eigvals + delta.unsqueeze(-1)).sum(-1))

@@ -31,7 +31,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from torch import nn
 
 from .._checks import one_of, positive_int
-from ..layers import MEMBER_DIM, factor_sites, rank1_layers
+from ..layers import MEMBER_DIM, factor_sites, members, rank1_layers
 from ..priors import PriorMap
 
 __all__ = ["Rank1Model", "LIKELIHOODS", "set_prior"]
@@ -146,7 +146,7 @@ class Rank1Model(PyroModule):
         if x.is_floating_point() and is_validation_enabled() and not torch.isfinite(x).all():
             raise ValueError("x contains NaN or infinite values")
         if not self.flat_batch:
-            return self.net(x.unsqueeze(0).expand(self.ensemble_size, *x.shape))
+            return self.net(members(self.ensemble_size).tile(x))
         lead = (*_sample_plate_shape(), self.ensemble_size)
         out = self.net(x.expand(*lead, *x.shape).reshape(-1, *x.shape[1:]))
         return out.reshape(*lead, x.shape[0], *out.shape[1:])
@@ -193,7 +193,7 @@ class Rank1Model(PyroModule):
         if y is not None:
             self._check_labels(y, out)
         # a fresh plate records the "members" subsample site once per trace (autoguides expect it)
-        with pyro.plate("members", self.ensemble_size, dim=MEMBER_DIM), self.data_plate(out.shape[-2], out.device):
+        with members(self.ensemble_size), self.data_plate(out.shape[-2], out.device):
             pyro.sample("obs", self.predictive_distribution(out), obs=y)
         return out
 

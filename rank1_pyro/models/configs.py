@@ -34,12 +34,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
 from torch import nn
 
 from .._checks import one_of
 from ..convert import BATCHNORM_MODES
 from ..inference.guides import CauchyGuide, DeltaGuide, MixtureGuide
-from ..inference.objectives import OBJECTIVES
+from ..inference.objectives import ESTIMATORS, OBJECTIVES
 from ..priors import FactorPrior, make_prior
 from .base import Rank1Model
 from .lenet import lenet5
@@ -58,6 +59,8 @@ __all__ = [
     "DATASETS",
     "MODELS",
     "GUIDES",
+    "FILE_DATASETS",
+    "LIKELIHOODS",
 ]
 
 def _mlp(num_classes, ensemble_size, prior, batchnorm, num_data, input_shape, hidden=(128, 128)):
@@ -84,11 +87,17 @@ MODELS = {
     "resnet18_cifar": resnet18_cifar,
     "resnet20_cifar": resnet20_cifar,
 }
-GUIDES = {"mixture": MixtureGuide, "delta": DeltaGuide, "cauchy": CauchyGuide}
+#: Pyro autoguides a config may name (they run on the same model: the factors are ordinary sites)
+AUTOGUIDES = {"autonormal": AutoNormal, "autolowrank": AutoLowRankMultivariateNormal}
+GUIDES = {"mixture": MixtureGuide, "delta": DeltaGuide, "cauchy": CauchyGuide, **AUTOGUIDES}
 #: data set name -> number of classes
 DATASETS = {"digits": 10, "fashion_mnist": 10, "mnist1d": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
 #: the data sets this machine can load offline (:mod:`rank1_pyro.data`), as tensors
 OFFLINE_DATASETS = ("digits", "fashion_mnist", "mnist1d")
+#: the user's own files (:mod:`rank1_pyro.files`), described by the config's ``data`` table
+FILE_DATASETS = ("csv", "parquet", "npz", "npy", "image_folder")
+#: the observation models a config may name: classification (``categorical``) or regression (``normal``)
+LIKELIHOODS = ("categorical", "normal")
 _PRIOR_KEYS = ("family", "loc", "scale")
 
 
@@ -109,12 +118,16 @@ class RunConfig:
     model: str
     num_classes: int
     model_args: dict = field(default_factory=dict)
+    likelihood: str = "categorical"
+    data: dict = field(default_factory=dict)
     ensemble_size: int = 4
     prior: dict = field(default_factory=lambda: {"family": "gaussian", "loc": 1.0, "scale": 0.1})
     guide: str = "mixture"
     init_sign_prob: float | None = 0.5
     init_scale: float = 0.0316
     objective: str = "averaged"
+    kl_weight: float = 1.0
+    estimator: str = "member"
     batchnorm: str = "shared"
     epochs: int = 250
     per_core_batch_size: int = 64
@@ -174,10 +187,12 @@ class RunConfig:
 
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
-        choice("dataset", DATASETS)
+        one_of("dataset", self.dataset, sorted(DATASETS) + list(FILE_DATASETS))
+        choice("likelihood", LIKELIHOODS)
         choice("model", MODELS)
         choice("guide", GUIDES)
         choice("objective", OBJECTIVES)
+        choice("estimator", ESTIMATORS)
         choice("batchnorm", BATCHNORM_MODES)
         choice("optimizer", ("sgd", "adam"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -186,7 +201,7 @@ class RunConfig:
             positive(name, integer=True)
         for name in ("init_scale", "base_learning_rate", "decay_rate"):
             positive(name)
-        for name in ("momentum", "warmup_epochs", "kl_annealing_epochs", "l2"):
+        for name in ("momentum", "warmup_epochs", "kl_annealing_epochs", "l2", "kl_weight"):
             non_negative(name)
         if not isinstance(self.nesterov, bool):
             raise ValueError(f"nesterov must be true or false, got {self.nesterov!r}")
@@ -199,7 +214,16 @@ class RunConfig:
                 f"per_core_batch_size ({self.per_core_batch_size}) counts tiled rows and must be >= "
                 f"ensemble_size ({self.ensemble_size})"
             )
-        if self.dataset != "imagenet" and self.num_classes != DATASETS[self.dataset]:  # ImageNet folders may be subsets
+        from ..files import check_data_table
+
+        check_data_table(self.dataset, self.data)
+        if self.likelihood == "normal":
+            if self.dataset not in FILE_DATASETS or self.dataset == "image_folder":
+                raise ValueError(f"likelihood 'normal' (regression) needs a table or arrays of your own "
+                                 f"(dataset one of {list(FILE_DATASETS[:4])}); {self.dataset!r} is classification")
+            if self.num_classes != 1:
+                raise ValueError(f"likelihood 'normal' (regression) has one output: num_classes must be 1, got {self.num_classes}")
+        elif self.dataset in DATASETS and self.dataset != "imagenet" and self.num_classes != DATASETS[self.dataset]:  # ImageNet folders may be subsets
             raise ValueError(f"num_classes={self.num_classes} but {self.dataset} has {DATASETS[self.dataset]} classes")
         epochs = list(self.decay_epochs) if isinstance(self.decay_epochs, (tuple, list)) else None
         if epochs is None or any(isinstance(e, bool) or not isinstance(e, (int, float)) or e < 0 for e in epochs) or epochs != sorted(epochs):
@@ -239,7 +263,7 @@ class RunConfig:
                 raise ValueError(f"model {self.model!r} needs the input shape of the data (input_shape=...)")
             extra["input_shape"] = tuple(input_shape)
         try:
-            return builder(
+            model = builder(
                 num_classes=self.num_classes,
                 ensemble_size=self.ensemble_size,
                 prior=self.prior_spec(),
@@ -250,26 +274,56 @@ class RunConfig:
             )
         except TypeError as e:
             raise ValueError(f"model_args {self.model_args!r} do not fit model {self.model!r}: {e}") from None
+        if self.likelihood != model.likelihood:  # regression: the same network, a Gaussian observation (noise learned)
+            model = Rank1Model(model.net, model.ensemble_size, likelihood=self.likelihood, num_data=num_data,
+                               flat_batch=model.flat_batch)
+        return model
 
-    def build_guide(self, model: Rank1Model):
-        """The guide (``MixtureGuide`` etc.) at the reference initialisation."""
+    def build_guide(self, model: Rank1Model, input_shape: tuple[int, ...] | None = None):
+        """The guide (``MixtureGuide`` etc.) at the reference initialisation.
+
+        Pyro autoguides (``"autonormal"``, ``"autolowrank"``) start at the prior medians
+        (``init_loc_fn=init_to_median``: r = s = 1, not Pyro's default 0, where the network outputs
+        only its biases) with stddev ``init_scale``; ``init_sign_prob`` does not apply to them. They
+        create their parameters on a first call: with ``input_shape`` it is made here (on a dummy
+        batch, without touching the random state), so a checkpoint's guide state can be loaded.
+        """
+        if self.guide in AUTOGUIDES:
+            import pyro.poutine as poutine
+            import torch
+            from pyro.infer.autoguide import init_to_median
+
+            guide = AUTOGUIDES[self.guide](model, init_loc_fn=init_to_median, init_scale=self.init_scale)
+            if input_shape is not None:
+                with torch.random.fork_rng(), poutine.block():
+                    guide(torch.zeros(1, *input_shape), torch.zeros(1, dtype=torch.long))
+            return guide
         if self.guide == "delta":
             return DeltaGuide(model, init_sign_prob=self.init_sign_prob)
         return GUIDES[self.guide](model, init_sign_prob=self.init_sign_prob, init_scale=self.init_scale)
 
-    def build(self, num_data: int | None = None, input_shape: tuple[int, ...] | None = None):
-        """``(model, guide)``."""
+    def build(self, num_data: int | None = None, input_shape: tuple[int, ...] | None = None, seed: int | None = None):
+        """``(model, guide)``; with ``seed``, the random state (torch, python, numpy) is seeded first,
+        so the initial weights and factor signs are a function of the seed (``seed=cfg.seed`` makes
+        a run reproducible from its very first draw)."""
+        if seed is not None:
+            import pyro
+
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
+            pyro.set_rng_seed(seed)
         model = self.build_model(num_data, input_shape)
-        return model, self.build_guide(model)
+        return model, self.build_guide(model, input_shape)
 
     def build_objective(self, **kwargs):
-        """A fresh objective (``AveragedELBO`` / ``MixtureELBO``); ``kwargs`` go to its constructor."""
-        return OBJECTIVES[self.objective](**kwargs)
+        """A fresh objective (``AveragedELBO`` / ``MixtureELBO``) with this config's ``kl_weight`` and
+        ``estimator``; ``kwargs`` go to its constructor and take precedence."""
+        return OBJECTIVES[self.objective](**{"kl_weight": self.kl_weight, "estimator": self.estimator, **kwargs})
 
     def train_kwargs(self) -> dict:
         """Keyword arguments of :func:`rank1_pyro.inference.train.train` for this schedule."""
         return dict(
-            objective=self.objective,
+            objective=self.build_objective(),
             epochs=self.epochs,
             batch_size=self.batch_size,
             optimizer=self.optimizer,
@@ -284,14 +338,27 @@ class RunConfig:
         )
 
     # -- data -------------------------------------------------------------------------------
+    def load_data(self, root=None):
+        """``(train, test, preprocessing)``: :meth:`datasets` and, for the user's files
+        (:data:`FILE_DATASETS`), their :class:`~rank1_pyro.files.Preprocessing` (training-split
+        statistics, class names; ``None`` for the built-in data sets)."""
+        if self.dataset in FILE_DATASETS:
+            from ..files import load_file_data
+
+            return load_file_data(self, root)
+        return (*self.datasets(root), None)
+
     def datasets(self, root):
         """``(train, test)`` data sets of this config from ``root`` (never downloaded).
 
         The offline data sets (:data:`OFFLINE_DATASETS`) come from :mod:`rank1_pyro.data` as
         :class:`~torch.utils.data.TensorDataset` s (``root`` is used by Fashion-MNIST only);
-        CIFAR and ImageNet are torchvision data sets. Raises :class:`FileNotFoundError` naming
-        every path checked when the data is not there.
+        CIFAR and ImageNet are torchvision data sets; the user's files (:data:`FILE_DATASETS`)
+        are read by :mod:`rank1_pyro.files` (relative paths from ``root``). Raises
+        :class:`FileNotFoundError` naming every path checked when the data is not there.
         """
+        if self.dataset in FILE_DATASETS:
+            return self.load_data(root)[:2]
         if self.dataset in OFFLINE_DATASETS:
             from torch.utils.data import TensorDataset
 
