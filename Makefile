@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test docs venv bench quality clean
+.PHONY: demo test docs venv bench quality clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/step_floor.py
+
+# on a machine with an accelerator: GPU tests, speed ratios on CUDA, torchrun + NCCL, peak GPU memory
+# (under five minutes; says so and exits 0 on a machine without CUDA)
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 # the methods compared on Fashion-MNIST (about an hour on 2 cores; `make quality ARGS=--quick`: under 10 minutes).
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist (installed here when missing: needs root or sudo),

@@ -313,7 +313,7 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, limit: int | None 
         listing = "\n  ".join(str(d) for d in checked)
         raise FileNotFoundError(
             f"Fashion-MNIST IDX files ({', '.join(FASHION_MNIST_FILES.values())}, optionally .gz) not found "
-            f"in any of:\n  {listing}\nInstall them with `{_FASHION_MNIST_APT}`, or pass root= / set "
+            f"in any of:\n  {listing}\nInstall them with `{_FASHION_MNIST_APT}`, or pass the directory (--data-root DIR on the command line, root= in Python) or set "
             f"{DATA_ENV_VAR} to a directory holding them.")
     arrays = {key: read_idx(path, limit) for key, path in files.items()}
     for part in ("train", "test"):

@@ -154,4 +154,8 @@ def _write(report: dict, probs: dict, labels: torch.Tensor, out_dir: Path) -> No
         + format_table(report["results"])
         + "\n"
     )
-    reliability_diagram(probs, labels, out_dir / "reliability.png")
+    reliability_diagram(
+        probs, labels, out_dir / "reliability.png",
+        suptitle=f"Reliability on the rotated {report['dataset']} test set (rotations: "
+        f"{report['config']['rotations']} degrees), {len(labels)} examples",
+    )

@@ -665,7 +665,7 @@ def diagnose(
             f"nll {metrics.gaussian_nll(prediction.mean, prediction.variance, y_test.cpu()):.4f}"
         )
     pit_title = "PIT check on the test set (randomized PIT for class labels; 0 = calibrated)"
-    plots.pit_check(test_tree, out / "pit.png", title=pit_title)
+    plots.pit_check(test_tree, out / "pit.png", title=pit_title, data="test set")
     files.append("pit.png")
     lines.append("")
     if "sample_stats" in train_tree.children:

@@ -1,12 +1,15 @@
 r"""Figures of the diagnostics (PNG, matplotlib's Agg backend); the numbers come from :mod:`rank1_pyro.diagnostics`.
 
-* :func:`factor_forest` -- ArviZ forest plot of the rank-1 factors, layer by layer, one interval per
-  mixture component (chain), so separated components show as separated intervals;
+* :func:`factor_forest` -- forest plot of the rank-1 factors (from the ArviZ DataTree), one row per
+  site and entry (``net.0.r[2]``), one interval per mixture component (chain), so separated
+  components show as separated intervals;
 * :func:`reliability_diagram` -- accuracy against confidence of the mixture predictive;
 * :func:`pit_check` -- ArviZ's PIT Δ-ECDF of the posterior predictive against held-out labels;
-* :func:`khat_plot` -- ArviZ's PSIS-LOO Pareto k-hat per observation, titled with the VI k-hat.
+* :func:`khat_plot` -- the PSIS-LOO Pareto k-hat per observation, with the 0.5 / 0.7 thresholds,
+  titled with the VI k-hat.
 
-Every function writes one PNG and returns its path.
+Every function writes one PNG and returns its path. Every figure is readable on its own: a title
+that names the data, axis labels that define every symbol, and a legend for every line or colour.
 """
 
 from __future__ import annotations
@@ -44,16 +47,21 @@ def _save(pc, path, title: str) -> Path:
     return path
 
 
-def factor_forest(tree: xr.DataTree, path, *, max_entries: int = 6, var_names=None) -> Path:
+#: the intervals of :func:`factor_forest`: thick bar, thin bar (equal-tailed)
+FOREST_INTERVALS = (0.5, 0.89)
+
+
+def factor_forest(tree: xr.DataTree, path, *, max_entries: int = 4, var_names=None) -> Path:
     """Forest plot of the first ``max_entries`` entries of every factor, one colour per component.
 
-    Point = posterior mean, thick / thin bars = 50% / 89% equal-tailed intervals of each component's
-    draws. Sites are listed in module order, so the rows run layer by layer (``net.0.r``,
-    ``net.0.s``, ``net.2.r``, ...), entries top to bottom. ``var_names`` defaults to the vector
-    sites (the factors); global scales are left out (see :func:`rank1_pyro.diagnostics.site_summary`).
+    One row per site and entry, labelled ``site[entry]`` (``net.0.r[0]``, ``net.0.r[1]``, ...), in
+    module order, so the rows run layer by layer; a thin line separates the sites. Per mixture
+    component (chain): dot = posterior mean, thick / thin bar = 50% / 89% equal-tailed interval of
+    its draws. The figure's height grows with the number of rows. ``var_names`` defaults to the
+    vector sites (the factors); global scales are left out (see
+    :func:`rank1_pyro.diagnostics.site_summary`).
     """
-    import arviz_plots
-
+    plt = _pyplot()
     positive_int("max_entries", max_entries)
     if "posterior" not in tree.children:
         raise ValueError("tree has no posterior group to plot")
@@ -65,38 +73,62 @@ def factor_forest(tree: xr.DataTree, path, *, max_entries: int = 6, var_names=No
     unknown = [n for n in names if n not in entry_dims]
     if unknown:
         raise ValueError(f"var_names: not in the posterior group: {unknown}")
-    coords = {d: np.arange(min(max_entries, posterior.sizes[d])) for n in names for d in entry_dims[n]}
-    rows = sum(int(np.prod([len(coords[d]) for d in entry_dims[n]], dtype=int)) for n in names)
+    rows, boundaries = [], []  # (label, draws (chain, draw)); the row index where each site starts
+    for name in names:
+        da = posterior[name].isel({d: slice(0, max_entries) for d in entry_dims[name]})
+        values = np.asarray(da.transpose("chain", "draw", *entry_dims[name]).values, dtype=float)
+        boundaries.append(len(rows))
+        for idx in np.ndindex(*values.shape[2:]):
+            label = f"{name}[{', '.join(map(str, idx))}]" if idx else name
+            rows.append((label, values[(slice(None), slice(None), *idx)]))
     chains = posterior.sizes["chain"]
-    pc = arviz_plots.plot_forest(
-        tree,
-        var_names=names,
-        coords=coords,
-        combined=chains == 1,
-        ci_probs=(0.5, 0.89),
-        labels=["__variable__"],  # one label column; entries run top to bottom within a factor
-        backend="matplotlib",
-        aes={"color": ["chain"]} if chains > 1 else {},
-        figure_kwargs={"figsize": (8, 1.5 + 0.07 * rows * max(chains, 2))},
-    )
+    fig, ax = plt.subplots(figsize=(7.5, 1.6 + len(rows) * (0.16 + 0.05 * min(chains, 6))))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    spread = 0.7 / chains
+    (lo50, hi50), (lo89, hi89) = ((50 - 50 * p, 50 + 50 * p) for p in FOREST_INTERVALS)
+    for i, (label, draws) in enumerate(rows):
+        for c in range(chains):
+            y = -i + (c - (chains - 1) / 2) * spread
+            q = np.percentile(draws[c], [lo89, lo50, hi50, hi89])
+            color = colors[c % len(colors)]
+            ax.hlines(y, q[0], q[3], color=color, linewidth=1)
+            ax.hlines(y, q[1], q[2], color=color, linewidth=3.5)
+            ax.plot(draws[c].mean(), y, "o", color=color, markersize=3.5,
+                    label=f"component {c + 1}" if i == 0 and chains > 1 else None)
+    for b in boundaries[1:]:
+        ax.axhline(-b + 0.5, color="lightgrey", linewidth=0.8)
+    ax.set_yticks([-i for i in range(len(rows))], [label for label, _ in rows], fontsize=8)
+    ax.set_ylim(-len(rows) + 0.5, 0.5)
+    ax.set_ylabel("site[entry]")
+    ax.set_xlabel("factor value (dot: posterior mean; thick / thin bar: 50% / 89% interval)")
+    ax.grid(axis="x", alpha=0.3)
     if chains > 1:
-        pc.add_legend("chain", title="component", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save(
-        pc,
-        path,
-        f"Rank-1 factor posteriors, layer by layer: first {max_entries} entries of each factor, "
-        "one colour per mixture component",
+        ax.legend(title="mixture component", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(
+        f"Rank-1 factor posteriors, layer by layer:\nthe first {max_entries} entries of each site"
+        + (", one colour per mixture component" if chains > 1 else ""),
+        fontsize=10,
     )
+    return _save_figure(fig, path)
 
 
-def reliability_diagram(probs, labels: torch.Tensor, path, *, num_bins: int = 15, title: str = "") -> Path:
+def _save_figure(fig, path) -> Path:
+    plt = _pyplot()
+    path = Path(path)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def reliability_diagram(probs, labels: torch.Tensor, path, *, num_bins: int = 15, title: str = "",
+                        suptitle: str = "") -> Path:
     """Reliability diagram of predicted class probabilities ``(N, C)`` (top-label confidence).
 
     ``probs`` is one ``(N, C)`` tensor, or a dict ``{name: probs}`` drawn as one column per entry
     (e.g. several methods on the same labels). Bars: accuracy per confidence bin
     (:func:`rank1_pyro.metrics.reliability`), dots: the bin's mean confidence; bars above the
     diagonal mean underconfidence, below it overconfidence. The lower panels show how many
-    predictions fall in each bin.
+    predictions fall in each bin. ``suptitle`` titles the whole figure (say which data it shows).
     """
     plt = _pyplot()
     panels = probs if isinstance(probs, dict) else {title: probs}
@@ -122,6 +154,8 @@ def reliability_diagram(probs, labels: torch.Tensor, path, *, num_bins: int = 15
     axes[0, 0].set_ylabel("accuracy")
     axes[1, 0].set_ylabel("count")
     axes[0, 0].legend(fontsize=7, loc="upper left")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
@@ -129,7 +163,7 @@ def reliability_diagram(probs, labels: torch.Tensor, path, *, num_bins: int = 15
     return path
 
 
-def pit_check(tree: xr.DataTree, path, *, title: str = "") -> Path:
+def pit_check(tree: xr.DataTree, path, *, title: str = "", data: str = "held-out data", name: str | None = None) -> Path:
     """ArviZ PIT Δ-ECDF of ``posterior_predictive`` against ``observed_data`` (``plot_ppc_pit``).
 
     For each observation the PIT is :math:`u_n = P(\\tilde y < y_n) + V\\,P(\\tilde y = y_n)`,
@@ -139,28 +173,65 @@ def pit_check(tree: xr.DataTree, path, *, title: str = "") -> Path:
     small u and above 0 at large u (too few PIT values in both tails): the predictive is too wide
     (underconfident); the mirror image: too narrow (overconfident). The reliability diagram is the
     easier-to-read check for classification.
+
+    The title names ``data`` (e.g. ``"test set"``); the panel is titled ``name`` (default: "class
+    label" for integer observations, "target" otherwise) instead of the model's site name.
     """
     import arviz_plots
 
     for group in ("posterior_predictive", "observed_data"):
         if group not in tree.children:
             raise ValueError(f"tree has no {group} group for a PIT check")
-    pc = arviz_plots.plot_ppc_pit(tree, backend="matplotlib")
-    return _save(pc, path, title or "PIT check: Δ-ECDF of PIT values (0 = calibrated)")
+    observed = tree["observed_data"].to_dataset()
+    if name is None:
+        kinds = {observed[v].dtype.kind for v in observed.data_vars}
+        name = "class label" if kinds <= {"i", "u", "b"} else "target"
+    renames = {v: name if len(observed.data_vars) == 1 else f"{name} ({v})" for v in observed.data_vars}
+    readable = xr.DataTree.from_dict({
+        group: tree[group].to_dataset()[list(renames)].rename(renames)
+        for group in ("posterior_predictive", "observed_data")
+    })
+    pc = arviz_plots.plot_ppc_pit(readable, backend="matplotlib")
+    fig = pc.viz["figure"].item()
+    for ax in fig.axes:
+        ax.set_xlabel("PIT value u (uniform when calibrated)")
+        ax.set_ylabel("Δ-ECDF: ECDF(u) − u")
+    return _save(pc, path, title or f"PIT check of the posterior predictive on the {data}: Δ-ECDF of the PIT "
+                                    "values (0 = calibrated)")
 
 
-def khat_plot(loo_result, path, *, vi_khat: float | None = None) -> Path:
-    """ArviZ's Pareto k-hat per observation from a pointwise PSIS-LOO (``arviz_stats.loo``).
+#: Pareto k-hat thresholds drawn by :func:`khat_plot`: (value, legend text, colour)
+KHAT_THRESHOLDS = (
+    (0.5, "k-hat = 0.5: below, PSIS estimate reliable", "tab:orange"),
+    (0.7, "k-hat = 0.7: above, unreliable", "tab:red"),
+)
 
-    Lines at 0, ArviZ's sample-size threshold :math:`\\min(1 - 1/\\log_{10} S, 0.7)` and 1; the title
-    carries the VI k-hat of :func:`rank1_pyro.diagnostics.vi_khat`.
+
+def khat_plot(loo_result, path, *, vi_khat: float | None = None, data: str = "training example") -> Path:
+    """The Pareto k-hat of each observation from a pointwise PSIS-LOO (``arviz_stats.loo``).
+
+    Dashed lines at k-hat = 0.5 and 0.7 (legend): below 0.5 the observation's leave-one-out estimate
+    is reliable, above 0.7 it is not (ArviZ's sample-size threshold min(1 − 1/log10 S, 0.7), S =
+    number of posterior draws, is 0.7 from S ≈ 2200 on). The title carries the number of draws and
+    the VI k-hat of :func:`rank1_pyro.diagnostics.vi_khat`.
     """
-    import arviz_plots
-
+    plt = _pyplot()
     if getattr(loo_result, "pareto_k", None) is None:
         raise ValueError("loo_result must be a pointwise PSIS-LOO result (pareto_k per observation)")
-    pc = arviz_plots.plot_khat(loo_result, backend="matplotlib", visuals={"hlines": True})
-    title = "PSIS-LOO Pareto k-hat per training example (below the dashed line min(1 - 1/log10 S, 0.7): reliable)"
+    k = np.asarray(loo_result.pareto_k, dtype=float).reshape(-1)
+    draws = getattr(loo_result, "n_samples", None)
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    colors = np.where(k > 0.7, "tab:red", np.where(k > 0.5, "tab:orange", "tab:blue"))
+    ax.scatter(np.arange(k.size), k, c=list(colors), s=12, marker="+" if k.size > 200 else "o")
+    for value, label, color in KHAT_THRESHOLDS:
+        ax.axhline(value, linestyle="--", color=color, linewidth=1, label=label)
+    ax.set_xlabel(f"{data} (index)")
+    ax.set_ylabel("Pareto k-hat (tail shape of the\nimportance weights)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    counts = f"{int((k > 0.7).sum())} of {k.size} above 0.7"
+    title = f"PSIS-LOO Pareto k-hat per {data}" + (f", {draws} posterior draws" if draws else "") + f" ({counts})"
     if vi_khat is not None:
-        title += f"\nVI quality: k-hat of p(θ, D)/q(θ) = {vi_khat:.2f}, {khat_label(vi_khat)} (< 0.7 usable)"
-    return _save(pc, path, title)
+        title += (f"\nVI quality: k-hat of the weights p(θ, D) / q(θ) = {vi_khat:.2f}, {khat_label(vi_khat)} "
+                  "(< 0.7 usable)\nθ: the factors, D: the training data, q: the guide")
+    ax.set_title(title, fontsize=9)
+    return _save_figure(fig, path)

@@ -4,13 +4,16 @@ A run directory holds
 
 * ``config.json`` -- the resolved :class:`~rank1_pyro.models.configs.RunConfig`,
 * ``checkpoint.pt`` -- model, guide, optimizer and RNG state (:mod:`rank1_pyro.inference.checkpoint`),
-* ``metrics.json`` -- the training history (appended after every epoch, so a run can be
-  followed with ``tail``) and, at the end, the test metrics,
+* ``metrics.json`` -- the training history (rewritten atomically after every epoch, while the
+  run trains) and, at the end, the test metrics (``"test"``: present once training has finished),
+* ``history.csv`` -- the same per-epoch records, one CSV row appended as each epoch ends, so a
+  run can be followed with ``tail -f RUN_DIR/history.csv`` (a resumed run rewrites it from its
+  checkpoint when they disagree),
 * ``data.json`` -- how the data was prepared (:class:`~rank1_pyro.files.Preprocessing`: the input
   shape, the training-split standardisation statistics, the class names), so that new inputs
   are prepared the same way by :meth:`Run.predict` and ``rank1-pyro predict``,
 * ``run.json`` -- the manifest, written last: the run is *finished* when it exists. It records the
-  seed, the library versions, a fingerprint of the training data and the SHA-256 of the three
+  seed, the library versions, a fingerprint of the training data and the SHA-256 of the
   files above, so every file of a finished run is checked to describe the same run.
 
 A run directory is a unit:
@@ -64,6 +67,7 @@ __all__ = [
     "RunError",
     "CONFIG_FILE",
     "METRICS_FILE",
+    "HISTORY_FILE",
     "MANIFEST_FILE",
     "LOCK_FILE",
 ]
@@ -77,6 +81,8 @@ RUN_FILES = (CONFIG_FILE, CHECKPOINT_NAME, METRICS_FILE, MANIFEST_FILE)
 #: the files whose hashes the manifest records (``data.json`` too, where the run has one)
 HASHED_FILES = (CONFIG_FILE, CHECKPOINT_NAME, METRICS_FILE)
 PREPROCESSING_FILE = "data.json"
+#: the per-epoch CSV log (hashed by the manifest too, where the run has one)
+HISTORY_FILE = "history.csv"
 MANIFEST_FORMAT = "rank1-pyro-run"
 
 
@@ -246,7 +252,7 @@ def write_manifest(run_dir, cfg: RunConfig, **extra) -> dict:
         "epochs": cfg.epochs,
         "versions": library_versions(),
         **extra,
-        "files": {name: _sha256(run_dir / name) for name in (*HASHED_FILES, PREPROCESSING_FILE)
+        "files": {name: _sha256(run_dir / name) for name in (*HASHED_FILES, PREPROCESSING_FILE, HISTORY_FILE)
                   if name in HASHED_FILES or (run_dir / name).is_file()},
     }
     write_json(manifest, run_dir / MANIFEST_FILE)

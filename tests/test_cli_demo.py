@@ -7,7 +7,14 @@ import sys
 from rank1_pyro.cli import main
 
 
-def test_demo_runs_and_writes_its_run_directory(tmp_path, capsys):
+def test_demo_runs_and_writes_its_run_directory(tmp_path, capsys, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    import rank1_pyro.demo
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
     assert main(["demo", "--epochs", "2", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     for method in ("deterministic", "batchensemble", "rank1-gaussian", "rank1-cauchy"):
@@ -16,6 +23,11 @@ def test_demo_runs_and_writes_its_run_directory(tmp_path, capsys):
     assert set(report["results"]) == {"deterministic", "batchensemble", "rank1-gaussian", "rank1-cauchy"}
     row = report["results"]["rank1-gaussian"]
     assert 0.0 <= row["shifted_ece"] <= 1.0 and row["parameters"] > report["results"]["deterministic"]["parameters"]
+    monkeypatch.undo()
+    (fig,) = figures  # the reliability diagram: titled with the data it shows, one panel per method
+    assert fig._suptitle.get_text().startswith("Reliability on the rotated digits test set (rotations: [30.0, 45.0, 60.0]")
+    assert [ax.get_title().split("\n")[0] for ax in fig.axes[:4]] == list(report["results"])
+    close(fig)
     png = (tmp_path / "run" / "reliability.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "| method |" in (tmp_path / "run" / "results.md").read_text()

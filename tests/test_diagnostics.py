@@ -327,3 +327,72 @@ def test_diagnose_command_loads_a_run_written_by_train(tmp_path, capsys):
     tree = D.from_netcdf(run_dir / "diagnostics" / "train.nc")
     # the config's MLP (hidden 128, 128) behind a flatten layer, not the command's own 64-unit model
     assert tree["posterior"]["net.3.r"].shape == (4, 8, 128)
+
+
+def _figure_texts(fig) -> dict:
+    """Every text a reader sees: the figure's and axes' titles, the axis labels and the legend entries."""
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    legends = [*fig.legends, *(ax.get_legend() for ax in axes if ax.get_legend() is not None)]
+    return {
+        "title": " ".join(t for t in [fig._suptitle.get_text() if fig._suptitle else "", *(ax.get_title() for ax in axes)] if t),
+        "panel_titles": [ax.get_title() for ax in axes],
+        "xlabels": [ax.get_xlabel() for ax in axes if ax.get_xlabel()],
+        "ylabels": [ax.get_ylabel() for ax in axes if ax.get_ylabel()],
+        "yticks": [t.get_text() for ax in axes for t in ax.get_yticklabels()],
+        "legend": [t.get_text() for lg in legends for t in lg.get_texts()],
+        "size": tuple(fig.get_size_inches()),
+    }
+
+
+@pytest.fixture
+def rendered(monkeypatch):
+    """The figures the plots write, kept open (matplotlib Agg) so their texts can be read."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    yield figures
+    monkeypatch.undo()
+    for fig in figures:
+        plt.close(fig)
+
+
+def test_every_figure_is_readable_on_its_own(tmp_path, rendered):
+    model, guide = _model_and_guide(Gaussian(1.0, HalfCauchy(0.1)))
+    x, y = _data()
+    tree = D.to_datatree(model, guide, (x, y), 10)
+
+    plots.factor_forest(tree, tmp_path / "forest.png", max_entries=2)
+    forest = _figure_texts(rendered[-1])
+    assert forest["xlabels"] == ["factor value (dot: posterior mean; thick / thin bar: 50% / 89% interval)"]
+    assert forest["ylabels"] == ["site[entry]"]  # one label column: no empty "variable" column
+    sites = ["net.0.r", "net.0.s", "net.2.r", "net.2.s"]
+    assert forest["yticks"] == [f"{s}[{i}]" for s in sites for i in range(2)]  # site and index, 2 per site
+    assert forest["legend"] == [f"component {k + 1}" for k in range(K)]
+    assert "first 2 entries" in forest["title"]
+    plots.factor_forest(tree, tmp_path / "forest6.png", max_entries=6)
+    assert _figure_texts(rendered[-1])["size"][1] > forest["size"][1]  # the height fits the rows
+
+    l = D.loo(tree)
+    plots.khat_plot(l, tmp_path / "khat.png", vi_khat=D.vi_khat(tree))
+    khat = _figure_texts(rendered[-1])
+    assert khat["legend"] == ["k-hat = 0.5: below, PSIS estimate reliable", "k-hat = 0.7: above, unreliable"]
+    assert khat["xlabels"] == ["training example (index)"] and "Pareto k-hat" in khat["ylabels"][0]
+    assert f"of {N} above 0.7" in khat["title"] and "30 posterior draws" in khat["title"]
+    assert "θ: the factors, D: the training data, q: the guide" in khat["title"]
+    assert " S" not in khat["title"] + " ".join(khat["ylabels"])  # no undefined symbol
+
+    plots.pit_check(tree, tmp_path / "pit.png", data="test set")
+    pit = _figure_texts(rendered[-1])
+    assert "on the test set" in pit["title"] and "obs" not in " ".join(pit["panel_titles"])
+    assert pit["panel_titles"] == ["class label"]
+    assert pit["xlabels"] == ["PIT value u (uniform when calibrated)"] and pit["ylabels"] == ["Δ-ECDF: ECDF(u) − u"]
+
+    probs = {"a": torch.softmax(torch.randn(N, 3), -1), "b": torch.softmax(torch.randn(N, 3), -1)}
+    plots.reliability_diagram(probs, y, tmp_path / "rel.png", suptitle="Reliability on the rotated test set")
+    rel = _figure_texts(rendered[-1])
+    assert rel["title"].startswith("Reliability on the rotated test set")
+    assert sorted(rel["legend"]) == ["accuracy in bin", "mean confidence in bin", "perfect calibration"]
+    assert rel["xlabels"] == ["confidence (max predicted probability)"] * 2 and rel["ylabels"] == ["accuracy", "count"]
+    for path in tmp_path.glob("*.png"):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

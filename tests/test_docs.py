@@ -31,3 +31,38 @@ def test_every_docs_page_is_in_a_toctree():
             continue
         entry = str(page.relative_to(ROOT / "docs").with_suffix(""))
         assert re.search(rf"^{re.escape(entry)}$", index_text, re.M), f"{entry} is not listed in a toctree"
+
+
+def _declarative():
+    return (ROOT / "docs" / "howto" / "declarative.md").read_text()
+
+
+def test_the_config_defaults_table_is_generated_from_the_code():
+    from rank1_pyro.models.configs import CONFIG_HELP, RunConfig, defaults_table
+
+    assert list(CONFIG_HELP) == RunConfig.keys()  # every key explained, none that does not exist
+    text = _declarative()
+    table = text.split("<!-- config-defaults:start -->\n", 1)[1].split("<!-- config-defaults:end -->", 1)[0]
+    assert table == defaults_table(), "docs/howto/declarative.md: regenerate the table with defaults_table()"
+    for line in defaults_table().splitlines()[2:]:
+        assert line.count("|") == 4  # one row, three cells: no stray pipe in a description
+
+
+def test_the_declarative_example_is_the_shipped_config_and_names_the_omitted_keys():
+    import tomllib
+
+    from rank1_pyro.models.configs import CONFIG_DIR, RunConfig, load_config
+
+    shipped = (CONFIG_DIR / "digits_mlp.toml").read_text()
+    text = _declarative()
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    assert block == shipped, "docs/howto/declarative.md's TOML must be a copy of rank1_pyro/configs/digits_mlp.toml"
+    values = tomllib.loads(block)
+    assert RunConfig.from_dict(values) == load_config("digits_mlp")
+    omitted = [k for k in RunConfig.keys() if k not in values]
+    assert omitted  # the example relies on some defaults, and says which
+    paragraph = text.split("## Every key and its default", 1)[1].split("<!-- config-defaults:start -->", 1)[0]
+    named = [k for k in RunConfig.keys() if f"`{k}`" in paragraph.split("take these", 1)[0].split("leaves out", 1)[1]]
+    assert named == omitted
+    listed = ", ".join(omitted[:-1]) + " and " + omitted[-1]
+    assert listed in " ".join(shipped.replace("#", " ").split())  # the file's own comment lists them too

@@ -66,7 +66,7 @@ kl_annealing_epochs = 1
 l2 = 5e-5
 seed = {seed}
 """
-RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "run.json")
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "history.csv", "run.json")
 
 
 def write_config(directory: Path, name="tiny.toml", hidden=16, seed=0) -> Path:
@@ -551,6 +551,23 @@ def _interrupt_in(module_name, attr, nth=1):
     return patch
 
 
+def _interrupt_csv_log(nth):
+    def patch(monkeypatch):
+        from rank1_pyro.inference.train import CsvLog
+
+        original, calls = CsvLog.write, []
+
+        def interrupted(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == nth:
+                raise KeyboardInterrupt
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(CsvLog, "write", interrupted)
+
+    return patch
+
+
 # (id, patch, extra CLI arguments); the digits split gives 12 steps per epoch of 128 examples
 PHASES = [
     ("before-first-checkpoint", _interrupt_at_step(3), []),
@@ -559,7 +576,11 @@ PHASES = [
     ("while-writing-the-first-checkpoint", _interrupt_in("rank1_pyro.inference.train", "atomic_save"), []),
     ("while-writing-a-later-checkpoint", _interrupt_in("rank1_pyro.inference.train", "atomic_save", 2), []),
     ("while-writing-the-config", _interrupt_in("rank1_pyro.runs", "write_json", 1), []),
-    ("while-writing-metrics", _interrupt_in("rank1_pyro.runs", "write_json", 2), []),
+    # write_json: 1 config.json, 2 data.json, 3 and 4 metrics.json after epochs 1 and 2, 5 the final metrics.json
+    ("while-writing-the-data-description", _interrupt_in("rank1_pyro.runs", "write_json", 2), []),
+    ("while-writing-the-epoch-metrics", _interrupt_in("rank1_pyro.runs", "write_json", 3), []),
+    ("while-writing-the-final-metrics", _interrupt_in("rank1_pyro.runs", "write_json", 5), []),
+    ("while-appending-to-the-history", _interrupt_csv_log(2), []),
     ("while-writing-the-manifest", _interrupt_in("rank1_pyro.runs", "write_manifest"), []),
     ("while-swapping-in", _interrupt_in("rank1_pyro.runs", "replace_dir"), []),
 ]
@@ -611,3 +632,49 @@ def test_ctrl_c_while_extending_a_finished_run_leaves_it_intact(finished, patch,
     assert code == 130
     assert snapshot(finished) == before
     assert not (finished.parent / f".{finished.name}.staging").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Following a run while it trains: metrics.json and history.csv after every epoch
+# ------------------------------------------------------------------------------------------
+def _csv_rows(path):
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_history_is_written_after_every_epoch_and_survives_an_interruption(tmp_path, configs, reference, monkeypatch,
+                                                                          capsys):
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_at_step(15)(m)  # in epoch 2 (12 steps per epoch)
+        assert cli("train", "--config", configs["tiny"], "--out", run, "--no-progress") == 130
+    capsys.readouterr()
+    partial = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in partial["history"]] == [1] and "test" not in partial  # readable while it trains
+    rows = _csv_rows(run / "history.csv")
+    assert [int(r["epoch"]) for r in rows] == [1]
+    assert float(rows[0]["loss"]) == partial["history"][0]["loss"]
+    assert run_state(run) == "interrupted"  # an in-progress history never marks a run finished
+    assert cli("train", "--out", run, "--resume", "--no-progress") == 0
+    final = json.loads((run / "metrics.json").read_text())
+    assert "test" in final and [r["epoch"] for r in final["history"]] == [1, 2]
+    rows = _csv_rows(run / "history.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [float(r["loss"]) for r in rows] == [r["loss"] for r in final["history"]]
+    assert (run / "history.csv").read_bytes() == (reference / "history.csv").read_bytes()  # as if never stopped
+    assert "history.csv" in read_manifest(run)["files"]
+
+
+def test_a_history_that_disagrees_with_the_checkpoint_is_rewritten(tmp_path):
+    from rank1_pyro.inference.train import CsvLog
+
+    path = tmp_path / "h.csv"
+    log = CsvLog(path)
+    log.write([{"epoch": 1, "loss": 2.0}])
+    log.write([{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}])
+    assert path.read_text() == "epoch,loss\n1,2.0\n2,1.5\n"
+    path.write_text("epoch,loss\n1,2.0\n2,1.5\n3,9.0\n")  # ahead of the checkpoint (a resumed run)
+    log.write([{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}, {"epoch": 3, "loss": 1.25}])
+    assert path.read_text() == "epoch,loss\n1,2.0\n2,1.5\n3,1.25\n"

@@ -480,7 +480,9 @@ def test_subnetwork_laplace_improves_nll_and_ece_on_rotated_digits():
     probs = predict(la, x_shift).probs
     assert metrics.accuracy(map_probs, y_shift) < 0.5  # a real shift
     assert metrics.nll(probs, y_shift) < 0.6 * metrics.nll(map_probs, y_shift)
-    assert metrics.ece(probs, y_shift) < 0.5 * metrics.ece(map_probs, y_shift)
+    # (< 0.5 while largest-variance chose digits' 256 zero-curvature corner-pixel weights, whose
+    # prior-only variance the rotation lights up; they are skipped since issue 20)
+    assert metrics.ece(probs, y_shift) < 0.85 * metrics.ece(map_probs, y_shift)
     clean = predict(la, split.x_test.flatten(1)).probs  # in distribution: no worse than the MAP net
     assert metrics.accuracy(clean, y_shift) >= metrics.accuracy(map_clean, y_shift) - 0.01
     assert metrics.nll(clean, y_shift) < 1.1 * metrics.nll(map_clean, y_shift)

@@ -96,3 +96,66 @@ def test_device_resolution():
             resolve_device("cuda")
     with pytest.raises(ValueError, match="device"):
         resolve_device("tpu9")
+
+
+# ------------------------------------------------------------------------------------------
+# Progress and per-epoch logging
+# ------------------------------------------------------------------------------------------
+def _tiny(steps_per_epoch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16 * steps_per_epoch, 2, generator=g), torch.randint(0, 2, (16 * steps_per_epoch,), generator=g)
+    model = rank1_mlp(2, [8], 2, ensemble_size=2)
+    return model, MixtureGuide(model), (x, y)
+
+
+def test_without_a_terminal_progress_is_one_line_per_epoch_on_stderr(capsys):
+    model, guide, data = _tiny()
+    train(model, guide, data, epochs=3, batch_size=16, seed=0)  # progress=None; pytest's stderr is no terminal
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 3, err
+    for i, line in enumerate(lines, start=1):
+        assert line.startswith(f"epoch {i}/3  loss ") and "  kl " in line and "  accuracy " in line, line
+    train(model, guide, data, epochs=1, batch_size=16, seed=0, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_progress_bar_shows_loss_accuracy_and_kl_and_reads_the_device_every_few_steps(capsys):
+    from test_host_sync import count_host_reads
+
+    from rank1_pyro.inference.train import refresh_every
+
+    assert [refresh_every(n) for n in (1, 4, 10, 24, 200, 1000)] == [1, 4, 10, 10, 10, 50]
+    reads = {}
+    for progress in (False, "bar"):
+        model, guide, data = _tiny(steps_per_epoch=24)
+        with count_host_reads() as counts:
+            train(model, guide, data, epochs=2, batch_size=16, seed=0, progress=progress)
+        reads[progress] = counts["n"]
+    assert reads["bar"] - reads[False] == 2 * (24 // 10)  # one read per refresh, not one per step
+    err = capsys.readouterr().err
+    assert "epoch 2/2" in err and "48/48" in err
+    for key in ("loss=", "nll=", "kl=", "accuracy="):
+        assert key in err, err[-500:]
+
+
+def test_on_epoch_and_log_csv_see_every_epoch_as_it_ends(tmp_path):
+    import csv
+
+    seen = []
+
+    def on_epoch(history):
+        rows = list(csv.DictReader(open(tmp_path / "log.csv")))  # the CSV row is already there
+        seen.append((history.last["epoch"], len(history.epochs), len(rows), history.seconds > 0))
+
+    model, guide, data = _tiny()
+    history = train(model, guide, data, epochs=3, batch_size=16, seed=0, progress=False, on_epoch=on_epoch,
+                    log_csv=tmp_path / "log.csv")
+    assert seen == [(1, 1, 1, True), (2, 2, 2, True), (3, 3, 3, True)]
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [float(r["loss"]) for r in rows] == history.column("loss")
+    assert [float(r["kl"]) for r in rows] == history.column("kl")
+    with pytest.raises(TypeError, match="on_epoch"):
+        train(model, guide, data, epochs=1, progress=False, on_epoch="print")
+    with pytest.raises(ValueError, match="progress"):
+        train(model, guide, data, epochs=1, progress="verbose")

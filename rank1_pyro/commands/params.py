@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 
-def register(subparsers) -> None:
-    from ..models.params import NETWORKS
+#: the zoo networks ``params`` counts by name (a test checks them against
+#: :data:`~rank1_pyro.models.params.NETWORKS` and the configs' ``MODELS``; spelled out so that
+#: ``--help`` imports no torch)
+NETWORKS = ("lenet5", "resnet18_cifar", "resnet20_cifar", "wrn28_10", "resnet50", "lstm", "mlp")
 
+
+def register(subparsers) -> None:
     p = subparsers.add_parser(
         "params",
         help="parameter counts: deterministic, rank-1 (W + per-member biases + guide), deep ensemble",
         description="Print the parameter counts of a zoo network, its rank-1 version with a K-component "
-        "mixture guide (mean and stddev of every r and s entry) and a K-member deep ensemble. "
-        f"Models: {', '.join(NETWORKS)}.",
+        "mixture guide (mean and stddev of every r and s entry) and a K-member deep ensemble. MODEL is a "
+        f"network ({', '.join(NETWORKS)}), a config (shipped name or TOML file: its model, model_args, "
+        "num_classes, ensemble size and input size) or a run directory.",
     )
-    p.add_argument("model", metavar="MODEL", help=f"one of: {', '.join(NETWORKS)}")
+    p.add_argument("model", metavar="MODEL",
+                   help=f"a network ({', '.join(NETWORKS)}), a config name or TOML file, or a run directory")
+    p.add_argument("--in-features", type=int, default=64,
+                   help="input features of the mlp network (default: 64, the digits data set)")
+    p.add_argument("--hidden", type=int, nargs="+", default=[128, 128],
+                   help="hidden sizes of the mlp network (default: 128 128)")
     p.add_argument("--ensemble-size", "-K", type=int, default=4, help="K, the number of members (default: 4)")
     p.add_argument("--num-classes", type=int, default=None, help="output classes (default: the model's usual)")
     p.add_argument(
@@ -22,10 +32,54 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _from_config(args):
+    """``(network, name, K, batchnorm)`` of a config or a run directory."""
+    import math
+    from pathlib import Path
+
+    from ..models.configs import CONFIGS, load_config
+    from ..models.params import build_network
+
+    path = Path(args.model).expanduser()
+    if path.is_dir():
+        from ..files import Preprocessing
+        from ..runs import check_run_dir, read_config
+
+        cfg = read_config(check_run_dir(path))
+        prep = Preprocessing.load(path)
+        shape = prep.input_shape if prep is not None else list(cfg.datasets(None)[0][0][0].shape)
+    elif path.is_file() or args.model in CONFIGS:
+        cfg = load_config(args.model)
+        shape = list(cfg.datasets(None)[0][0][0].shape) if cfg.model in ("mlp", "lenet5") else None
+    else:
+        raise ValueError(f"unknown model {args.model!r}: not a network ({', '.join(NETWORKS)}), a shipped config "
+                         f"({', '.join(CONFIGS)}), a TOML file or a run directory")
+    if cfg.model == "mlp":
+        from ..models import mlp
+
+        net = mlp(math.prod(shape), list(cfg.model_args.get("hidden", (128, 128))), cfg.num_classes)
+    elif cfg.model == "lenet5":
+        from ..models.lenet import lenet5_net
+
+        net = lenet5_net(num_classes=cfg.num_classes, in_channels=shape[0])
+    else:
+        net = build_network(cfg.model, cfg.num_classes)
+    return net, f"{cfg.name} ({cfg.model})", cfg.ensemble_size, cfg.batchnorm
+
+
 def run(args) -> int:
     from ..models.params import build_network, parameter_counts, parameter_table
 
-    net = build_network(args.model, args.num_classes)
-    counts = parameter_counts(net, args.ensemble_size, batchnorm=args.batchnorm)
-    print(parameter_table(counts, args.model))
+    if args.model == "mlp":
+        from ..models import mlp
+
+        net = mlp(args.in_features, args.hidden, args.num_classes or 10)
+        name, k, batchnorm = f"mlp {args.in_features}-{'-'.join(map(str, args.hidden))}-{args.num_classes or 10}", \
+            args.ensemble_size, args.batchnorm
+    elif args.model in NETWORKS:
+        net, name, k, batchnorm = build_network(args.model, args.num_classes), args.model, args.ensemble_size, args.batchnorm
+    else:
+        net, name, k, batchnorm = _from_config(args)
+    counts = parameter_counts(net, k, batchnorm=batchnorm)
+    print(parameter_table(counts, name))
     return 0

@@ -31,7 +31,8 @@ def register(subparsers) -> None:
         help="train the model a config describes (TOML file or shipped name)",
         description="Train the rank-1 model described by a config (a TOML file, or the name of a shipped config "
         "such as digits_mlp, cifar10_wrn28_10, imagenet_resnet50) and write config.json, checkpoint.pt, "
-        "metrics.json and the manifest run.json into the run directory. Works unchanged under torchrun "
+        "metrics.json, history.csv (a row per epoch: tail -f it) and the manifest run.json into the run directory. "
+        "Progress: a per-step bar on a terminal, one line per epoch on stderr otherwise. Works unchanged under torchrun "
         "--nproc_per_node=N.",
     )
     p.add_argument("--config", default=None,
@@ -45,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (the old run stays intact until the new one has finished)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar and the per-epoch lines")
     p.set_defaults(func=run)
 
 
@@ -146,6 +147,7 @@ def _train_into(args, cfg, out, state, train_set, test_set, main_process, stack)
     from ..inference.train import evaluate, train
     from ..runs import (
         CONFIG_FILE,
+        HISTORY_FILE,
         MANIFEST_FILE,
         METRICS_FILE,
         lock_run,
@@ -177,6 +179,9 @@ def _train_into(args, cfg, out, state, train_set, test_set, main_process, stack)
             save_config(cfg, work)
             args.preprocessing.save(work)
         loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True)
+
+        def on_epoch(history) -> None:  # the history so far, readable while the run trains
+            write_json({"history": history.epochs, "train_seconds": history.seconds}, work / METRICS_FILE)
         history = train(
             model,
             guide,
@@ -190,6 +195,8 @@ def _train_into(args, cfg, out, state, train_set, test_set, main_process, stack)
             resume=resume,
             distributed="auto",
             progress=False if args.no_progress else None,
+            on_epoch=on_epoch if main_process else None,
+            log_csv=work / HISTORY_FILE if main_process else None,
         )
         if not main_process:
             return 0
@@ -204,8 +211,9 @@ def _train_into(args, cfg, out, state, train_set, test_set, main_process, stack)
         if staged:
             shutil.rmtree(work, ignore_errors=True)  # the run in --out is untouched
         elif main_process and state == "missing" and not (work / CHECKPOINT_NAME).exists():
-            with contextlib.suppress(FileNotFoundError):  # stopped before its first checkpoint: nothing to resume
-                (work / CONFIG_FILE).unlink()
+            for name in (CONFIG_FILE, "data.json", HISTORY_FILE, METRICS_FILE):  # stopped before its first checkpoint
+                with contextlib.suppress(FileNotFoundError):
+                    (work / name).unlink()
         raise
     print(f"{cfg.name}: " + ", ".join(f"test {k} {v:.4f}" for k, v in test.items()))
     print(f"run directory: {out}")

@@ -74,7 +74,7 @@ import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import ELBO
 from pyro.infer.enum import get_importance_trace
-from pyro.infer.util import check_fully_reparametrized, torch_item
+from pyro.infer.util import check_fully_reparametrized, is_validation_enabled, torch_item
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -328,7 +328,8 @@ class Rank1ELBO(ELBO):
             if obs is not None and isinstance(obs["fn"], dist.Categorical):
                 logits = obs["fn"].logits
         loss = -(log_lik - self.effective_kl_weight * kl)
-        warn_if_nan(loss, "loss")
+        if is_validation_enabled():  # a host read (and a backward hook): not in validation-free training steps
+            warn_if_nan(loss, "loss")
         return ELBOTerms(loss, log_lik, kl, logits)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:

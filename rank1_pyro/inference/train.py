@@ -36,6 +36,8 @@ A deterministic network is the special case of a model without factors and ``gui
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
 import numbers
@@ -247,10 +249,81 @@ def _optimizer(model, guide, optimizer, lr, momentum, nesterov, weight_decay):
     if not groups:
         raise ValueError("nothing to train: the model and guide have no trainable parameters")
     if optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr)
-    if optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
-    raise ValueError(f"optimizer: unknown name {optimizer!r}; valid: ['adam', 'sgd']")
+        make = functools.partial(torch.optim.Adam, groups, lr=lr)
+    elif optimizer == "sgd":
+        make = functools.partial(torch.optim.SGD, groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    else:
+        raise ValueError(f"optimizer: unknown name {optimizer!r}; valid: ['adam', 'sgd']")
+    try:  # fused kernels skip a step on the device when told to (``found_inf``): see _DeviceGuard
+        return make(fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without fused kernels
+        return make()
+
+
+#: ``train(precision=...)``: float32, or bfloat16 autocast of the forward pass
+PRECISIONS = ("fp32", "bf16")
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+#: with the device-side guard, the host reads the non-finite flag at least every this many steps
+#: (and at every checkpoint and epoch end); a failure is reported then, parameters untouched since
+GUARD_READ_EVERY = 100
+
+
+class _DeviceGuard:
+    """The non-finite guard without a host read per step (single process, fused optimizer).
+
+    Every step it records on the device whether the loss or the gradient norm is not finite, and
+    hands the fused optimizer ``found_inf`` = "a step has failed so far", so the bad step and every
+    step after it are skipped on the device (no parameter or optimizer-state change). :meth:`check`
+    reads the flag (one host read) and raises for the first bad step, as the per-step guard did.
+    """
+
+    def __init__(self, optimizer, device):
+        self.optimizer = optimizer
+        self.failed = torch.zeros((), dtype=torch.bool, device=device)
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.kind = torch.zeros((), dtype=torch.long, device=device)  # 0 loss, 1 gradient norm, 2 labels
+        self.value = torch.zeros((), dtype=torch.float64, device=device)
+
+    @staticmethod
+    def usable(optimizer, ctx) -> bool:
+        return not ctx.enabled and all(g.get("fused") for g in optimizer.param_groups)
+
+    def update(self, step: int, loss: torch.Tensor, norm: torch.Tensor, bad_labels) -> torch.Tensor:
+        """Record this step; returns the device flag "no step has failed" (to mask running sums)."""
+        loss_bad = ~torch.isfinite(loss.detach())
+        bad = loss_bad | ~torch.isfinite(norm)
+        first = bad & ~self.failed
+        kind = torch.where(loss_bad, 0, 1)
+        if bad_labels is not None:
+            kind = torch.where(bad_labels, 2, kind)
+        self.step = torch.where(first, step, self.step)
+        self.kind = torch.where(first, kind, self.kind)
+        value = torch.where(loss_bad, loss.detach().double(), norm.double())
+        self.value = torch.where(first, value, self.value)
+        self.failed = self.failed | bad
+        self.optimizer.found_inf = self.failed.float()
+        return ~self.failed
+
+    def check(self, steps_per_epoch: int, num_classes) -> None:
+        if not bool(self.failed):
+            return
+        step = int(self.step)
+        epoch, batch = divmod(step, steps_per_epoch)
+        where = f"at epoch {epoch}, step {batch} (global step {step})"
+        kind = int(self.kind)
+        if kind == 2:
+            _raise_if_bad_labels(True, None, num_classes, where)
+        raise NonFiniteLossError(
+            f"{'loss' if kind == 0 else 'gradient norm'} is {float(self.value)} {where}; "
+            "training stopped before the update, parameters hold their last good values"
+        )
 
 
 def _lr_factor(step: int, steps_per_epoch: int, warmup_epochs: float, decay_epochs, decay_rate: float) -> float:
@@ -428,13 +501,32 @@ def train(
     checkpoint_every: int | None = None,
     resume: bool = False,
     distributed="auto",
+    precision: str = "fp32",
+    on_epoch=None,
+    log_csv=None,
 ) -> History:
     """Train ``model`` and ``guide`` on ``data`` (``(x, y)`` tensors or a DataLoader); see the module docs.
+
+    ``precision="bf16"`` runs the forward pass under ``torch.autocast`` with bfloat16: matmuls and
+    convolutions in bf16, while parameters, the factors' sample sites, the KL, the loss and the
+    optimizer state stay float32 (bf16 has float32's range, so no loss scaling is needed).
 
     Inputs are converted at the boundary: numpy arrays are accepted as tensors, and floating-point
     inputs of another dtype (numpy's float64) are cast to the dtype of the model's parameters.
     Every batch's labels are checked on the device (no host sync per batch): an out-of-range label
     stops training before the update with a :class:`ValueError` naming the epoch and step.
+
+    Progress (``progress``): ``None`` (default) shows a tqdm bar per step on a terminal, with the
+    epoch's running loss, accuracy and KL refreshed every few steps (:func:`refresh_every`; the
+    running sums stay on the device and are read only then), and prints one line per epoch to
+    stderr otherwise (log files, ``nohup``, CI); ``True`` or ``"bar"`` forces the bar, ``"lines"``
+    the lines, ``False`` shows nothing.
+
+    Per-epoch logging: ``on_epoch(history)`` is called after every epoch (once its checkpoint is
+    written), with the :class:`History` so far (``history.last`` is the new epoch's record);
+    ``log_csv=PATH`` writes the records to a CSV file, one row per epoch appended as it ends (so
+    ``tail -f PATH`` follows a run; a resumed run rewrites the file from its checkpoint's history
+    when the file disagrees with it). Both run on the main process only (rank 0 under torchrun).
 
     ``model.num_data`` is set to the training-set size so minibatch likelihoods scale by N / B.
     Returns the :class:`History`. ``objective`` is ``"mixture"`` (default), ``"averaged"``, or any
@@ -457,6 +549,12 @@ def train(
         epochs, batch_size, optimizer, lr, momentum, weight_decay, warmup_epochs, decay_epochs, decay_rate,
         kl_annealing_epochs, grad_clip, eval_samples, seed, checkpoint_dir, checkpoint_every, resume, distributed,
     )
+    one_of("precision", precision, PRECISIONS)
+    _check_progress(progress)
+    if on_epoch is not None and not callable(on_epoch):
+        raise TypeError(f"on_epoch must be a callable taking the History, got {type(on_epoch).__name__}")
+    if log_csv is not None and not isinstance(log_csv, (str, Path)):
+        raise TypeError(f"log_csv must be a path (str or pathlib.Path), got {type(log_csv).__name__}")
     elbo = _objective(objective)
     if kl_annealing_epochs and not isinstance(elbo, Rank1ELBO):
         raise ValueError(
@@ -505,6 +603,7 @@ def train(
     config = dict(  # plain values, recorded in every checkpoint
         objective=_objective_name(elbo),
         kl_weight=getattr(elbo, "kl_weight", None),
+        precision=precision,
         estimator=getattr(elbo, "estimator", None),
         epochs=epochs,
         batch_size=data.batch_size if isinstance(data, DataLoader) else batch_size,
@@ -549,11 +648,15 @@ def train(
                 "yields the same batches in every pass",
                 stacklevel=2,
             )
+    # after a resume: a checkpoint's optimizer state may have switched its kernels (fused or not)
+    guard = _DeviceGuard(opt, device) if _DeviceGuard.usable(opt, ctx) else None
     if ctx.enabled:
         torch.distributed.barrier()  # every rank has read the checkpoint before rank 0 may write a new one
 
     def save(epoch: int, batch: int) -> None:
         """Write the state after ``batch`` batches of ``epoch`` (every rank calls it, rank 0 writes)."""
+        if guard is not None:
+            guard.check(steps_per_epoch, num_classes)
         if path is None:
             return
         if not _all_finite([*params, *buffers]):  # the same parameters on every rank: all stop together
@@ -561,7 +664,7 @@ def train(
                 f"parameters are not finite after global step {step}; checkpoint not written, "
                 f"{path} keeps the last good state"
             )
-        sums = _sum_over_ranks(totals, ctx, device)  # the epoch's running sums so far, over all ranks
+        sums = _sum_over_ranks(_on_host(totals), ctx, device)  # the epoch's running sums so far, over all ranks
         if not ctx.is_main:
             return
         record = {"epochs": history.epochs, "totals": sums, "seconds": seconds_before + time.perf_counter() - start}
@@ -573,13 +676,17 @@ def train(
             path,
         )
 
-    show = ctx.is_main and (sys.stderr.isatty() if progress is None else progress)
+    mode = _progress_mode(progress) if ctx.is_main else None
+    every = refresh_every(steps_per_epoch)
+    csv_log = None if log_csv is None or not ctx.is_main else CsvLog(log_csv)
     # Pyro's shape and support checks run on the first step (clear errors for a bad model or
     # guide); later steps skip them, the non-finite guard below still catches invalid values
     validated_step = step
     start = time.perf_counter()
-    bar = tqdm(range(start_epoch, epochs), desc="train", disable=not show, leave=False)
-    for epoch in bar:
+    bar = tqdm(total=epochs * steps_per_epoch, initial=step, desc=f"epoch {start_epoch + 1}/{epochs}", disable=mode != "bar", leave=True,
+               unit="step", dynamic_ncols=True)
+    for epoch in range(start_epoch, epochs):
+        bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
         model.train()
         if isinstance(guide, nn.Module):
             guide.train()
@@ -594,7 +701,8 @@ def train(
             if isinstance(elbo, Rank1ELBO):  # β multiplies the objective's own kl_weight, never replaces it
                 elbo.annealing = kl_annealing(step + 1, kl_annealing_epochs * steps_per_epoch)
             opt.zero_grad(set_to_none=True)
-            with pyro.validation_enabled(pyro.infer.util.is_validation_enabled() and step == validated_step):
+            with pyro.validation_enabled(pyro.infer.util.is_validation_enabled() and step == validated_step), \
+                    _autocast(device, precision):
                 if isinstance(elbo, Rank1ELBO):
                     terms = elbo.loss_terms(model, guide, x, y)
                     loss = terms.loss
@@ -603,7 +711,12 @@ def train(
             if bad_labels is not None:
                 loss = torch.where(bad_labels, torch.full_like(loss, math.nan), loss)
             where = f"at epoch {epoch}, step {batch_idx} (global step {step})"
-            if not ctx.enabled:
+            keep = True
+            if guard is not None:  # no host read: the flag is read every GUARD_READ_EVERY steps
+                (loss / num_data).backward()
+                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+                keep = guard.update(step, loss, norm, bad_labels)
+            elif not ctx.enabled:
                 if not torch.isfinite(loss):
                     _raise_if_bad_labels(bad_labels, y, num_classes, where)
                     raise NonFiniteLossError(
@@ -626,8 +739,9 @@ def train(
                         f"(this rank's: {loss.item()}); training stopped before the update, parameters hold "
                         "their last good values"
                     )
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
-            if not torch.isfinite(norm):
+            if guard is None:
+                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+            if guard is None and not torch.isfinite(norm):
                 opt.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(
                     f"gradient norm is {norm.item()} {where}; "
@@ -637,19 +751,28 @@ def train(
             sched.step()
             step += 1
             b = y.shape[0]
+            # running sums stay on the device (a tensor per key), read once per epoch
             totals["seen"] += b
-            totals["loss"] += loss.item() / num_data * b / num_data
+            _accumulate(totals, "loss", loss.detach().double() / num_data * b / num_data, keep)
             if terms is not None:
-                totals["nll"] += -terms.log_likelihood.item() * b / num_data
-                totals["kl"] += terms.kl.item() * b / num_data
+                _accumulate(totals, "nll", -terms.log_likelihood.detach().double() * b / num_data, keep)
+                _accumulate(totals, "kl", terms.kl.detach().double() * b / num_data, keep)
                 if terms.logits is not None:
                     probs = torch.softmax(terms.logits.detach(), -1).reshape(-1, *terms.logits.shape[-2:]).mean(0)
-                    totals["correct"] += (probs.argmax(-1) == y).sum().item()
+                    _accumulate(totals, "correct", (probs.argmax(-1) == y).sum().double(), keep)
+            if guard is not None and step % GUARD_READ_EVERY == 0:
+                guard.check(steps_per_epoch, num_classes)
             if checkpoint_every and step % checkpoint_every == 0 and batch_idx + 1 < steps_per_epoch:
                 save(epoch, batch_idx + 1)
+            if mode == "bar" and (batch_idx + 1) % every == 0:  # the running sums: one host read per `every` steps
+                bar.set_postfix(_running(_on_host(totals), num_data, terms is not None, num_classes is not None),
+                                refresh=False)
+                bar.update(step - bar.n)
+        if guard is not None:
+            guard.check(steps_per_epoch, num_classes)
         if ctx.enabled and buffers:
             dist_utils.broadcast_tensors(buffers)
-        totals = _sum_over_ranks(totals, ctx, device)
+        totals = _sum_over_ranks(_on_host(totals), ctx, device)
         record = {
             "epoch": epoch + 1,
             "loss": totals["loss"],
@@ -667,13 +790,123 @@ def train(
         history.epochs.append(record)
         totals = _zero_totals()
         save(epoch + 1, 0)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "accuracy", "val_accuracy")})
+        history.seconds = seconds_before + time.perf_counter() - start
+        if mode == "bar":
+            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in _SHOWN}, refresh=False)
+            bar.update(step - bar.n)
+        elif mode == "lines":
+            print(epoch_line(record, epochs, history.seconds), file=sys.stderr, flush=True)
+        if csv_log is not None:
+            csv_log.write(history.epochs)
+        if on_epoch is not None and ctx.is_main:
+            on_epoch(history)
+    bar.close()
     history.seconds = seconds_before + time.perf_counter() - start
     return history
 
 
+#: the record keys the progress bar and the per-epoch lines show, in this order
+_SHOWN = ("loss", "nll", "kl", "accuracy", "val_accuracy", "val_nll", "val_rmse")
+PROGRESS_MODES = (None, True, False, "bar", "lines")
+
+
+def _check_progress(progress) -> None:
+    if not any(progress is m or (isinstance(m, str) and progress == m) for m in PROGRESS_MODES):
+        raise ValueError(f"progress must be None (auto), True, False, 'bar' or 'lines', got {progress!r}")
+
+
+def _progress_mode(progress) -> str | None:
+    """``"bar"`` (per-step tqdm bar), ``"lines"`` (a line per epoch on stderr) or ``None`` (silent)."""
+    if progress is None:
+        return "bar" if sys.stderr.isatty() else "lines"
+    if progress is True or progress == "bar":
+        return "bar"
+    return "lines" if progress == "lines" else None
+
+
+def refresh_every(steps_per_epoch: int) -> int:
+    """How many steps pass between two refreshes of the progress bar (each reads the running sums
+    from the device once): about 20 refreshes per epoch, at least 10 steps apart unless the epoch
+    is shorter (then once, at its end)."""
+    return min(steps_per_epoch, max(10, steps_per_epoch // 20))
+
+
+def _running(sums: dict, num_data: int, rank1: bool, categorical: bool) -> dict:
+    """The epoch's running means so far, formatted: loss and NLL per example, KL, training accuracy."""
+    seen = max(sums["seen"], 1)
+    out = {"loss": sums["loss"] * num_data / seen}  # each step adds (loss / N) * (b / N)
+    if rank1:
+        out.update(nll=sums["nll"] / seen, kl=sums["kl"] * num_data / seen)
+    if rank1 and categorical:
+        out["accuracy"] = sums["correct"] / seen
+    return {k: f"{v:.4g}" for k, v in out.items()}
+
+
+def epoch_line(record: dict, epochs: int, seconds: float) -> str:
+    """One epoch's line for logs: ``epoch 3/10  loss 1.234  nll ...  accuracy 0.91  (12.3 s)``."""
+    parts = [f"epoch {record['epoch']}/{epochs}"]
+    parts += [f"{k} {record[k]:.4g}" for k in _SHOWN if k in record]
+    return "  ".join(parts) + f"  ({seconds:.1f} s)"
+
+
+class CsvLog:
+    """The per-epoch records in a CSV file, one row per epoch, appended as epochs end.
+
+    :meth:`write` is given every record so far; when the file holds exactly the rows of all but
+    the last, the last row is appended (``tail -f`` follows it); otherwise (a new file, a resumed
+    run whose file disagrees with its checkpoint, new columns) the whole file is rewritten
+    atomically from the records.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    @staticmethod
+    def _text(records: list[dict], columns: list[str]) -> str:
+        import csv
+        import io
+
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([["" if r.get(c) is None else repr(r[c]) if isinstance(r[c], float) else r[c]
+                           for c in columns] for r in records])
+        return buf.getvalue()
+
+    def write(self, records: list[dict]) -> None:
+        columns = list(dict.fromkeys(k for r in records for k in r))
+        done = self._text(records[:-1], columns)
+        try:
+            current = self.path.read_text()
+        except FileNotFoundError:
+            current = None
+        if current == done:
+            with open(self.path, "a") as f:
+                f.write(self._text(records[-1:], columns).split("\n", 1)[1])
+                f.flush()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(self._text(records, columns))
+        tmp.replace(self.path)
+
+
 def _zero_totals() -> dict:
     return {"loss": 0.0, "nll": 0.0, "kl": 0.0, "correct": 0.0, "seen": 0}
+
+
+def _accumulate(totals: dict, key: str, value: torch.Tensor, keep) -> None:
+    """``totals[key] += value`` on the device, where ``keep`` (a device flag, or ``True``) holds."""
+    if keep is not True:
+        value = torch.where(keep, value, torch.zeros_like(value))
+    totals[key] = totals[key] + value
+
+
+def _on_host(totals: dict) -> dict:
+    """The running sums as floats: one host read for all device values."""
+    keys = [k for k, v in totals.items() if torch.is_tensor(v)]
+    values = torch.stack([totals[k].double() for k in keys]).tolist() if keys else []
+    return {**totals, **dict(zip(keys, values))}
 
 
 def _sum_over_ranks(totals: dict, ctx, device) -> dict:

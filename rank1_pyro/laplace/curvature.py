@@ -485,7 +485,7 @@ class Curvature:
 
 def ggn(functional: FlatFunctional, data, likelihood: str, sigma_noise: float = 1.0, diagonal: bool = False,
         mode: str = "auto", max_elements: int = DEFAULT_MAX_ELEMENTS,
-        jacobians: JacobianColumns | None = None) -> Curvature:
+        jacobians: JacobianColumns | None = None, dtype: torch.dtype | None = None) -> Curvature:
     r"""The GGN :math:`H = \frac1K\sum_{n,k} J_{nk}^\top \Lambda_{nk} J_{nk}` over θ of ``functional``.
 
     Args:
@@ -497,6 +497,8 @@ def ggn(functional: FlatFunctional, data, likelihood: str, sigma_noise: float = 
         diagonal: return only :math:`\operatorname{diag} H` (memory M instead of M²).
         mode, max_elements: see :class:`JacobianColumns`.
         jacobians: a :class:`JacobianColumns` of ``functional`` to use (and keep planned).
+        dtype: the floating dtype H is accumulated in (default: θ's). H is the only ``(M, M)``
+            tensor: every block is added to it in place (``addmm_``).
     """
     likelihood = likelihood_name(likelihood)
     if not sigma_noise > 0:
@@ -504,14 +506,17 @@ def ggn(functional: FlatFunctional, data, likelihood: str, sigma_noise: float = 
     jac = JacobianColumns(functional, mode, max_elements) if jacobians is None else jacobians
     theta = jac.theta
     M = jac.num_columns
-    H = torch.zeros((M,) if diagonal else (M, M), dtype=theta.dtype, device=theta.device)
+    dtype = theta.dtype if dtype is None else dtype
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    H = torch.zeros((M,) if diagonal else (M, M), dtype=dtype, device=theta.device)
     loglik, num_data, labelled = 0.0, 0, True
     with torch.no_grad():
         for x, y in as_batches(data):
             x = x.to(theta.device)
             for start, out, J in jac.blocks(x):
                 K, b, _ = out.shape
-                A = ggn_factor(out, J, likelihood, sigma_noise).reshape(-1, M)
+                A = ggn_factor(out, J, likelihood, sigma_noise).reshape(-1, M).to(dtype)
                 if diagonal:
                     H += A.pow(2).sum(0) / K
                 else:

@@ -38,8 +38,12 @@ exact for a linear-Gaussian model). With the eigenvalues :math:`\lambda_i` of H 
 strictly decreasing, so the maximiser is its unique root (MacKay's
 :math:`\delta = \gamma / \lVert\theta_{S*}-\mu_0\rVert^2`, γ the effective number of parameters), found by
 bisection in :math:`\log\delta` (``method="marglik"``, the default). ``method="gridsearch"`` picks
-δ from a grid by the NLL of the closed-form GLM predictive on validation data. H is
-eigendecomposed once (float64), so δ can change at the cost of O(M²).
+δ from a grid by the NLL of the closed-form GLM predictive on validation data (one Cholesky
+factorisation per δ). Only H's eigenvalues are computed (once, when first needed: no
+eigenvectors, whose LAPACK workspace alone is two more M × M matrices), so log Z(δ) costs O(M)
+for any δ. The posterior itself uses the Cholesky factor of :math:`H + \delta I`, computed in
+place in one buffer: a fit keeps at most two M × M matrices (H and the factor) alive, in
+``dtype`` (float64 by default, float32 to halve that).
 
 **Predictives** (``predictive=``), all through the :class:`~rank1_pyro.inference.predictive.Posterior`
 protocol (``likelihood`` and ``sample_predictions(x, S)``), so :func:`~rank1_pyro.inference.predict`
@@ -140,12 +144,21 @@ def largest_variance(functional: FlatFunctional, size, *, data, likelihood: str 
                      sigma_noise: float = 1.0, prior_precision: float = 1.0,
                      max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
     r"""The ``size`` entries of θ with the largest variance :math:`1/(\operatorname{diag} H + \delta)`
-    under a diagonal Laplace (exact GGN diagonal over all of θ on ``data``, δ = ``prior_precision``)."""
+    under a diagonal Laplace (exact GGN diagonal over all of θ on ``data``, δ = ``prior_precision``).
+
+    Entries with zero curvature (:math:`\operatorname{diag} H \le 10^{-12} \max \operatorname{diag} H`,
+    e.g. the weights of an input that is constant zero in the data) come last, whatever their
+    variance: the data says nothing about them, so their posterior is the prior and a Laplace over
+    them equals the MAP (and the marginal likelihood has no optimum). They are chosen only when
+    ``size`` exceeds the entries with curvature.
+    """
     if not prior_precision > 0:
         raise ValueError(f"prior_precision must be > 0, got {prior_precision!r}")
     diag = ggn(functional.restrict(None) if functional.indices is not None else functional, data, likelihood,
                sigma_noise, diagonal=True, max_elements=max_elements).matrix
-    return _top(1.0 / (diag + prior_precision), size)
+    variance = 1.0 / (diag + prior_precision)
+    flat = diag <= 1e-12 * diag.max().clamp_min(torch.finfo(diag.dtype).tiny)
+    return _top(torch.where(flat, variance - variance.max() - 1.0, variance), size)
 
 
 def largest_swag_variance(functional: FlatFunctional, size, *, data, likelihood: str = "categorical",
@@ -275,32 +288,50 @@ def select_subnetwork(strategy: str, functional: FlatFunctional, size=None, cont
 # ----------------------------------------------------------------------------- the posterior
 
 
-def _eigh_psd(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (clamped at 0: H is PSD up to rounding) and eigenvectors of a GGN.
+def _eigvalsh_psd(H: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a GGN (float64, clamped at 0: H is PSD up to rounding), without eigenvectors.
 
-    Rows of H that are exactly zero (weights without curvature, e.g. on inputs that are always 0,
-    which ``"largest-variance"`` favours) are split off as eigenvalue 0 with a unit eigenvector;
-    LAPACK's ``syevd`` can fail to converge on matrices made mostly of them. If it still fails,
-    the SVD (equal to the eigendecomposition for a PSD matrix) is used.
+    ``torch.linalg.eigvalsh`` works on one internal copy of H (LAPACK ``syevd`` without vectors
+    needs only O(M) workspace), so this costs one transient ``(M, M)`` matrix. If it fails to
+    converge (rows that are exactly zero, weights without curvature, are the usual suspects),
+    the eigenvalues of the block of nonzero rows are used (zeros for the rest), and if that
+    fails too, its singular values (equal for a PSD matrix).
     """
-    M = H.shape[0]
+    try:
+        return torch.linalg.eigvalsh(H, UPLO="U").double().clamp_min(0.0)
+    except torch.linalg.LinAlgError:
+        pass
     active = (H != 0).any(0).nonzero().squeeze(1)
-    eigvals = H.new_zeros(M)
-    eigvecs = H.new_zeros(M, M)
-    inactive = torch.ones(M, dtype=torch.bool, device=H.device)
-    inactive[active] = False
-    rest = inactive.nonzero().squeeze(1)
-    eigvecs[rest, torch.arange(rest.numel(), device=H.device)] = 1.0
+    eigvals = torch.zeros(H.shape[0], dtype=torch.float64, device=H.device)
     if active.numel():
         block = H[active][:, active]
         try:
-            lam, vec = torch.linalg.eigh(block)
+            lam = torch.linalg.eigvalsh(block)
         except torch.linalg.LinAlgError:
-            vec, lam, _ = torch.linalg.svd(block)
-        cols = torch.arange(rest.numel(), M, device=H.device)
-        eigvals[cols] = lam.clamp_min(0.0)
-        eigvecs[active.unsqueeze(1), cols.unsqueeze(0)] = vec
-    return eigvals, eigvecs
+            lam = torch.linalg.svdvals(block)
+        eigvals[: active.numel()] = lam.double().clamp_min(0.0)
+    return eigvals
+
+
+def _cholesky_into(out: torch.Tensor, H: torch.Tensor, delta: float) -> torch.Tensor:
+    r"""The Cholesky factor of :math:`H + \delta I`, computed in place in ``out`` (``(M, M)``,
+    row-major, reused across δ); returns the lower factor L (a column-major view of ``out``).
+
+    ``out`` is filled with H + δI and LAPACK's ``potrf`` runs on it directly: ``out.mT`` is
+    column-major, so ``cholesky_ex`` with ``out=out.mT`` needs no copy (one ``(M, M)`` matrix for
+    the factor, beside H).
+    """
+    out.copy_(H)
+    out.diagonal().add_(delta)
+    L = out.mT
+    factor, info = torch.linalg.cholesky_ex(L, out=(L, torch.empty((), dtype=torch.int32, device=out.device)))
+    if factor.data_ptr() != out.data_ptr():  # a torch that does not factor in place (costs a copy)
+        L.copy_(factor)
+    if int(info) != 0:
+        raise torch.linalg.LinAlgError(
+            f"H + {delta:.3g} I is not positive definite in {out.dtype} (leading minor {int(info)}): "
+            f"use dtype=torch.float64 or a larger prior_precision")
+    return L
 
 
 def _positive(name: str, value) -> float:
@@ -333,6 +364,17 @@ class SubnetLaplace:
             ``{"pattern": "2.*"}``, ``{"epochs": 3}``). The variance strategies get the data,
             likelihood, σ and δ (1 while δ is unset) from here.
         chunk_size: posterior samples pushed through one vmapped forward/JVP.
+        dtype: the floating dtype of the ``(M, M)`` matrices: H (accumulated in it), its
+            eigenvalues and the Cholesky factor of :math:`H + \delta I`. ``torch.float64`` (default)
+            or ``torch.float32`` (half the memory; the factorisation fails for a δ too small
+            against H at float32 precision). Outputs (covariance, draws, variances) come in the
+            network's dtype.
+
+    **Memory.** A fit holds H; the eigenvalues (for the marginal likelihood, computed when first
+    needed) cost one transient copy of H; predictions and draws use the Cholesky factor of
+    :math:`H + \delta I`, one more ``(M, M)`` matrix kept beside H and refactored in place when δ
+    changes. So at most two ``(M, M)`` matrices of ``dtype`` are alive at once (the dense
+    :attr:`posterior_covariance` and :attr:`posterior_precision` are new matrices on request).
 
     Typical use::
 
@@ -356,6 +398,7 @@ class SubnetLaplace:
         max_block_elements: int = DEFAULT_MAX_ELEMENTS,
         selection_options: dict | None = None,
         chunk_size: int = 32,
+        dtype: torch.dtype = torch.float64,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -374,6 +417,9 @@ class SubnetLaplace:
         self.jacobian_mode = one_of("jacobian_mode", jacobian_mode, JACOBIAN_MODES)
         self.max_block_elements = positive_int("max_block_elements", max_block_elements)
         self.chunk_size = positive_int("chunk_size", chunk_size)
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+        self.dtype = dtype
         if selection_options is not None and not isinstance(selection_options, dict):
             raise TypeError(f"selection_options must be a dict, got {type(selection_options).__name__}")
         self.selection_options = dict(selection_options or {})
@@ -397,8 +443,9 @@ class SubnetLaplace:
         self.H: torch.Tensor | None = None
         self.log_likelihood: float | None = None
         self.num_data: int | None = None
-        self._eigvals = self._eigvecs = None
-        self._sqrt_cov = None
+        self._eigvals: torch.Tensor | None = None
+        self._chol: torch.Tensor | None = None  # (M, M) buffer: the Cholesky factor of H + δ I
+        self._chol_delta: float | None = None  # the δ it holds the factor for
         self._bank: torch.Tensor | None = None
 
     def _set_subnetwork(self, indices: torch.Tensor) -> None:
@@ -459,7 +506,6 @@ class SubnetLaplace:
     @prior_precision.setter
     def prior_precision(self, value: float) -> None:
         self._prior_precision = _positive("prior_precision", value)
-        self._sqrt_cov = None
 
     def _check_subnetwork(self) -> None:
         if self._sub is None:
@@ -485,13 +531,13 @@ class SubnetLaplace:
             indices = select_subnetwork(self.strategy, self.full, self.subnetwork_size, context, **self.selection_options)
             self._set_subnetwork(indices)
         self._reset_fit()
-        curv = ggn(self._sub, train_loader, self.likelihood, self.sigma_noise, jacobians=self._jac)
+        curv = ggn(self._sub, train_loader, self.likelihood, self.sigma_noise, jacobians=self._jac, dtype=self.dtype)
         if curv.log_likelihood is None:
             raise ValueError("train_loader must yield (x, y) batches: the marginal likelihood needs targets")
         if curv.num_members != self.ensemble_size:
             raise ValueError(f"the network gives {curv.num_members} output rows per input, expected {self.ensemble_size}")
         self.H, self.log_likelihood, self.num_data = curv.matrix, curv.log_likelihood, curv.num_data
-        self._eigvals, self._eigvecs = _eigh_psd(self.H.double())
+        del curv
         if self._prior_precision is None:
             self.optimize_prior_precision("marglik")
         return self
@@ -509,7 +555,16 @@ class SubnetLaplace:
             raise ValueError(f"prior_precision must be > 0 and finite, got {delta.tolist()}")
         diff = (self.theta_map - self.prior_mean).double()
         return (self.log_likelihood - 0.5 * delta * diff.pow(2).sum() + 0.5 * self.num_params * delta.log()
-                - 0.5 * torch.log(self._eigvals + delta.unsqueeze(-1)).sum(-1))
+                - 0.5 * torch.log(self._eigenvalues().to(self.device) + delta.unsqueeze(-1)).sum(-1))
+
+    def _eigenvalues(self) -> torch.Tensor:
+        """The eigenvalues of H (float64, computed once per fit). Their transient copy of H takes
+        the place of the Cholesky factor, which is dropped first (and refactored when needed)."""
+        self._check_fitted()
+        if self._eigvals is None:
+            self._chol = self._chol_delta = None
+            self._eigvals = _eigvalsh_psd(self.H)
+        return self._eigvals
 
     def optimize_prior_precision(self, method: str = "marglik", val_loader=None, grid=None) -> float:
         r"""Set δ by ``"marglik"`` (the root of :math:`\partial\log Z/\partial\log\delta`, by bisection) or
@@ -530,7 +585,7 @@ class SubnetLaplace:
         return self.prior_precision
 
     def _marglik_root(self) -> float:
-        lam = self._eigvals
+        lam = self._eigenvalues()
         sq = (self.theta_map - self.prior_mean).double().pow(2).sum().item()
         if sq == 0.0:
             raise ValueError("the marginal likelihood grows without bound in delta: theta_MAP equals the prior mean")
@@ -555,19 +610,32 @@ class SubnetLaplace:
 
     @torch.no_grad()
     def _grid_nll(self, data, grid: torch.Tensor) -> torch.Tensor:
-        """Summed NLL of the closed-form GLM predictive for every δ of ``grid`` (one Jacobian pass)."""
-        total = torch.zeros(grid.numel(), dtype=torch.float64)
-        V, lam = self._eigvecs.to(self.device), self._eigvals.to(self.device)
+        """Summed NLL of the closed-form GLM predictive for every δ of ``grid``: one Cholesky
+        factor of H + δI per δ, in the factor's buffer. The validation Jacobian blocks are
+        computed once and kept while they hold at most M²/4 numbers, else recomputed per δ."""
+        batches = []
         for x, y in as_batches(data):
             if y is None:
                 raise ValueError("val_loader must yield (x, y) batches")
-            x, y = x.to(self.device), y.to(self.device)
-            for start, out, J in self._jac.blocks(x):
-                yb = y[start:start + out.shape[1]]
-                proj = (J.double() @ V).pow(2)  # (K, b, O, M): squared coordinates in H's eigenbasis
-                for g, delta in enumerate(grid.tolist()):
-                    var = proj @ (1.0 / (lam + delta))  # (K, b, O)
-                    total[g] -= self._closed_form_loglik(out.double(), var, yb).cpu()
+            batches.append((x.to(self.device), y.to(self.device)))
+
+        def blocks():
+            for x, y in batches:
+                for start, out, J in self._jac.blocks(x):
+                    yield out, J, y[start:start + out.shape[1]]
+
+        cache, kept, budget = [], 0, self.num_params**2 // 4
+        for block in blocks():
+            kept += block[1].numel()
+            if kept > budget:
+                cache = None
+                break
+            cache.append(block)
+        total = torch.zeros(grid.numel(), dtype=torch.float64)
+        for g, delta in enumerate(grid.tolist()):
+            L = self._factor(delta)
+            for out, J, yb in (cache if cache is not None else blocks()):
+                total[g] -= self._closed_form_loglik(out.double(), self._variance(J, L).double(), yb).cpu()
         return total
 
     def _closed_form_loglik(self, mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -586,42 +654,63 @@ class SubnetLaplace:
     # -- the Gaussian over θ_S -------------------------------------------------------------
     @property
     def posterior_precision(self) -> torch.Tensor:
-        r""":math:`H + \delta I` ``(M, M)``."""
+        r""":math:`H + \delta I` ``(M, M)`` (a new matrix, in the network's dtype)."""
         self._check_fitted()
-        return self.H + self.prior_precision * torch.eye(self.num_params, dtype=self.H.dtype, device=self.H.device)
+        P = self.H.to(self.theta_map.dtype, copy=True)
+        P.diagonal().add_(self.prior_precision)
+        return P
 
     @property
     def posterior_covariance(self) -> torch.Tensor:
-        r""":math:`(H + \delta I)^{-1}` ``(M, M)``, from the eigendecomposition of H."""
-        S = self._scale()
-        return S @ S.T
+        r""":math:`(H + \delta I)^{-1}` ``(M, M)`` (a new matrix, in the network's dtype), from the
+        Cholesky factor."""
+        return torch.cholesky_inverse(self._factor()).to(self.theta_map.dtype)
 
-    def _scale(self) -> torch.Tensor:
-        r""":math:`V \operatorname{diag}(\lambda + \delta)^{-1/2}`, a square root of the covariance."""
+    def _factor(self, delta: float | None = None) -> torch.Tensor:
+        r"""The lower Cholesky factor L of :math:`H + \delta I` (δ: the current prior precision),
+        :math:`\Sigma = L^{-\top} L^{-1}`; refactored in place in one buffer when δ changes."""
         self._check_fitted()
-        if self._sqrt_cov is None:
-            S = self._eigvecs * (self._eigvals + self.prior_precision).rsqrt()
-            self._sqrt_cov = S.to(self.H.dtype)
-        return self._sqrt_cov
+        delta = self.prior_precision if delta is None else delta
+        if self._chol is None:
+            self._chol = torch.empty_like(self.H)
+            self._chol_delta = None
+        if self._chol_delta != delta:
+            self._chol_delta = None  # the buffer is overwritten: invalid until the factorisation succeeds
+            _cholesky_into(self._chol, self.H, delta)
+            self._chol_delta = delta
+        return self._chol.mT
+
+    def _solve_draws(self, eps: torch.Tensor) -> torch.Tensor:
+        r"""``eps`` ``(S, M)`` of standard normals -> ``(S, M)`` draws of :math:`\mathcal N(0, \Sigma)`:
+        :math:`L^{-\top}\varepsilon` (a triangular solve; no ``(M, M)`` temporary)."""
+        L = self._factor()
+        return torch.linalg.solve_triangular(L.mT, eps.to(L.dtype).T, upper=True).T
+
+    def _variance(self, J: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        r""":math:`\operatorname{diag}(J \Sigma J^\top) = \lVert L^{-1} J^\top \rVert^2` columnwise, for
+        ``J`` ``(..., M)`` -> ``(...)``; in chunks of at most M/16 rows of J, so the temporaries
+        stay below an eighth of an ``(M, M)`` matrix whatever the batch."""
+        rows = J.reshape(-1, J.shape[-1])
+        out = [torch.linalg.solve_triangular(L, chunk.to(L.dtype).T, upper=False).square_().sum(0)
+               for chunk in rows.split(max(1, rows.shape[-1] // 16))]
+        return torch.cat(out).reshape(J.shape[:-1])
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         r"""Draws of :math:`\theta_S \sim \mathcal N(\theta_{S*}, (H + \delta I)^{-1})`: ``(num_samples, M)``."""
         positive_int("num_samples", num_samples)
-        S = self._scale()
-        eps = torch.randn(num_samples, self.num_params, generator=generator, dtype=S.dtype, device=S.device)
-        return self.theta_map + eps @ S.T
+        eps = torch.randn(num_samples, self.num_params, generator=generator, dtype=self.dtype, device=self.device)
+        return self.theta_map + self._solve_draws(eps).to(self.theta_map.dtype)
 
     def clear_samples(self) -> None:
         """Forget the cached draws behind :meth:`sample_predictions`."""
         self._bank = None
 
     def _deltas(self, num_samples: int) -> torch.Tensor:
-        S = self._scale()
         have = 0 if self._bank is None else self._bank.shape[0]
         if num_samples > have:
-            new = torch.randn(num_samples - have, self.num_params, dtype=S.dtype, device=S.device)
+            new = torch.randn(num_samples - have, self.num_params, dtype=self.dtype, device=self.device)
             self._bank = new if self._bank is None else torch.cat([self._bank, new])
-        return self._bank[:num_samples] @ S.T
+        return self._solve_draws(self._bank[:num_samples]).to(self.theta_map.dtype)
 
     # -- predictives -----------------------------------------------------------------------
     def _check_x(self, x) -> torch.Tensor:
@@ -634,11 +723,11 @@ class SubnetLaplace:
         r"""Mean :math:`f(\theta_*, x)` and marginal variances :math:`\operatorname{diag}(J_S \Sigma J_S^\top)`
         of the linearized network, both ``(K, B, O)``."""
         x = self._check_x(x)
-        S = self._scale()
+        L = self._factor()
         means, variances = [], []
         for _, out, J in self._jac.blocks(x):
             means.append(out)
-            variances.append((J @ S).pow(2).sum(-1))
+            variances.append(self._variance(J, L).to(out.dtype))
         return torch.cat(means, dim=1), torch.cat(variances, dim=1)
 
     @torch.no_grad()

@@ -38,9 +38,10 @@ from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
 from torch import nn
 
 from .._checks import one_of
-from ..convert import BATCHNORM_MODES
+from .. import convert  # a module reference: convert imports models (and so this module) itself
 from ..inference.guides import CauchyGuide, DeltaGuide, MixtureGuide
 from ..inference.objectives import ESTIMATORS, OBJECTIVES
+from ..inference.train import PRECISIONS
 from ..priors import FactorPrior, make_prior
 from .base import Rank1Model
 from .lenet import lenet5
@@ -61,6 +62,8 @@ __all__ = [
     "GUIDES",
     "FILE_DATASETS",
     "LIKELIHOODS",
+    "CONFIG_HELP",
+    "defaults_table",
 ]
 
 def _mlp(num_classes, ensemble_size, prior, batchnorm, num_data, input_shape, hidden=(128, 128)):
@@ -101,6 +104,70 @@ LIKELIHOODS = ("categorical", "normal")
 _PRIOR_KEYS = ("family", "loc", "scale")
 
 
+#: one line per :class:`RunConfig` key: what it means (the docs' table of defaults, :func:`defaults_table`)
+CONFIG_HELP = {
+    "name": "the run's name (the default run directory is `runs/<name>-<time>`)",
+    "dataset": "digits, fashion_mnist, mnist1d, cifar10, cifar100, imagenet, or your files: csv, parquet, npz, npy, image_folder",
+    "model": "mlp, lenet5, resnet18_cifar, resnet20_cifar, wrn28_10, resnet50",
+    "num_classes": "number of classes (1 for regression)",
+    "model_args": "extra arguments of the model builder, e.g. `{ hidden = [128, 128] }` for mlp",
+    "likelihood": "categorical (classification) or normal (regression, your own files only)",
+    "data": "how to read your files (path, target, ...; see the how-to on your own data); empty for built-in data",
+    "ensemble_size": "K, the mixture components / ensemble members",
+    "prior": "prior of the factors r, s: family gaussian or cauchy, loc, scale (a number or a table: hierarchical)",
+    "guide": "mixture (the paper's), delta (BatchEnsemble), cauchy, autonormal, autolowrank",
+    "init_sign_prob": "P(+1) of the random-sign init of the factors' posterior means (omit for all +1)",
+    "init_scale": "initial posterior stddev of the factors",
+    "objective": "averaged (mean of the members' ELBOs) or mixture (log of the mixture likelihood)",
+    "kl_weight": "multiplies the KL term (1 = the ELBO)",
+    "estimator": "member (one factor draw per member and step) or example (one per example)",
+    "precision": "fp32, or bf16 autocast of the forward pass",
+    "batchnorm": "shared, or per_member BatchNorm statistics",
+    "epochs": "passes over the training data",
+    "per_core_batch_size": "tiled rows per device per step: per_core_batch_size / K new examples",
+    "num_cores": "devices the reference used: batch = per_core_batch_size / K × num_cores",
+    "base_learning_rate": "learning rate = base_learning_rate × batch / lr_reference_batch",
+    "lr_reference_batch": "the batch size at which the learning rate is base_learning_rate",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum (SGD)",
+    "warmup_epochs": "linear learning-rate warm-up, in epochs",
+    "decay_epochs": "epochs at which the learning rate is multiplied by decay_rate",
+    "decay_rate": "the step-decay factor",
+    "kl_annealing_epochs": "the KL weight grows linearly from 0 to 1 over these epochs",
+    "l2": "L2 penalty l2 · Σ w² on W, biases and BatchNorm (weight decay 2 · l2), never on the factors",
+    "optimizer": "sgd (Nesterov momentum, warm-up, step decay) or adam",
+    "seed": "seeds the weights, the data order, the factor draws and the test evaluation",
+}
+
+
+def _toml(value) -> str:
+    """A default as it would be written in a TOML file."""
+    if value is dataclasses.MISSING:
+        return "*required*"
+    if value is None:
+        return "*omitted*"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    if isinstance(value, (tuple, list)):
+        return "`[" + ", ".join(str(v) for v in value) + "]`"
+    if isinstance(value, dict):
+        if not value:
+            return "`{}`"
+        return "`{ " + ", ".join(f"{k} = {_toml(v).strip('`')}" for k, v in value.items()) + " }`"
+    return f"`{value!r}`"
+
+
+def defaults_table() -> str:
+    """The Markdown table of every :class:`RunConfig` key, its default and its meaning (the docs'
+    copy, in docs/howto/declarative.md, is checked against it by the tests)."""
+    defaults = RunConfig.defaults()
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | {_toml(v)} | {CONFIG_HELP[k]} |" for k, v in defaults.items()]
+    return "\n".join(lines) + "\n"
+
+
 def _shipped() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
 
@@ -128,6 +195,7 @@ class RunConfig:
     objective: str = "averaged"
     kl_weight: float = 1.0
     estimator: str = "member"
+    precision: str = "fp32"
     batchnorm: str = "shared"
     epochs: int = 250
     per_core_batch_size: int = 64
@@ -145,6 +213,12 @@ class RunConfig:
     seed: int = 0
 
     # -- construction and validation --------------------------------------------------------
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every key's default (``dataclasses.MISSING`` for the required keys)."""
+        return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
@@ -193,7 +267,8 @@ class RunConfig:
         choice("guide", GUIDES)
         choice("objective", OBJECTIVES)
         choice("estimator", ESTIMATORS)
-        choice("batchnorm", BATCHNORM_MODES)
+        choice("precision", PRECISIONS)
+        choice("batchnorm", convert.BATCHNORM_MODES)
         choice("optimizer", ("sgd", "adam"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
@@ -335,6 +410,7 @@ class RunConfig:
             decay_epochs=tuple(self.decay_epochs),
             decay_rate=self.decay_rate,
             kl_annealing_epochs=self.kl_annealing_epochs,
+            precision=self.precision,
         )
 
     # -- data -------------------------------------------------------------------------------
