@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -43,28 +42,8 @@ ROOT = HERE.parent
 MIB = 2**20
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> int:
-    """Reset the peak RSS to the current RSS (Linux) and return the baseline in bytes."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_kib("VmRSS") * 1024
-    except (OSError, TypeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak_rss() -> int:
-    hwm = _status_kib("VmHWM")
-    return (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+sys.path.insert(0, str(HERE))  # the RSS helpers live beside this script
+from laplace_vs_laplace_torch import _peak_rss, _reset_peak_rss  # noqa: E402
 
 
 def worker(spec: dict) -> dict:

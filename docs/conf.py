@@ -17,6 +17,10 @@ exclude_patterns = ["_build"]
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_typehints = "description"
-html_theme = "alabaster"
+# furo: a wide content column, code blocks and tables that scroll sideways instead of wrapping
+html_theme = "furo"
+html_title = "rank1-pyro"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]  # numeric table cells never wrap
 nitpicky = False
 suppress_warnings = ["myst.header"]

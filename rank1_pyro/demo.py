@@ -156,6 +156,6 @@ def _write(report: dict, probs: dict, labels: torch.Tensor, out_dir: Path) -> No
     )
     reliability_diagram(
         probs, labels, out_dir / "reliability.png",
-        suptitle=f"Reliability on the rotated {report['dataset']} test set (rotations: "
-        f"{report['config']['rotations']} degrees), {len(labels)} examples",
+        suptitle=f"Reliability on the rotated {report['dataset']} test set (rotated by "
+        + ", ".join(f"{a:g}" for a in report["config"]["rotations"]) + f" degrees; {len(labels)} examples)",
     )

@@ -20,6 +20,7 @@ members, so the members stay exchangeable draws from the same prior.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Union
@@ -183,10 +184,18 @@ class FactorPrior:
         already a batch shape aligned with the enclosing plates (e.g. ``(S, 1, 1)`` under a
         sample plate at dim -3); it gains a trailing event dim here.
         """
+        if not torch.is_tensor(scale):  # a fixed prior: the same distribution object every step
+            return _fixed_distribution(self.family, float(self.loc), float(scale), int(size), torch.device(device or "cpu"),
+                                       torch.get_default_dtype())
         loc = torch.full((size,), float(self.loc), device=device)
-        if torch.is_tensor(scale):
-            scale = scale.unsqueeze(-1)
-        return self.family(loc, scale).to_event(1)
+        return self.family(loc, scale.unsqueeze(-1)).to_event(1)
+
+
+@functools.lru_cache(maxsize=256)
+def _fixed_distribution(family, loc: float, scale: float, size: int, device: torch.device, dtype) -> dist.TorchDistribution:
+    """``family(loc, scale)`` over ``size`` entries, built once per (spec, size, device, dtype): a
+    training step then spends no time building prior distributions (they are never mutated)."""
+    return family(torch.full((size,), loc, device=device, dtype=dtype), torch.tensor(scale, device=device, dtype=dtype)).to_event(1)
 
 
 @dataclass(frozen=True)

@@ -309,3 +309,25 @@ def test_non_finite_parameters_are_never_written(tmp_path):
     ckpt = read_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
     assert ckpt["position"]["step"] == 2
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_load_weights_accepts_a_plain_state_dict_and_refuses_anything_else(tmp_path):
+    trained, _ = fresh()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    path = tmp_path / "weights.pt"
+    torch.save(trained.state_dict(), path)
+    model, guide = fresh()
+    result = load_weights(path, model)
+    assert result["format"] == "state_dict" and result["guide"] is None
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    wider, _ = fresh(hidden=8)
+    with pytest.raises(CheckpointError, match=r"shape mismatches net\.0\.weight"):
+        load_weights(path, wider)  # checked against the model like a checkpoint
+    with pytest.raises(CheckpointError, match="plain state_dict of one module .* no state for the guide"):
+        load_weights(path, model, guide)
+    for name, obj in [("list.pt", [torch.zeros(2)]), ("mixed.pt", {"w": torch.zeros(2), "step": 3}), ("empty.pt", {})]:
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(CheckpointError, match=rf"{name} is not a rank1-pyro checkpoint.*or a plain state_dict"):
+            load_weights(tmp_path / name, model)

@@ -25,7 +25,7 @@ def test_demo_runs_and_writes_its_run_directory(tmp_path, capsys, monkeypatch):
     assert 0.0 <= row["shifted_ece"] <= 1.0 and row["parameters"] > report["results"]["deterministic"]["parameters"]
     monkeypatch.undo()
     (fig,) = figures  # the reliability diagram: titled with the data it shows, one panel per method
-    assert fig._suptitle.get_text().startswith("Reliability on the rotated digits test set (rotations: [30.0, 45.0, 60.0]")
+    assert fig._suptitle.get_text().startswith("Reliability on the rotated digits test set (rotated by 30, 45, 60 degrees")
     assert [ax.get_title().split("\n")[0] for ax in fig.axes[:4]] == list(report["results"])
     close(fig)
     png = (tmp_path / "run" / "reliability.png").read_bytes()

@@ -140,13 +140,16 @@ def _draws(guide, x, y, seed):
     return {n: s["value"] for n, s in trace.nodes.items() if s["type"] == "sample"}
 
 
+@pytest.mark.parametrize("validation", [True, False], ids=["validated", "fast-path"])
 @pytest.mark.parametrize("guide_name", list(GUIDES))
 @pytest.mark.parametrize("prior_name", list(PRIORS))
-def test_averaged_elbo_equals_rescaled_trace_elbo_on_the_same_draws(prior_name, guide_name):
+def test_averaged_elbo_equals_rescaled_trace_elbo_on_the_same_draws(prior_name, guide_name, validation):
+    """Both trace paths: Pyro's importance trace (validation on) and the objectives' own (training steps)."""
     model, guide, x, y = setup(prior_name, guide_name)
     for seed in (0, 1):
         pyro.set_rng_seed(seed)
-        averaged = AveragedELBO(analytic_kl=False, vectorize_particles=False).differentiable_loss(model, guide, x, y)
+        with pyro.validation_enabled(validation):
+            averaged = AveragedELBO(analytic_kl=False, vectorize_particles=False).differentiable_loss(model, guide, x, y)
         pyro.set_rng_seed(seed)
         trace = Trace_ELBO(max_plate_nesting=2).differentiable_loss(model, guide, x, y)
         draws = _draws(guide, x, y, seed)
@@ -155,15 +158,17 @@ def test_averaged_elbo_equals_rescaled_trace_elbo_on_the_same_draws(prior_name, 
         torch.testing.assert_close(-trace, -K * averaged - (K - 1) * global_term, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("validation", [True, False], ids=["validated", "fast-path"])
 @pytest.mark.parametrize("guide_name", list(GUIDES))
 @pytest.mark.parametrize("prior_name", ["gaussian", "hierarchical"])
-def test_mixture_elbo_differs_from_averaged_by_the_log_mixture_gap(prior_name, guide_name):
+def test_mixture_elbo_differs_from_averaged_by_the_log_mixture_gap(prior_name, guide_name, validation):
     model, guide, x, y = setup(prior_name, guide_name)
     seed = 3
-    pyro.set_rng_seed(seed)
-    averaged = AveragedELBO(analytic_kl=False, vectorize_particles=False).differentiable_loss(model, guide, x, y)
-    pyro.set_rng_seed(seed)
-    mixture = MixtureELBO(analytic_kl=False, vectorize_particles=False).differentiable_loss(model, guide, x, y)
+    with pyro.validation_enabled(validation):
+        pyro.set_rng_seed(seed)
+        averaged = AveragedELBO(analytic_kl=False, vectorize_particles=False).differentiable_loss(model, guide, x, y)
+        pyro.set_rng_seed(seed)
+        mixture = MixtureELBO(analytic_kl=False, vectorize_particles=False).differentiable_loss(model, guide, x, y)
     draws = _draws(guide, x, y, seed)
     with torch.no_grad():
         logits = poutine.condition(model.outputs, data=draws)(x)  # (K, B, C)
@@ -187,7 +192,8 @@ def test_analytic_and_monte_carlo_kl_agree_in_expectation(prior_name, guide_name
         for seed in range(40):
             pyro.set_rng_seed(seed)
             with torch.no_grad():
-                values.append(AveragedELBO(num_particles=50, analytic_kl=analytic).differentiable_loss(model, guide, x, y))
+                with pyro.validation_enabled(analytic):  # the fast trace path for the Monte Carlo side
+                    values.append(AveragedELBO(num_particles=50, analytic_kl=analytic).differentiable_loss(model, guide, x, y))
         losses[analytic] = torch.stack(values)
     diff = losses[True].mean() - losses[False].mean()
     se = (losses[True].var() / 40 + losses[False].var() / 40).sqrt()
@@ -538,3 +544,23 @@ def test_cli_trains_and_diagnoses_an_autoguide_run_with_per_example_sampling(tmp
     assert main(["diagnose", str(run), "--samples", "8"]) == 0
     report = (run / "diagnostics" / "report.txt").read_text()
     assert "k-hat = " in report and "net.1.r" in report and "_unconstrained" not in report and "_latent" not in report
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_a_guide_without_reparameterized_samples_is_refused(validation):
+    model = rank1_mlp(2, [4], 3, ensemble_size=K)
+    mixture = MixtureGuide(model)
+
+    class NoRsample(dist.Normal):
+        has_rsample = False
+
+    def score_guide(x, y=None):  # the mixture guide plus one site that cannot be reparameterized
+        from rank1_pyro.layers import member_plate
+
+        with member_plate(K):
+            pyro.sample("aux", NoRsample(torch.zeros(K, 1, 2), 1.0).to_event(1), infer={"is_auxiliary": True})
+        return mixture(x, y)
+
+    x, y = data()
+    with pyro.validation_enabled(validation), pytest.raises(NotImplementedError, match="reparameterized"):
+        AveragedELBO().differentiable_loss(model, score_guide, x, y)

@@ -66,3 +66,18 @@ def test_the_declarative_example_is_the_shipped_config_and_names_the_omitted_key
     assert named == omitted
     listed = ", ".join(omitted[:-1]) + " and " + omitted[-1]
     assert listed in " ".join(shipped.replace("#", " ").split())  # the file's own comment lists them too
+
+
+def test_the_docs_theme_fits_wide_tables_and_numbers_never_wrap():
+    import tomllib
+
+    conf = {}
+    exec((ROOT / "docs" / "conf.py").read_text(), conf)
+    assert conf["html_theme"] == "furo" and "custom.css" in conf["html_css_files"]
+    assert (ROOT / "docs" / "_static").is_dir() and "_static" in conf["html_static_path"]
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["docs"]
+    assert any(req.startswith("furo") for req in extra)  # `make docs` installs the theme
+    css = (ROOT / "docs" / "_static" / "custom.css").read_text()
+    rule = css.split("white-space: nowrap")[0].rsplit("}", 1)[-1]  # the selectors of the nowrap rule
+    assert "td.text-right" in rule  # MyST's class of right-aligned (`---:`) cells: the benchmark numbers
+    assert "---:" in (ROOT / "docs" / "benchmarks.md").read_text()  # ... which the benchmark tables use

@@ -44,8 +44,8 @@ def test_folded_and_scaled_paths_agree(name, sample_plate):
 
 
 def test_the_cost_model_folds_a_first_layer_in_training_only():
-    layer = Rank1Linear(5, 4, ensemble_size=3)
-    x = members(3).tile(torch.randn(5, 5))
+    layer = Rank1Conv2d(5, 4, 1, ensemble_size=3)  # a kernel of 20 entries
+    x = members(3).tile(torch.randn(5, 5, 1, 1))
     r = torch.ones(3, 1, 5)
     assert layer._fold(x, r, 10**9)  # the input needs no gradient: folding saves the input-gradient matmul
     assert not layer._fold(x.requires_grad_(), r, 10**9)  # a hidden layer: the gradient is needed anyway

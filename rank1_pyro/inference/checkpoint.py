@@ -236,10 +236,43 @@ def _load_modules(path, ckpt: dict, model: nn.Module, guide, guide_required: boo
 
 
 def load_weights(path, model: nn.Module, guide=None) -> dict:
-    """Load a checkpoint's model (and, when given, guide) state, e.g. for prediction; returns the checkpoint."""
-    ckpt = read_checkpoint(path)
+    """Load a checkpoint's model (and, when given, guide) state, e.g. for prediction; returns the checkpoint.
+
+    ``path`` is a rank1-pyro checkpoint (:func:`read_checkpoint`) or a plain ``state_dict`` file, a
+    dict of tensors saved with ``torch.save(model.state_dict(), path)``: it is checked against
+    ``model`` (names and shapes) and loaded into it; it holds no guide state, so a guide with
+    parameters is refused. Anything else raises :class:`CheckpointError` saying what the file holds.
+    """
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as error:
+        state = _plain_state_dict(path)
+        if state is None:
+            raise CheckpointError(
+                f"{error}; load_weights reads a rank1-pyro checkpoint or a plain state_dict (a dict of tensors "
+                "saved with torch.save(model.state_dict(), path))"
+            ) from None
+        if isinstance(guide, nn.Module) and guide.state_dict():
+            raise CheckpointError(
+                f"{path} is a plain state_dict of one module (the model): it has no state for the guide "
+                f"({type(guide).__name__}); load a rank1-pyro checkpoint, or pass guide=None"
+            )
+        check_state_dict(path, "model", model, state)
+        model.load_state_dict(state)
+        return {"format": "state_dict", "model": state, "guide": None}
     _load_modules(path, ckpt, model, guide, guide_required=False)
     return ckpt
+
+
+def _plain_state_dict(path) -> dict | None:
+    """The file's contents when it is a non-empty dict of named tensors (``torch.save(module.state_dict())``)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # broken or holding code: read_checkpoint's error says why
+        return None
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        return obj
+    return None
 
 
 # ------------------------------------------------------------------------------------------

@@ -69,12 +69,13 @@ import math
 from typing import NamedTuple
 
 import pyro.distributions as dist
+import pyro.poutine as poutine
 
 import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import ELBO
 from pyro.infer.enum import get_importance_trace
-from pyro.infer.util import check_fully_reparametrized, is_validation_enabled, torch_item
+from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -150,6 +151,13 @@ def _weight(site) -> float | torch.Tensor:
     """A site's scale, divided by K inside the members plate (see the module docstring)."""
     frame = _member_frame(site)
     return site["scale"] if frame is None else site["scale"] / frame.size
+
+
+def _log_prob(site) -> torch.Tensor:
+    """The site's unscaled log density at its value (computed here unless the trace already has it)."""
+    if "unscaled_log_prob" not in site:
+        site["unscaled_log_prob"] = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    return site["unscaled_log_prob"]
 
 
 def _masked_sum(log_p: torch.Tensor, site) -> torch.Tensor:
@@ -236,6 +244,14 @@ class Rank1ELBO(ELBO):
                 raise ValueError("estimator='example' needs the model's first argument to be a batch-first tensor")
             model, guide = ExamplePlate(batch)(model), ExamplePlate(batch)(guide)
         try:
+            if not is_validation_enabled():
+                # the fast path: no log densities computed up front (the analytic KLs need none);
+                # elbo_terms computes the few it needs. With validation: Pyro's checks and all densities.
+                guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(
+                    *args, **kwargs
+                )
+                return model_trace, guide_trace
             return get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
         except ValueError as e:
             if "invalid log_prob shape" in str(e):
@@ -249,7 +265,7 @@ class Rank1ELBO(ELBO):
     # -- terms ----------------------------------------------------------------------------
     def log_likelihood(self, site) -> torch.Tensor:
         """Scaled log-likelihood of one observed site, member dim reduced by the objective."""
-        log_p = site["unscaled_log_prob"]
+        log_p = _log_prob(site)
         if site["mask"] is not None and not isinstance(site["mask"], bool):
             log_p = log_p.masked_fill(~site["mask"], 0.0)
         frame = _member_frame(site)
@@ -293,15 +309,18 @@ class Rank1ELBO(ELBO):
                 kl = kl + term
                 analytic.add(name)
             else:
-                kl = kl - _masked_sum(site["unscaled_log_prob"], site) * _weight(site)
+                kl = kl - _masked_sum(_log_prob(site), site) * _weight(site)
         for name, site in guide_trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site) or name in analytic:
                 continue
             if site["is_observed"] or is_identically_zero(site["scale"]):
                 continue
-            if not is_point_mass(site["fn"]):
-                check_fully_reparametrized(site)
-            log_q = _masked_sum(site["unscaled_log_prob"], site) * _weight(site)
+            if not getattr(site["fn"], "has_rsample", False):
+                raise NotImplementedError(
+                    f"guide site {name!r}: {type(site['fn']).__name__} has no reparameterized sampler; the rank-1 "
+                    "objectives need reparameterized guide distributions"
+                )
+            log_q = _masked_sum(_log_prob(site), site) * _weight(site)
             joint = joints.get(name)
             if joint is not None and joint.num_members is not None:
                 # log q(u) = log q(u_G) + log q(u_M | u_G): weight 1 on the global marginal, 1/K on the rest
