@@ -29,9 +29,9 @@ docs: $(STAMP)
 	$(PY) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
 	@echo "docs built: docs/_build/html/index.html"
 
+# every performance ratio in one run, the step-floor table included (benchmarks/step_floor.py)
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py
-	$(PY) benchmarks/step_floor.py
 
 # on a machine with an accelerator: GPU tests, speed ratios on CUDA, torchrun + NCCL, peak GPU memory
 # (under five minutes; says so and exits 0 on a machine without CUDA)

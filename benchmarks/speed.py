@@ -16,6 +16,9 @@ Ratios (target in brackets):
   the Gram part in the number of outputs [about 2], of the loss-projected variant in outputs [about 0]
   (runs ``benchmarks/projected_scaling.py --skip-digits``)
 
+* then the step-floor table of ``benchmarks/step_floor.py`` (``--skip-floor`` to leave it out): each
+  network's rank-1 training step and predictive against the deterministic network on the K·B rows.
+
 Timings are medians over repeated blocks after warm-up; the table prints the targets beside the ratios.
 On a shared machine run nothing else meanwhile: the ratios are robust to a steady load, not to bursts.
 """
@@ -215,6 +218,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-posthoc", action="store_true", help="skip the Laplace and projected-posterior runs")
+    parser.add_argument("--skip-floor", action="store_true",
+                        help="skip the step-floor table (benchmarks/step_floor.py: LeNet-5, ResNet-20, MLPs, both guides)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -243,6 +248,12 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": str(device), "timings_s": t, "ratios": {r[0]: r[1] for r in rows}}, indent=2))
     print(f"\nwrote {args.out}")
+    if not args.skip_floor:  # the same run: every training step and predictive against its deterministic floor
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import step_floor
+
+        step_floor.main(["--device", str(device), "--threads", str(torch.get_num_threads()),
+                         "--out", str(args.out.with_name("step_floor.json"))])
 
 
 if __name__ == "__main__":

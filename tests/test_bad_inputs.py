@@ -280,7 +280,7 @@ def test_config_file_with_an_unknown_key_names_it(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["params", "vgg16"], r"rank1-pyro params: error: unknown model 'vgg16'; valid: "),
+        (["params", "vgg16"], r"rank1-pyro params: error: unknown model 'vgg16': not a network \(lenet5, "),
         (["demo", "--epochs", "0"], r"rank1-pyro demo: error: --epochs must be >= 1, got 0"),
         (["demo", "--epochs", "1", "--device", "tpu9"], r"rank1-pyro demo: error: device"),
     ],
