@@ -185,28 +185,10 @@ class Rank1Layer(PyroModule):
                 "tile the batch as (K, B, ...) first, e.g. with Rank1Model"
             )
 
-    #: how the factors enter: ``None`` chooses per call (:meth:`_fold`), ``True`` always scales the
-    #: kernel (per-member weights :math:`W \circ s_k r_k^\top`), ``False`` always scales the activations
+    #: how the factors enter: ``True`` folds them into per-member kernels :math:`W \circ s_k r_k^\top`,
+    #: ``False`` scales the activations, ``None`` (default) lets the layer choose (convolutions:
+    #: :meth:`Rank1Conv2d._fold`; dense layers scale, folding measured slower there)
     fold: bool | None = None
-
-    def _fold(self, x: torch.Tensor, r: torch.Tensor, activations: int) -> bool:
-        """Whether to fold the factors into per-member kernels rather than scale the activations.
-
-        Same result either way (tested in float64). Folding costs one kernel product per member;
-        scaling costs passes over the input and output activations and, while training, the
-        gradient of the input (to reach r), which a first layer otherwise never computes. So:
-        never for per-example factors (no per-member kernel); in training, fold exactly when the
-        input needs no gradient (a first layer: one matmul/convolution fewer, measured 1.7x faster
-        for LeNet-5's first convolution); without gradients, fold when the kernel is smaller than
-        one member's input and output activations (``activations``).
-        """
-        if r.shape[-2] != 1:
-            return False
-        if self.fold is not None:
-            return bool(self.fold)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in self.parameters()):
-            return not x.requires_grad
-        return self.weight.numel() < activations
 
     @staticmethod
     def _structured(x: torch.Tensor, factor: torch.Tensor, feature_dims: int) -> tuple[torch.Tensor, bool]:
@@ -338,6 +320,25 @@ class Rank1Conv2d(Rank1Layer):
         out = self._folded(x, r, s) if fold else self._scaled(x, r, s)
         return self._restore(out, flat, 3)
 
+    def _fold(self, x: torch.Tensor, r: torch.Tensor, activations: int) -> bool:
+        """Whether to fold the factors into per-member kernels rather than scale the activations.
+
+        Same result either way (tested in float64). Folding costs one kernel product per member;
+        scaling costs passes over the input and output activations and, while training, the
+        gradient of the input (to reach r), which a first layer otherwise never computes. So:
+        never for per-example factors (no per-member kernel); in training, fold exactly when the
+        input needs no gradient (a first layer: one convolution fewer, measured 1.7x faster
+        for LeNet-5's first convolution); without gradients, fold when the kernel is smaller than
+        one member's input and output activations (``activations``).
+        """
+        if r.shape[-2] != 1:
+            return False
+        if self.fold is not None:
+            return bool(self.fold)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in self.parameters()):
+            return not x.requires_grad
+        return self.weight.numel() < activations
+
     def _scaled(self, x, r, s):
         """Scale the feature maps: conv(x ∘ r) ∘ s + b, one convolution over every leading row."""
         x = x * r[..., None, None]
@@ -367,8 +368,6 @@ class Rank1Conv2d(Rank1Layer):
         ]
         out = torch.stack(outs)
         return out.reshape(*lead, k, *out.shape[-4:])
-
-
 
     def extra_repr(self) -> str:
         return (

@@ -308,6 +308,23 @@ def check_run_dir(run_dir) -> Path:
     return run_dir
 
 
+def check_run_or_stand_in(run_dir, stand_in: bool, holds_run: str, missing_hint: str | None = None) -> Path:
+    """RUN_DIR of a command that reads a run, or, with its explicit stand-in flag (``stand_in``), a
+    directory holding no run. ``holds_run`` completes the refusal of a stand-in over a run
+    (``"<run_dir> holds a run...``"); ``missing_hint`` is appended when a run is missing."""
+    check_run_path(run_dir)
+    if stand_in:
+        if run_state(run_dir) != "missing":
+            raise RunError(f"{run_dir} {holds_run}")
+        return Path(run_dir)
+    try:
+        return check_run_dir(run_dir)  # names what is missing; nothing is trained in its place
+    except RunError as e:
+        if missing_hint is None:
+            raise
+        raise RunError(f"{e} ({missing_hint})") from None
+
+
 class _Splits(Sequence):
     """``(train_set, test_set)``, read from the data only when first used (prediction needs no data)."""
 

@@ -68,18 +68,13 @@ def run(args) -> int:
     from ..data import as_tensors
     from ..diagnostics import MIN_PARETO_DRAWS, diagnose
     from ..inference.train import resolve_device
-    from ..runs import check_run_dir, check_run_path, load_run, run_state
+    from ..runs import check_run_or_stand_in, load_run
 
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     if args.samples < 1:
         raise UsageError(f"--samples must be >= 1, got {args.samples}")
-    check_run_path(args.run_dir)
-    if args.train_digits:
-        if run_state(args.run_dir) != "missing":
-            raise UsageError(f"{args.run_dir} holds a run: drop --train-digits to diagnose it")
-    else:
-        check_run_dir(args.run_dir)  # names what is missing; nothing is trained in its place
+    check_run_or_stand_in(args.run_dir, args.train_digits, "holds a run: drop --train-digits to diagnose it")
     device = resolve_device(args.device)
     saved = not args.train_digits
     ensemble_size = ENSEMBLE_SIZE

@@ -184,7 +184,7 @@ def run(args) -> int:
 
     from ..data import rotate
     from ..inference.train import resolve_device
-    from ..runs import RunError, check_run_dir, check_run_path, run_state, write_json
+    from ..runs import check_run_or_stand_in, write_json
 
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
@@ -192,15 +192,8 @@ def run(args) -> int:
         raise ValueError("--subnetwork by-name needs --pattern (e.g. --pattern 'body.2.*')")
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-    check_run_path(args.run_dir)
-    if args.map_mlp:
-        if run_state(args.run_dir) != "missing":
-            raise ValueError(f"{args.run_dir} holds a run of `rank1-pyro train`: drop --map-mlp to use it")
-    else:
-        try:
-            check_run_dir(args.run_dir)
-        except RunError as e:
-            raise RunError(f"{e} (pass --map-mlp to train a MAP MLP there instead)") from None
+    check_run_or_stand_in(args.run_dir, args.map_mlp, "holds a run of `rank1-pyro train`: drop --map-mlp to use it",
+                          "pass --map-mlp to train a MAP MLP there instead")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     is_run = not args.map_mlp

@@ -160,10 +160,15 @@ def _log_prob(site) -> torch.Tensor:
     return site["unscaled_log_prob"]
 
 
-def _masked_sum(log_p: torch.Tensor, site) -> torch.Tensor:
+def _masked(log_p: torch.Tensor, site) -> torch.Tensor:
+    """``log_p`` with the site's masked-out entries set to 0."""
     if site["mask"] is not None and not isinstance(site["mask"], bool):
         log_p = log_p.masked_fill(~site["mask"], 0.0)
-    return log_p.sum()
+    return log_p
+
+
+def _masked_sum(log_p: torch.Tensor, site) -> torch.Tensor:
+    return _masked(log_p, site).sum()
 
 
 def _finite_number(name: str, value, upper: float = math.inf) -> float:
@@ -265,9 +270,7 @@ class Rank1ELBO(ELBO):
     # -- terms ----------------------------------------------------------------------------
     def log_likelihood(self, site) -> torch.Tensor:
         """Scaled log-likelihood of one observed site, member dim reduced by the objective."""
-        log_p = _log_prob(site)
-        if site["mask"] is not None and not isinstance(site["mask"], bool):
-            log_p = log_p.masked_fill(~site["mask"], 0.0)
+        log_p = _masked(_log_prob(site), site)
         frame = _member_frame(site)
         if frame is not None and log_p.dim() >= -frame.dim:
             log_p = self.reduce_members(log_p, frame.dim)

@@ -69,6 +69,26 @@ def _module_mode(modules, training: bool):
             m.train(mode)
 
 
+def as_tensor(t, name: str = "data"):
+    """A numpy array as a tensor (sharing its memory); anything else as it is."""
+    if isinstance(t, np.ndarray):
+        try:
+            return torch.from_numpy(np.ascontiguousarray(t))
+        except TypeError as e:  # object or string arrays
+            raise TypeError(f"{name}: cannot use a numpy array of dtype {t.dtype}: {e}") from None
+    return t
+
+
+def floating_dtype(*modules) -> torch.dtype | None:
+    """The dtype of the first floating-point parameter among the ``nn.Module`` s in ``modules`` (``None`` if none)."""
+    for m in modules:
+        if isinstance(m, nn.Module):
+            for p in m.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+    return None
+
+
 def _device_of(*modules) -> torch.device:
     """The device of the first parameter of the first ``nn.Module`` among ``modules`` (CPU if none)."""
     for m in modules:
@@ -230,20 +250,14 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def _batches(data, batch_size: int) -> Iterable[torch.Tensor]:
-    if isinstance(data, np.ndarray):  # numpy arrays are accepted as they are tensors
-        try:
-            data = torch.from_numpy(np.ascontiguousarray(data))
-        except TypeError as e:
-            raise TypeError(f"data: cannot use a numpy array of dtype {data.dtype}: {e}") from None
+    data = as_tensor(data, "data")  # numpy arrays are accepted as they are tensors
     if torch.is_tensor(data):
         if data.dim() == 0 or data.shape[0] == 0:
             raise ValueError(f"data must be a non-empty batch (N, ...), got shape {tuple(data.shape)}")
         yield from data.split(batch_size)
         return
     for batch in data:  # a DataLoader or any iterable of x or (x, y, ...) batches
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(np.ascontiguousarray(x))
+        x = as_tensor(batch[0] if isinstance(batch, (tuple, list)) else batch, "data")
         if not torch.is_tensor(x):
             raise TypeError(f"data: every batch must be a tensor or numpy array of inputs, got {type(x).__name__}")
         yield x
@@ -251,13 +265,7 @@ def _batches(data, batch_size: int) -> Iterable[torch.Tensor]:
 
 def _posterior_dtype(posterior) -> torch.dtype | None:
     """The floating dtype of the posterior's network (``None`` when it cannot be told)."""
-    for name in ("model", "net", "network"):
-        module = getattr(posterior, name, None)
-        if isinstance(module, nn.Module):
-            for p in module.parameters():
-                if p.is_floating_point():
-                    return p.dtype
-    return None
+    return floating_dtype(*(getattr(posterior, name, None) for name in ("model", "net", "network")))
 
 
 def predict(posterior: Posterior, data, num_samples: int = 32, batch_size: int = 256, device=None) -> Prediction:

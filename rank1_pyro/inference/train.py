@@ -48,7 +48,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
@@ -63,7 +62,7 @@ from .checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_save, read_chec
 from .checkpoint import data_fingerprint
 from .checkpoint import restore_training, training_state
 from .objectives import OBJECTIVES, MixtureELBO, Rank1ELBO, kl_annealing
-from .predictive import Rank1Posterior, predict
+from .predictive import Rank1Posterior, as_tensor, floating_dtype, predict
 
 __all__ = ["train", "History", "NonFiniteLossError", "resolve_device", "empty_guide"]
 
@@ -89,21 +88,11 @@ def resolve_device(device="auto") -> torch.device:
     return device
 
 
-def _as_tensor(t):
-    """A tensor as it is; a numpy array as a tensor (sharing its memory); anything else as it is."""
-    if isinstance(t, np.ndarray):
-        try:
-            return torch.from_numpy(np.ascontiguousarray(t))
-        except TypeError as e:  # object or string arrays
-            raise TypeError(f"cannot use a numpy array of dtype {t.dtype}: {e}") from None
-    return t
-
-
 def _check_pair(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
     """Check ``(x, y)`` tensors or numpy arrays: same number of examples, not empty, no NaN/inf;
     return them as tensors."""
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        data = tuple(_as_tensor(t) for t in data)
+        data = tuple(as_tensor(t, name) for t in data)
     if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data)):
         raise TypeError(
             f"{name} must be a DataLoader or a pair of tensors (x, y), got {type(data).__name__} "
@@ -130,12 +119,7 @@ def _check_pair(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
 
 def _model_dtype(*modules) -> torch.dtype:
     """The floating-point dtype of the first floating parameter among ``modules`` (the default dtype if none)."""
-    for m in modules:
-        if isinstance(m, nn.Module):
-            for p in m.parameters():
-                if p.is_floating_point():
-                    return p.dtype
-    return torch.get_default_dtype()
+    return floating_dtype(*modules) or torch.get_default_dtype()
 
 
 def _to_model(t: torch.Tensor, device, dtype: torch.dtype, non_blocking: bool = False) -> torch.Tensor:
@@ -319,7 +303,7 @@ class _DeviceGuard:
         where = f"at epoch {epoch}, step {batch} (global step {step})"
         kind = int(self.kind)
         if kind == 2:
-            _raise_if_bad_labels(True, None, num_classes, where)
+            _raise_if_bad_labels(True, num_classes, where)
         raise NonFiniteLossError(
             f"{'loss' if kind == 0 else 'gradient norm'} is {float(self.value)} {where}; "
             "training stopped before the update, parameters hold their last good values"
@@ -406,20 +390,18 @@ def _one_output(model, x: torch.Tensor, device) -> torch.Tensor:
         model.train(training)
 
 
-def _check_model_labels(model, x: torch.Tensor, y: torch.Tensor, device) -> None:
-    """Check all labels of tensor data against the network's outputs, before training starts."""
-    if not (hasattr(model, "outputs") and hasattr(model, "_check_labels")):
-        return
-    out = _one_output(model, x, device)
-    model._check_labels(y, out.expand(*out.shape[:-2], y.shape[0], out.shape[-1]))
+def _check_model_labels(model, y: torch.Tensor, out: torch.Tensor) -> None:
+    """Check all labels of tensor data against the network's outputs ``out`` for one example, before training starts."""
+    if hasattr(model, "_check_labels"):
+        model._check_labels(y, out.expand(*out.shape[:-2], y.shape[0], out.shape[-1]))
 
 
-def _num_classes(model, x: torch.Tensor, device) -> int | None:
-    """The number of classes of a categorical rank-1 model (``None`` for other models): the
-    training loop checks every batch's labels against it."""
-    if not (hasattr(model, "outputs") and getattr(model, "likelihood", None) == "categorical"):
+def _num_classes(model, out: torch.Tensor | None) -> int | None:
+    """The number of classes of a categorical rank-1 model (``None`` for other models), from its
+    outputs ``out``: the training loop checks every batch's labels against it."""
+    if out is None or getattr(model, "likelihood", None) != "categorical":
         return None
-    return int(_one_output(model, x, device).shape[-1])
+    return int(out.shape[-1])
 
 
 def _label_flag(y: torch.Tensor, num_classes: int | None):
@@ -431,7 +413,7 @@ def _label_flag(y: torch.Tensor, num_classes: int | None):
     return ((y < 0) | (y >= num_classes)).any(), y.clamp(0, num_classes - 1)
 
 
-def _raise_if_bad_labels(flag, y: torch.Tensor, num_classes: int | None, where: str) -> None:
+def _raise_if_bad_labels(flag, num_classes: int | None, where: str) -> None:
     if flag is not None and bool(flag):
         raise ValueError(
             f"labels out of range {where}: expected 0..{num_classes - 1}; training stopped before the update, "
@@ -582,13 +564,14 @@ def train(
     if isinstance(guide, nn.Module):
         guide.to(device)
     dtype = _model_dtype(model)
-    if not isinstance(data, DataLoader):
-        _check_model_labels(model, *data, device)
+    x0, y0 = (_to_model(t, device, dtype) for t in _first_batch(loader)[:2])
+    out0 = _one_output(model, x0, device) if hasattr(model, "outputs") else None  # one forward, for both checks
+    if out0 is not None and not isinstance(data, DataLoader):
+        _check_model_labels(model, data[1], out0)
+    num_classes = _num_classes(model, out0)
     if hasattr(model, "num_data"):
         model.num_data = num_data
     # one call creates lazily-initialised guide parameters (Pyro autoguides) before the optimizer
-    x0, y0 = (_to_model(t, device, dtype) for t in _first_batch(loader)[:2])
-    num_classes = _num_classes(model, x0, device)
     guide(x0, y0)
     modules = [m for m in (model, guide) if isinstance(m, nn.Module)]
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -718,7 +701,7 @@ def train(
                 keep = guard.update(step, loss, norm, bad_labels)
             elif not ctx.enabled:
                 if not torch.isfinite(loss):
-                    _raise_if_bad_labels(bad_labels, y, num_classes, where)
+                    _raise_if_bad_labels(bad_labels, num_classes, where)
                     raise NonFiniteLossError(
                         f"loss is {loss.item()} {where}; "
                         "training stopped before the update, parameters hold their last good values"
@@ -733,7 +716,7 @@ def train(
                 bad_ranks = dist_utils.average_gradients(params, ctx.world_size, flag=0.0 if finite else 1.0)
                 if bad_ranks:
                     opt.zero_grad(set_to_none=True)
-                    _raise_if_bad_labels(bad_labels, y, num_classes, f"{where} on rank {ctx.rank}")
+                    _raise_if_bad_labels(bad_labels, num_classes, f"{where} on rank {ctx.rank}")
                     raise NonFiniteLossError(
                         f"loss is not finite on {int(bad_ranks)} of {ctx.world_size} processes {where} "
                         f"(this rank's: {loss.item()}); training stopped before the update, parameters hold "
