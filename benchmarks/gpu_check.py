@@ -32,7 +32,7 @@ def _peak_memory() -> tuple[str, bool, float, str]:
     import torch
 
     from rank1_pyro import AveragedELBO, MixtureGuide
-    from rank1_pyro.models.lenet import lenet5, lenet5_net
+    from rank1_pyro.models import lenet5_net, rank1_network
 
     device = torch.device("cuda")
     start = time.perf_counter()
@@ -42,7 +42,7 @@ def _peak_memory() -> tuple[str, bool, float, str]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         if kind == "rank-1":
-            model = lenet5(10, 1, 4, num_data=60000).to(device)
+            model = rank1_network("lenet5", 10, 4, num_data=60000).to(device)
             guide = MixtureGuide(model).to(device)
             loss = AveragedELBO().differentiable_loss(model, guide, x, y)
         else:
@@ -63,12 +63,49 @@ def main() -> int:
         return 0
     py = sys.executable
     checks = [
-        _run("GPU tests (pytest -k cuda or gpu)", [py, "-m", "pytest", "-q", "-k", "cuda or gpu", "-p", "no:cacheprovider"], 150),
-        _run("speed ratios on CUDA (step_floor.py)", [py, "benchmarks/step_floor.py", "--device", "cuda", "--repeats", "5",
-                                                      "--blocks", "3", "--out", "benchmarks/results/step_floor_cuda.json"], 150),
-        _run("torchrun, NCCL, 1 process", ["torchrun", "--standalone", "--nproc_per_node=1", "-m", "rank1_pyro", "train",
-                                           "--config", "digits_mlp", "--epochs", "1", "--device", "cuda", "--no-progress",
-                                           "--overwrite", "--out", "runs/gpu-check"], 120),
+        _run(
+            "GPU tests (pytest -k cuda or gpu)",
+            [py, "-m", "pytest", "-q", "-k", "cuda or gpu", "-p", "no:cacheprovider"],
+            150,
+        ),
+        _run(
+            "speed ratios on CUDA (step_floor.py)",
+            [
+                py,
+                "benchmarks/step_floor.py",
+                "--device",
+                "cuda",
+                "--repeats",
+                "5",
+                "--blocks",
+                "3",
+                "--out",
+                "benchmarks/results/step_floor_cuda.json",
+            ],
+            150,
+        ),
+        _run(
+            "torchrun, NCCL, 1 process",
+            [
+                "torchrun",
+                "--standalone",
+                "--nproc_per_node=1",
+                "-m",
+                "rank1_pyro",
+                "train",
+                "--config",
+                "digits_mlp",
+                "--epochs",
+                "1",
+                "--device",
+                "cuda",
+                "--no-progress",
+                "--overwrite",
+                "--out",
+                "runs/gpu-check",
+            ],
+            120,
+        ),
     ]
     checks.append(_peak_memory())
     print(f"\ndevice: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")

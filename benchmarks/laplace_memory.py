@@ -63,8 +63,15 @@ def worker(spec: dict) -> dict:
     kwargs = {} if spec["dtype"] is None else {"dtype": getattr(torch, spec["dtype"])}
 
     def make(size):
-        return SubnetLaplace(net, "classification", "random", subnetwork_size=size, selection_options={"seed": 0},
-                             prior_precision=None if marglik else 1.0, **kwargs)
+        return SubnetLaplace(
+            net,
+            "classification",
+            "random",
+            subnetwork_size=size,
+            selection_options={"seed": 0},
+            prior_precision=None if marglik else 1.0,
+            **kwargs,
+        )
 
     warm = make(50).fit((x, y))  # load LAPACK / thread pools once
     warm.sample_predictions(x_test, 1), warm.sample(4)
@@ -81,10 +88,20 @@ def worker(spec: dict) -> dict:
     all_peak = _peak_rss() - base
     unit = 8 * M * M
     return {
-        "M": M, "marglik": marglik, "dtype": spec["dtype"] or "default", "prior_precision": la.prior_precision,
-        "fit_peak_mib": fit_peak / MIB, "all_peak_mib": all_peak / MIB, "unit_mib": unit / MIB,
-        "fit_ratio": fit_peak / unit, "all_ratio": all_peak / unit, "fit_s": t_fit, "predict_sample_s": t_pred,
-        "module": subnetwork.__file__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "M": M,
+        "marglik": marglik,
+        "dtype": spec["dtype"] or "default",
+        "prior_precision": la.prior_precision,
+        "fit_peak_mib": fit_peak / MIB,
+        "all_peak_mib": all_peak / MIB,
+        "unit_mib": unit / MIB,
+        "fit_ratio": fit_peak / unit,
+        "all_ratio": all_peak / unit,
+        "fit_s": t_fit,
+        "predict_sample_s": t_pred,
+        "module": subnetwork.__file__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -92,24 +109,34 @@ def measure(spec: dict, pythonpath: str | None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
     paths = [p for p in (pythonpath, str(ROOT), env.get("PYTHONPATH")) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        return {**spec, "error": (proc.stderr or "")[-2000:] or f"exit status {proc.returncode} (killed: out of memory?)"}
+        return {
+            **spec,
+            "error": (proc.stderr or "")[-2000:] or f"exit status {proc.returncode} (killed: out of memory?)",
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| M | δ | dtype | M×M float64 (MiB) | fit peak (MiB) | fit / M×M | fit+predict+sample peak (MiB) | "
-             "all / M×M | fit s |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| M | δ | dtype | M×M float64 (MiB) | fit peak (MiB) | fit / M×M | fit+predict+sample peak (MiB) | "
+        "all / M×M | fit s |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         delta = "marglik" if r["marglik"] else "fixed 1"
         if "error" in r:
-            lines.append(f"| {r['M']:,} | {delta} | {r.get('dtype') or 'default'} | {8 * r['M']**2 / MIB:,.0f} | failed | | | | |")
+            lines.append(
+                f"| {r['M']:,} | {delta} | {r.get('dtype') or 'default'} | {8 * r['M'] ** 2 / MIB:,.0f} | failed | | | | |"
+            )
             continue
-        lines.append(f"| {r['M']:,} | {delta} | {r['dtype']} | {r['unit_mib']:,.0f} | {r['fit_peak_mib']:,.0f} | "
-                     f"{r['fit_ratio']:.2f} | {r['all_peak_mib']:,.0f} | {r['all_ratio']:.2f} | {r['fit_s']:.1f} |")
+        lines.append(
+            f"| {r['M']:,} | {delta} | {r['dtype']} | {r['unit_mib']:,.0f} | {r['fit_peak_mib']:,.0f} | "
+            f"{r['fit_ratio']:.2f} | {r['all_peak_mib']:,.0f} | {r['all_ratio']:.2f} | {r['fit_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -117,10 +144,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", type=int, nargs="+", default=[3000, 20000])
-    parser.add_argument("--marglik-up-to", type=int, default=8000,
-                        help="sizes above this are fitted at a fixed prior precision (no eigenvalues)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
-                        help="SubnetLaplace's dtype (default: the library's default; not passed at all)")
+    parser.add_argument(
+        "--marglik-up-to",
+        type=int,
+        default=8000,
+        help="sizes above this are fitted at a fixed prior precision (no eigenvalues)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default=None,
+        help="SubnetLaplace's dtype (default: the library's default; not passed at all)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pythonpath", default=None, help="import rank1_pyro from this directory")
     parser.add_argument("--label", default=None)

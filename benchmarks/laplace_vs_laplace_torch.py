@@ -109,8 +109,14 @@ def worker(method: str, workdir: Path) -> None:
         if method == "laplace-torch":
             from laplace import Laplace
 
-            return Laplace(net, "classification", subset_of_weights="subnetwork", hessian_structure="full",
-                           subnetwork_indices=indices, prior_precision=delta)
+            return Laplace(
+                net,
+                "classification",
+                subset_of_weights="subnetwork",
+                hessian_structure="full",
+                subnetwork_indices=indices,
+                prior_precision=delta,
+            )
         from rank1_pyro.laplace import SubnetLaplace
 
         return SubnetLaplace(net, "classification", indices, prior_precision=delta)
@@ -148,8 +154,14 @@ def worker(method: str, workdir: Path) -> None:
     y = blob["y_test"]
     nll = -probs.gather(1, y.unsqueeze(1)).clamp_min(1e-12).log().mean().item()
     acc = (probs.argmax(1) == y).double().mean().item()
-    result = {"method": method, "fit_seconds": min(times), "fit_seconds_all": times, "fit_peak_mb": max(peaks),
-              "test_nll": nll, "test_accuracy": acc}
+    result = {
+        "method": method,
+        "fit_seconds": min(times),
+        "fit_seconds_all": times,
+        "fit_peak_mb": max(peaks),
+        "test_nll": nll,
+        "test_accuracy": acc,
+    }
     (workdir / f"{method}.json").write_text(json.dumps(result))
 
 
@@ -159,7 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-train", type=int, default=512, help="training examples (default 512)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--subnetwork-size", type=int, default=1000)
-    p.add_argument("--strategy", default="largest-magnitude", help="subnetwork strategy of rank1_pyro (default largest-magnitude)")
+    p.add_argument(
+        "--strategy", default="largest-magnitude", help="subnetwork strategy of rank1_pyro (default largest-magnitude)"
+    )
     p.add_argument("--prior-precision", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=20, help="MAP training epochs (default 20)")
     p.add_argument("--device", default="auto")
@@ -176,22 +190,45 @@ def main(argv=None) -> int:
 
     from rank1_pyro.laplace import FlatFunctional, select_subnetwork
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     x_tr, y_tr, x_te, y_te = build_data(args.num_train, args.seed)
     net = train_map(args.hidden, x_tr, y_tr, args.epochs, args.seed, device)
     num_weights = sum(q.numel() for q in net.parameters())
     options = {"seed": args.seed} if args.strategy == "random" else {}
-    indices = select_subnetwork(args.strategy, FlatFunctional(net), args.subnetwork_size,
-                                {"data": (x_tr.to(device), y_tr.to(device))}, **options)
-    cfg = {"hidden": args.hidden, "batch_size": args.batch_size, "prior_precision": args.prior_precision,
-           "device": str(device), "threads": args.threads, "repeats": args.repeats}
+    indices = select_subnetwork(
+        args.strategy,
+        FlatFunctional(net),
+        args.subnetwork_size,
+        {"data": (x_tr.to(device), y_tr.to(device))},
+        **options,
+    )
+    cfg = {
+        "hidden": args.hidden,
+        "batch_size": args.batch_size,
+        "prior_precision": args.prior_precision,
+        "device": str(device),
+        "threads": args.threads,
+        "repeats": args.repeats,
+    }
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         (workdir / "config.json").write_text(json.dumps(cfg))
-        torch.save({"state": {k: v.cpu() for k, v in net.state_dict().items()}, "indices": indices.cpu(),
-                    "x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}, workdir / "problem.pt")
+        torch.save(
+            {
+                "state": {k: v.cpu() for k, v in net.state_dict().items()},
+                "indices": indices.cpu(),
+                "x_train": x_tr,
+                "y_train": y_tr,
+                "x_test": x_te,
+                "y_test": y_te,
+            },
+            workdir / "problem.pt",
+        )
         for method in METHODS:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--workdir", str(workdir)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -200,24 +237,46 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{method} failed (exit {proc.returncode})")
             results[method] = json.loads((workdir / f"{method}.json").read_text())
     ours, ref = results["rank1_pyro"], results["laplace-torch"]
-    ratios = {"time": ours["fit_seconds"] / ref["fit_seconds"],
-              "memory": ours["fit_peak_mb"] / max(ref["fit_peak_mb"], 1e-9)}
-    head = (f"MLP {x_tr.shape[1]}-{'-'.join(map(str, args.hidden))}-10 ({num_weights:,} weights), "
-            f"subnetwork {indices.numel()} ({args.strategy}), N={len(x_tr)}, batch {args.batch_size}, "
-            f"delta={args.prior_precision}, device {device}, {args.threads} threads")
+    ratios = {
+        "time": ours["fit_seconds"] / ref["fit_seconds"],
+        "memory": ours["fit_peak_mb"] / max(ref["fit_peak_mb"], 1e-9),
+    }
+    head = (
+        f"MLP {x_tr.shape[1]}-{'-'.join(map(str, args.hidden))}-10 ({num_weights:,} weights), "
+        f"subnetwork {indices.numel()} ({args.strategy}), N={len(x_tr)}, batch {args.batch_size}, "
+        f"delta={args.prior_precision}, device {device}, {args.threads} threads"
+    )
     rows = ["| method | fit s | fit peak MB | test NLL | test acc |", "|---|---|---|---|---|"]
     for m in METHODS:
         r = results[m]
-        rows.append(f"| {m} | {r['fit_seconds']:.2f} | {r['fit_peak_mb']:.0f} | {r['test_nll']:.6f} | {r['test_accuracy']:.4f} |")
-    rows.append(f"| ratio rank1_pyro / laplace-torch | {ratios['time']:.3f} | {ratios['memory']:.3f} | "
-                f"diff {ours['test_nll'] - ref['test_nll']:.2e} | |")
+        rows.append(
+            f"| {m} | {r['fit_seconds']:.2f} | {r['fit_peak_mb']:.0f} | {r['test_nll']:.6f} | {r['test_accuracy']:.4f} |"
+        )
+    rows.append(
+        f"| ratio rank1_pyro / laplace-torch | {ratios['time']:.3f} | {ratios['memory']:.3f} | "
+        f"diff {ours['test_nll'] - ref['test_nll']:.2e} | |"
+    )
     print(head)
     print("\n".join(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / time.strftime("laplace_vs_laplace_torch-%Y%m%d-%H%M%S.json")
-    path.write_text(json.dumps({"setup": head, "config": {**cfg, "num_train": len(x_tr), "num_weights": num_weights,
-                                                          "subnetwork_size": indices.numel(), "strategy": args.strategy},
-                                "results": results, "ratios": ratios}, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "setup": head,
+                "config": {
+                    **cfg,
+                    "num_train": len(x_tr),
+                    "num_weights": num_weights,
+                    "subnetwork_size": indices.numel(),
+                    "strategy": args.strategy,
+                },
+                "results": results,
+                "ratios": ratios,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {path}")
     return 0
 

@@ -83,8 +83,15 @@ def bare_gemm_seconds(blocks, num_vectors: int, repeats: int, device) -> float:
 
 
 def timing_posterior(net, x, y, kind, micro_batch_size):
-    post = ProjectedPosterior(net, alpha=1.0, kind=kind, solver="alternating", over_relaxation=False,
-                              micro_batch_size=micro_batch_size, chunk_size=32)
+    post = ProjectedPosterior(
+        net,
+        alpha=1.0,
+        kind=kind,
+        solver="alternating",
+        over_relaxation=False,
+        micro_batch_size=micro_batch_size,
+        chunk_size=32,
+    )
     return post.fit((x, y))
 
 
@@ -116,7 +123,9 @@ def scaling_in_outputs(device, args, target_params=8000):
                 post_blocks = post._blocks
             row[f"{kind}_seconds_per_sample_sweep"] = time_per_sample(post, 32, 2, args.repeats, device)
             row[f"{kind}_gram_size"] = post._blocks[0].eigvecs.shape[0]
-        row["gram_part_seconds"] = max(row["output_seconds_per_sample_sweep"] - row["loss_seconds_per_sample_sweep"], 1e-12)
+        row["gram_part_seconds"] = max(
+            row["output_seconds_per_sample_sweep"] - row["loss_seconds_per_sample_sweep"], 1e-12
+        )
         row["bare_gemm_seconds"] = bare_gemm_seconds(post_blocks, 32, args.repeats, device)
         rows.append(row)
     outs = [r["outputs"] for r in rows]
@@ -179,14 +188,20 @@ def digits_comparison(device, args):
     info = {}
     alpha = None
     for kind in ("output", "loss"):
-        post = ProjectedPosterior(net, kind=kind, micro_batch_size=50, num_iterations=args.iterations,
-                                  num_trace_probes=16)
+        post = ProjectedPosterior(
+            net, kind=kind, micro_batch_size=50, num_iterations=args.iterations, num_trace_probes=16
+        )
         start = time.perf_counter()
         post.fit((x_train, y_train))
         fit_s = time.perf_counter() - start
-        info[kind] = {"trace_estimate": post.trace_estimate, "trace_stderr": post.trace_stderr, "alpha": post.alpha,
-                      "num_params": post.num_params, "fit_seconds": fit_s,
-                      "trace_residual_first_last": [post.convergence[0].item(), post.convergence[-1].item()]}
+        info[kind] = {
+            "trace_estimate": post.trace_estimate,
+            "trace_stderr": post.trace_stderr,
+            "alpha": post.alpha,
+            "num_params": post.num_params,
+            "fit_seconds": fit_s,
+            "trace_residual_first_last": [post.convergence[0].item(), post.convergence[-1].item()],
+        }
         alpha = alpha or post.alpha
         for predictive in ("linearized", "nn"):
             post.predictive = predictive
@@ -235,39 +250,63 @@ def main(argv=None):
     print("\n1. time per sample and sweep vs parameters (output variant, 128 examples, S = 64, O = 10)")
     print(f"{'MLP':>18} {'P':>10} {'ms/sample/sweep':>16}")
     for r in rows:
-        print(f"{'32-[%d,%d]-10' % (r['width'], r['width']):>18} {r['num_params']:>10,} {1e3 * r['seconds_per_sample_sweep']:>16.3f}")
-    local = [slope([a["num_params"], b["num_params"]], [a["seconds_per_sample_sweep"], b["seconds_per_sample_sweep"]])
-             for a, b in zip(rows[:-1], rows[1:])]
+        print(
+            f"{f'32-[{r["width"]},{r["width"]}]-10':>18} {r['num_params']:>10,} {1e3 * r['seconds_per_sample_sweep']:>16.3f}"
+        )
+    local = [
+        slope([a["num_params"], b["num_params"]], [a["seconds_per_sample_sweep"], b["seconds_per_sample_sweep"]])
+        for a, b in zip(rows[:-1], rows[1:])
+    ]
     report["parameters"]["local_slopes"] = local
     print(f"log-log slope in P: {s:.2f}   [target <= 1.15]; between neighbours: {', '.join(f'{v:.2f}' for v in local)}")
 
     rows, slopes = scaling_in_outputs(device, args)
-    report["outputs"] = {"rows": rows, "slopes": slopes,
-                         "targets": {"gram_part": "2 (1.7..2.5)", "loss": "0 (|slope| <= 0.2)", "plain": "informational"}}
+    report["outputs"] = {
+        "rows": rows,
+        "slopes": slopes,
+        "targets": {"gram_part": "2 (1.7..2.5)", "loss": "0 (|slope| <= 0.2)", "plain": "informational"},
+    }
     print("\n2. time per sample and sweep vs outputs O (P ~ 8,000, 16 examples, S = 4)")
-    print(f"{'O':>5} {'hidden':>7} {'P':>7} {'Gram plain':>11} {'Gram loss':>10} {'plain ms':>9} {'loss ms':>8} "
-          f"{'plain-loss ms':>14} {'bare GEMMs ms':>14}")
+    print(
+        f"{'O':>5} {'hidden':>7} {'P':>7} {'Gram plain':>11} {'Gram loss':>10} {'plain ms':>9} {'loss ms':>8} "
+        f"{'plain-loss ms':>14} {'bare GEMMs ms':>14}"
+    )
     for r in rows:
-        print(f"{r['outputs']:>5} {r['hidden']:>7} {r['num_params']:>7,} {r['output_gram_size']:>11} {r['loss_gram_size']:>10} "
-              f"{1e3 * r['output_seconds_per_sample_sweep']:>9.3f} {1e3 * r['loss_seconds_per_sample_sweep']:>8.3f} "
-              f"{1e3 * r['gram_part_seconds']:>14.3f} {1e3 * r['bare_gemm_seconds']:>14.3f}")
-    print(f"log-log slopes in O: Gram part (plain - loss) {slopes['gram_part']:.2f} [target 2: 1.7..2.5; bare GEMMs "
-          f"{slopes['bare_gemm']:.2f}]; loss {slopes['loss']:.2f} [target 0: |s| <= 0.2]; plain total "
-          f"{slopes['plain']:.2f} [informational]")
+        print(
+            f"{r['outputs']:>5} {r['hidden']:>7} {r['num_params']:>7,} {r['output_gram_size']:>11} {r['loss_gram_size']:>10} "
+            f"{1e3 * r['output_seconds_per_sample_sweep']:>9.3f} {1e3 * r['loss_seconds_per_sample_sweep']:>8.3f} "
+            f"{1e3 * r['gram_part_seconds']:>14.3f} {1e3 * r['bare_gemm_seconds']:>14.3f}"
+        )
+    print(
+        f"log-log slopes in O: Gram part (plain - loss) {slopes['gram_part']:.2f} [target 2: 1.7..2.5; bare GEMMs "
+        f"{slopes['bare_gemm']:.2f}]; loss {slopes['loss']:.2f} [target 0: |s| <= 0.2]; plain total "
+        f"{slopes['plain']:.2f} [informational]"
+    )
 
     if not args.skip_digits:
         results, info = digits_comparison(device, args)
-        report["digits"] = {"results": results, "posteriors": info, "iterations": args.iterations, "samples": args.samples}
+        report["digits"] = {
+            "results": results,
+            "posteriors": info,
+            "iterations": args.iterations,
+            "samples": args.samples,
+        }
         print(f"\n3. digits, MLP 64-[128]-10 tanh, {args.samples} samples, {args.iterations} projection iterations")
         for kind, i in info.items():
-            print(f"   {kind} variant: P = {i['num_params']:,}, tr P = {i['trace_estimate']:.0f} ± {i['trace_stderr']:.0f}, "
-                  f"alpha = {i['alpha']:.2f}, fit {i['fit_seconds']:.1f} s, ||Jv||/||v|| {i['trace_residual_first_last'][0]:.2g}"
-                  f" -> {i['trace_residual_first_last'][1]:.2g}")
-        print(f"{'posterior':>30} {'train acc':>10} {'train NLL':>10} {'test acc':>9} {'test NLL':>9} {'AUROC shuffled':>15} "
-              f"{'AUROC noise':>12}")
+            print(
+                f"   {kind} variant: P = {i['num_params']:,}, tr P = {i['trace_estimate']:.0f} ± {i['trace_stderr']:.0f}, "
+                f"alpha = {i['alpha']:.2f}, fit {i['fit_seconds']:.1f} s, ||Jv||/||v|| {i['trace_residual_first_last'][0]:.2g}"
+                f" -> {i['trace_residual_first_last'][1]:.2g}"
+            )
+        print(
+            f"{'posterior':>30} {'train acc':>10} {'train NLL':>10} {'test acc':>9} {'test NLL':>9} {'AUROC shuffled':>15} "
+            f"{'AUROC noise':>12}"
+        )
         for name, r in results.items():
-            print(f"{name:>30} {r['train_acc']:>10.4f} {r['train_nll']:>10.4f} {r['test_acc']:>9.4f} {r['test_nll']:>9.4f} "
-                  f"{r['auroc_shuffled']:>15.4f} {r['auroc_noise']:>12.4f}")
+            print(
+                f"{name:>30} {r['train_acc']:>10.4f} {r['train_nll']:>10.4f} {r['test_acc']:>9.4f} {r['test_nll']:>9.4f} "
+                f"{r['auroc_shuffled']:>15.4f} {r['auroc_noise']:>12.4f}"
+            )
     report["seconds"] = time.perf_counter() - start
     print(f"\ntotal {report['seconds']:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,11 @@ def training_steps(device, batch=128, hidden=512, k=4, num_data=60000):
         hand_opt.step()
 
     det = torch.nn.Sequential(
-        torch.nn.Linear(784, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10)
+        torch.nn.Linear(784, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, 10),
     ).to(device)
     det_opt = torch.optim.Adam(det.parameters(), lr=1e-3)
     xk, yk = x.repeat(k, 1), y.repeat(k)
@@ -184,8 +188,9 @@ def predictive(device, samples=32, batch=256, hidden=512, k=4, tag="large"):
     x = torch.randn(batch, 784, device=device)
     return {
         f"predictive_vectorized_{tag}": timeit(lambda: posterior.sample_predictions(x, samples), 3, device=device),
-        f"predictive_loop_{tag}": timeit(lambda: [posterior.sample_predictions(x, 1) for _ in range(samples)], 3,
-                                         device=device),
+        f"predictive_loop_{tag}": timeit(
+            lambda: [posterior.sample_predictions(x, 1) for _ in range(samples)], 3, device=device
+        ),
     }
 
 
@@ -197,8 +202,23 @@ def posthoc_ratios(device, results_dir: Path) -> list[tuple[str, float, str]]:
     laplace_dir = results_dir / "speed-laplace"
     projected_json = results_dir / "speed-projected.json"
     for cmd in (
-        [sys.executable, str(HERE / "laplace_vs_laplace_torch.py"), "--device", str(device.type), "--out", str(laplace_dir)],
-        [sys.executable, str(HERE / "projected_scaling.py"), "--device", str(device.type), "--skip-digits", "--out", str(projected_json)],
+        [
+            sys.executable,
+            str(HERE / "laplace_vs_laplace_torch.py"),
+            "--device",
+            str(device.type),
+            "--out",
+            str(laplace_dir),
+        ],
+        [
+            sys.executable,
+            str(HERE / "projected_scaling.py"),
+            "--device",
+            str(device.type),
+            "--skip-digits",
+            "--out",
+            str(projected_json),
+        ],
     ):
         print("running", " ".join(Path(c).name if c.endswith(".py") else c for c in cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -214,27 +234,75 @@ def posthoc_ratios(device, results_dir: Path) -> list[tuple[str, float, str]]:
     ]
 
 
+def check_hand_baseline(device) -> None:
+    """The hand-written baseline is a rank-1 network under the mixture ELBO: its loss must be finite
+    and fall under Adam (else the ratio against it measures nothing)."""
+    torch.manual_seed(0)
+    hand = HandRank1([6, 8, 3], k=2, num_data=32, device=device)
+    x, y = torch.randn(32, 6, device=device), torch.randint(0, 3, (32,), device=device)
+    opt = torch.optim.Adam(hand.params, lr=1e-2)
+    first = float(hand.loss(x, y))
+    for _ in range(100):
+        opt.zero_grad()
+        hand.loss(x, y).backward()
+        opt.step()
+    last = float(hand.loss(x, y))
+    if not (math.isfinite(first) and last < first):
+        raise SystemExit(f"the hand-written baseline does not train: loss {first} -> {last}")
+    print(f"hand-written baseline trains: mixture-ELBO loss {first:.3f} -> {last:.3f} in 100 Adam steps")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-posthoc", action="store_true", help="skip the Laplace and projected-posterior runs")
-    parser.add_argument("--skip-floor", action="store_true",
-                        help="skip the step-floor table (benchmarks/step_floor.py: LeNet-5, ResNet-20, MLPs, both guides)")
+    parser.add_argument(
+        "--skip-floor",
+        action="store_true",
+        help="skip the step-floor table (benchmarks/step_floor.py: LeNet-5, ResNet-20, MLPs, both guides)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny networks, one repeat, no post-hoc runs: checks that the benchmark (and its hand-written "
+        "baseline) works, in seconds; its ratios mean nothing",
+    )
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
-    t = {**training_steps(device), **mean_field_bnn_step(device), **predictive(device, batch=32, hidden=64, tag="small"),
-         **predictive(device)}
+    if args.smoke:
+        check_hand_baseline(device)
+        tiny = dict(batch=4, hidden=8)
+        t = {
+            **training_steps(device, **tiny, k=2, num_data=10),
+            **mean_field_bnn_step(device, **tiny, num_data=10),
+            **predictive(device, samples=2, **tiny, k=2, tag="small"),
+            **predictive(device, samples=2, **tiny, k=2, tag="large"),
+        }
+        args.skip_posthoc = True
+    else:
+        t = {
+            **training_steps(device),
+            **mean_field_bnn_step(device),
+            **predictive(device, batch=32, hidden=64, tag="small"),
+            **predictive(device),
+        }
     rows = [
         ("Pyro rank-1 step / hand-written PyTorch step", t["pyro_step"] / t["hand_step"], "<= 1.3"),
         ("hand-written rank-1 step / deterministic step on K*B", t["hand_step"] / t["deterministic_KB_step"], "info"),
         ("mean-field BNN step (all weights) / Pyro rank-1 step", t["mean_field_bnn_step"] / t["pyro_step"], "info"),
-        ("loop of 32 draws / vectorized S=32 predictive, small MLP (overhead-bound)",
-         t["predictive_loop_small"] / t["predictive_vectorized_small"], ">= 3"),
-        ("loop of 32 draws / vectorized S=32 predictive, large MLP (compute-bound on CPU)",
-         t["predictive_loop_large"] / t["predictive_vectorized_large"], ">= 1"),
+        (
+            "loop of 32 draws / vectorized S=32 predictive, small MLP (overhead-bound)",
+            t["predictive_loop_small"] / t["predictive_vectorized_small"],
+            ">= 3",
+        ),
+        (
+            "loop of 32 draws / vectorized S=32 predictive, large MLP (compute-bound on CPU)",
+            t["predictive_loop_large"] / t["predictive_vectorized_large"],
+            ">= 1",
+        ),
     ]
     if not args.skip_posthoc:
         rows += posthoc_ratios(device, args.out.parent)
@@ -246,14 +314,25 @@ def main(argv=None):
     for name, value, target in rows:
         print(f"| {name} | {value:.2f} | {target} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": str(device), "timings_s": t, "ratios": {r[0]: r[1] for r in rows}}, indent=2))
+    args.out.write_text(
+        json.dumps({"device": str(device), "timings_s": t, "ratios": {r[0]: r[1] for r in rows}}, indent=2)
+    )
     print(f"\nwrote {args.out}")
     if not args.skip_floor:  # the same run: every training step and predictive against its deterministic floor
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import step_floor
 
-        step_floor.main(["--device", str(device), "--threads", str(torch.get_num_threads()),
-                         "--out", str(args.out.with_name("step_floor.json"))])
+        step_floor.main(
+            [
+                "--device",
+                str(device),
+                "--threads",
+                str(torch.get_num_threads()),
+                "--out",
+                str(args.out.with_name("step_floor.json")),
+                *(["--small", "--repeats", "1", "--blocks", "1"] if args.smoke else []),
+            ]
+        )
 
 
 if __name__ == "__main__":

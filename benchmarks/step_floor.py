@@ -35,9 +35,7 @@ from rank1_pyro import AveragedELBO, DeltaGuide, MixtureGuide, members, rank1_ml
 from rank1_pyro.inference import Rank1Posterior
 from rank1_pyro.inference.train import resolve_device
 from rank1_pyro.layers import FACTOR_CLIP, Rank1Layer
-from rank1_pyro.models import mlp
-from rank1_pyro.models.lenet import lenet5, lenet5_net
-from rank1_pyro.models.resnet import resnet20_cifar, resnet20_cifar_net
+from rank1_pyro.models import lenet5_net, mlp, rank1_network, resnet20_cifar_net
 
 K = 4
 
@@ -45,13 +43,30 @@ K = 4
 def networks(small: bool = False):
     """name -> (rank-1 model builder, deterministic net builder, input shape, batch)."""
     nets = {
-        "MLP 784-512-512-10": (lambda: rank1_mlp(784, [512, 512], 10, ensemble_size=K, num_data=60000),
-                                lambda: mlp(784, [512, 512], 10), (784,), 128),
-        "LeNet-5 28x28": (lambda: lenet5(10, 1, K, num_data=60000), lambda: lenet5_net(10, 1), (1, 28, 28), 128),
-        "ResNet-20 32x32x3": (lambda: resnet20_cifar(10, 3, K, num_data=50000), lambda: resnet20_cifar_net(10, 3),
-                              (3, 32, 32), 128),
-        "MLP 64-128-128-10, B=64": (lambda: rank1_mlp(64, [128, 128], 10, ensemble_size=K, num_data=1437),
-                                    lambda: mlp(64, [128, 128], 10), (64,), 64),
+        "MLP 784-512-512-10": (
+            lambda: rank1_mlp(784, [512, 512], 10, ensemble_size=K, num_data=60000),
+            lambda: mlp(784, [512, 512], 10),
+            (784,),
+            128,
+        ),
+        "LeNet-5 28x28": (
+            lambda: rank1_network("lenet5", 10, K, num_data=60000),
+            lambda: lenet5_net(10, 1),
+            (1, 28, 28),
+            128,
+        ),
+        "ResNet-20 32x32x3": (
+            lambda: rank1_network("resnet20_cifar", 10, K, num_data=50000),
+            lambda: resnet20_cifar_net(10, 3),
+            (3, 32, 32),
+            128,
+        ),
+        "MLP 64-128-128-10, B=64": (
+            lambda: rank1_mlp(64, [128, 128], 10, ensemble_size=K, num_data=1437),
+            lambda: mlp(64, [128, 128], 10),
+            (64,),
+            64,
+        ),
     }
     return {k: v for k, v in nets.items() if not small or k.startswith("MLP 64")}
 
@@ -187,24 +202,33 @@ def main(argv=None):
         for guide_cls in (MixtureGuide, DeltaGuide):
             steps.append(training_step_ratios(name, rank1, det, shape, batch, guide_cls, device, repeats, blocks))
             row = steps[-1]
-            print(f"{name:26} {row['guide']:13} " + " ".join(f"{k} {v:7.2f} ms" for k, v in row["ms"].items())
-                  + f"  pyro/det {row['pyro/det']:.2f} hand/det {row['hand/det']:.2f} pyro/hand {row['pyro/hand']:.2f}",
-                  flush=True)
+            print(
+                f"{name:26} {row['guide']:13} "
+                + " ".join(f"{k} {v:7.2f} ms" for k, v in row["ms"].items())
+                + f"  pyro/det {row['pyro/det']:.2f} hand/det {row['hand/det']:.2f} pyro/hand {row['pyro/hand']:.2f}",
+                flush=True,
+            )
         predictives.append(predictive_ratio(name, rank1, det, shape, batch, device, repeats, blocks))
     print(f"\ndevice: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, K = {K}")
     print("\n| network | guide | det ms | Pyro ms | hand ms | Pyro / det | hand / det | Pyro / hand |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in steps:
         m = r["ms"]
-        print(f"| {r['network']} | {r['guide']} | {m['det']:.1f} | {m['pyro']:.1f} | {m['hand']:.1f} | "
-              f"{r['pyro/det']:.2f} | {r['hand/det']:.2f} | {r['pyro/hand']:.2f} |")
+        print(
+            f"| {r['network']} | {r['guide']} | {m['det']:.1f} | {m['pyro']:.1f} | {m['hand']:.1f} | "
+            f"{r['pyro/det']:.2f} | {r['hand/det']:.2f} | {r['pyro/hand']:.2f} |"
+        )
     print("\n| network (S = 16 draws x K = 4) | det forward on S·K·B rows, ms | rank-1 predictive, ms | ratio |")
     print("|---|---:|---:|---:|")
     for r in predictives:
         print(f"| {r['network']} | {r['ms']['det']:.1f} | {r['ms']['rank1']:.1f} | {r['rank1/det']:.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "steps": steps,
-                                    "predictive": predictives}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {"device": str(device), "threads": torch.get_num_threads(), "steps": steps, "predictive": predictives},
+            indent=2,
+        )
+    )
     print(f"\nwrote {args.out}")
 
 

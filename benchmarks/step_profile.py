@@ -20,7 +20,10 @@ from rank1_pyro import AveragedELBO, MixtureGuide, rank1_mlp
 
 GROUPS = [
     ("autograd backward (C++)", ("run_backward",)),
-    ("Pyro effect handlers and sites", ("pyro/poutine", "pyro/primitives", "pyro/nn", "pyro/infer", "pyro/distributions")),
+    (
+        "Pyro effect handlers and sites",
+        ("pyro/poutine", "pyro/primitives", "pyro/nn", "pyro/infer", "pyro/distributions"),
+    ),
     ("torch.distributions (construction, KL, sampling)", ("torch/distributions",)),
     ("rank1_pyro (layers, guide, objective)", ("rank1_pyro",)),
     ("torch ops and modules (forward, optimizer)", ("torch", "built-in method", "method '")),

@@ -9,11 +9,26 @@ import importlib
 # The public names are imported lazily (PEP 562), on first use: ``import rank1_pyro`` (and the
 # ``rank1-pyro`` command's start, ``--help``) does not pay for torch and Pyro until they are needed.
 _LAZY = {
-    **dict.fromkeys(["AveragedELBO", "CauchyGuide", "DeltaGuide", "MixtureELBO", "MixtureGuide"], ".inference"),
+    **dict.fromkeys(
+        ["AveragedELBO", "CauchyGuide", "DeltaGuide", "MixtureELBO", "MixtureGuide", "TrainConfig"], ".inference"
+    ),
     **dict.fromkeys(["Rank1Conv2d", "Rank1Linear", "Rank1LSTM", "members"], ".layers"),
-    **dict.fromkeys(["Rank1Model", "mlp", "rank1_mlp", "set_prior"], ".models"),
-    **dict.fromkeys(["Cauchy", "Gaussian", "HalfCauchy", "HalfNormal", "InverseGammaVariance", "LogNormalScale",
-                     "PriorMap", "make_prior"], ".priors"),
+    **dict.fromkeys(["Rank1Model", "mlp", "network", "rank1_mlp", "rank1_network", "set_prior"], ".models"),
+    **dict.fromkeys(["RunConfig", "load_config"], ".config"),
+    **dict.fromkeys(["run_hmc"], ".inference.hmc"),
+    **dict.fromkeys(
+        [
+            "Cauchy",
+            "Gaussian",
+            "HalfCauchy",
+            "HalfNormal",
+            "InverseGammaVariance",
+            "LogNormalScale",
+            "PriorMap",
+            "make_prior",
+        ],
+        ".priors",
+    ),
     **dict.fromkeys(["load_run"], ".runs"),
 }
 
@@ -34,9 +49,11 @@ def __getattr__(name):
 def __dir__():
     return sorted({*globals(), *_LAZY})
 
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "TrainConfig",
     "Rank1Linear",
     "Rank1Conv2d",
     "Rank1LSTM",
@@ -44,6 +61,10 @@ __all__ = [
     "Rank1Model",
     "rank1_mlp",
     "mlp",
+    "network",
+    "rank1_network",
+    "RunConfig",
+    "load_config",
     "set_prior",
     "Gaussian",
     "Cauchy",

@@ -51,7 +51,9 @@ def _deterministic_model(net: nn.Module, likelihood: str) -> Rank1Model:
     """``net`` as a one-member model (or ``net`` itself when it already is a one-member model)."""
     if isinstance(net, Rank1Model):
         if net.ensemble_size != 1:
-            raise ValueError(f"expected a deterministic network (ensemble_size 1), got ensemble_size {net.ensemble_size}")
+            raise ValueError(
+                f"expected a deterministic network (ensemble_size 1), got ensemble_size {net.ensemble_size}"
+            )
         return net
     if not isinstance(net, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(net).__name__}")
@@ -97,8 +99,9 @@ class DeepEnsemble(nn.Module):
             raise ValueError(f"every member must have likelihood {likelihood!r}")
 
     @classmethod
-    def from_builder(cls, build: Callable[[], nn.Module], ensemble_size: int = 4, seed: int = 0,
-                     likelihood: str = "categorical") -> "DeepEnsemble":
+    def from_builder(
+        cls, build: Callable[[], nn.Module], ensemble_size: int = 4, seed: int = 0, likelihood: str = "categorical"
+    ) -> DeepEnsemble:
         """K networks ``build()``, member k initialised under ``torch.manual_seed(member_seeds(seed, K)[k])``.
 
         The global random state is left as it was.
@@ -120,14 +123,14 @@ class DeepEnsemble(nn.Module):
     def device(self) -> torch.device:
         return _device_of(self)
 
-    def fit(self, data, *, seed: int = 0, **train_kwargs) -> list[History]:
+    def fit(self, data, config=None, /, *, seed: int = 0, **overrides) -> list[History]:
         """Train every member on ``data`` independently (its own data order and random draws):
-        :func:`~rank1_pyro.inference.train.train` ``(member, None, data, seed=member_seeds(seed, K)[k], **train_kwargs)``.
-        Returns the K training histories."""
-        if "guide" in train_kwargs:
+        :func:`~rank1_pyro.inference.train.train` ``(member, None, data, config, seed=member_seeds(seed, K)[k],
+        **overrides)``. Returns the K training histories."""
+        if "guide" in overrides:
             raise TypeError("DeepEnsemble.fit: the members are deterministic and take no guide")
         return [
-            train(member, None, data, seed=member_seed, **train_kwargs)
+            train(member, None, data, config, seed=member_seed, **overrides)
             for member, member_seed in zip(self.members, member_seeds(seed, self.ensemble_size))
         ]
 
@@ -173,11 +176,11 @@ class MCDropout(Rank1Posterior):
     def dropout_layers(self) -> list[_DropoutNd]:
         return [m for m in self.model.modules() if isinstance(m, _DropoutNd)]
 
-    def fit(self, data, **train_kwargs) -> History:
-        """Train the network: :func:`~rank1_pyro.inference.train.train` ``(model, None, data, **train_kwargs)``."""
-        if "guide" in train_kwargs:
+    def fit(self, data, config=None, /, **overrides) -> History:
+        """Train the network: :func:`~rank1_pyro.inference.train.train` ``(model, None, data, config, **overrides)``."""
+        if "guide" in overrides:
             raise TypeError("MCDropout.fit: the network is deterministic and takes no guide")
-        return train(self.model, None, data, **train_kwargs)
+        return train(self.model, None, data, config, **overrides)
 
     def sample_outputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
         """Outputs of S forward passes with independent dropout masks: ``(S, 1, B, C)``.

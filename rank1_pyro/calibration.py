@@ -92,8 +92,10 @@ def fit_temperature(log_samples: torch.Tensor, labels: torch.Tensor, bounds=(0.0
     if log_samples.dim() == 2:
         log_samples = log_samples[None, None]
     if log_samples.dim() != 4 or labels.shape != log_samples.shape[2:3]:
-        raise ValueError(f"log_samples (S, K, N, C) and labels (N,) expected, got {tuple(log_samples.shape)} and "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"log_samples (S, K, N, C) and labels (N,) expected, got {tuple(log_samples.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
     labels = labels.long()
     lo, hi = math.log(bounds[0]), math.log(bounds[1])
     golden = (math.sqrt(5) - 1) / 2

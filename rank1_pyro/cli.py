@@ -15,7 +15,7 @@ import sys
 __all__ = ["main", "UsageError", "COMMANDS"]
 
 #: subcommand modules, in the order ``--help`` lists them
-COMMANDS = ["demo", "train", "evaluate", "predict", "params", "diagnose", "laplace"]
+COMMANDS = ["demo", "train", "evaluate", "predict", "params", "diagnose", "laplace", "project", "hmc"]
 
 
 class UsageError(Exception):

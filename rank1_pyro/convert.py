@@ -237,7 +237,9 @@ def conversion_plan(module: nn.Module, include=None, exclude=None, batchnorm: st
         raise ValueError(f"batchnorm: unknown mode {batchnorm!r}; valid: {list(BATCHNORM_MODES)}")
     include, exclude = _patterns("include", include), _patterns("exclude", exclude)
     paths = [path for path, _ in module.named_modules()]
-    paths += [_join(path, p) for path, m in module.named_modules() if _classify(m)[0] == "raw" for p in _own_parameters(m)]
+    paths += [
+        _join(path, p) for path, m in module.named_modules() if _classify(m)[0] == "raw" for p in _own_parameters(m)
+    ]
     for name, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns or ():
             if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
@@ -305,8 +307,18 @@ def _convert(m: nn.Module, kind: str, ensemble_size: int, prior) -> nn.Module:
         _copy(new.bias, m.bias)
     elif kind == "conv2d":
         new = _empty(
-            Rank1Conv2d, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-            m.groups, m.bias is not None, k, prior, like=m.weight,
+            Rank1Conv2d,
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            m.groups,
+            m.bias is not None,
+            k,
+            prior,
+            like=m.weight,
         )
         _copy(new.weight, m.weight)
         _copy(new.bias, m.bias)
@@ -362,8 +374,7 @@ def rank1ize(
     plan = conversion_plan(module, include, exclude, batchnorm)
     if not any(kind != "batchnorm" for kind in plan.values()):
         raise ValueError(
-            f"rank1ize: no Linear, Conv2d or LSTM layer selected in {type(module).__name__}; "
-            "check include/exclude"
+            f"rank1ize: no Linear, Conv2d or LSTM layer selected in {type(module).__name__}; check include/exclude"
         )
     net = copy.deepcopy(module)
     for path, kind in plan.items():

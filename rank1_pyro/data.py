@@ -31,14 +31,16 @@ import math
 import os
 import random
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+
+from ._checks import one_of
 
 __all__ = [
     "Split",
@@ -51,6 +53,8 @@ __all__ = [
     "load_mnist5k",
     "load_mnist1d",
     "load_dataset",
+    "cifar_datasets",
+    "imagenet_datasets",
     "DATASETS",
     "read_idx",
     "FASHION_MNIST_FILES",
@@ -94,14 +98,18 @@ class Split:
         for part in ("train", "test"):
             x, y = getattr(self, f"x_{part}"), getattr(self, f"y_{part}")
             if x.dtype != torch.float32 or y.dtype != torch.int64:
-                raise TypeError(f"Split {self.name!r}: x_{part} must be float32 and y_{part} int64, "
-                                f"got {x.dtype} and {y.dtype}")
+                raise TypeError(
+                    f"Split {self.name!r}: x_{part} must be float32 and y_{part} int64, got {x.dtype} and {y.dtype}"
+                )
             if y.dim() != 1 or x.shape[0] != y.shape[0]:
-                raise ValueError(f"Split {self.name!r}: x_{part} has {x.shape[0]} rows but y_{part} "
-                                 f"has shape {tuple(y.shape)}")
+                raise ValueError(
+                    f"Split {self.name!r}: x_{part} has {x.shape[0]} rows but y_{part} has shape {tuple(y.shape)}"
+                )
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
-            raise ValueError(f"Split {self.name!r}: train inputs {tuple(self.x_train.shape[1:])} and test "
-                             f"inputs {tuple(self.x_test.shape[1:])} differ in shape")
+            raise ValueError(
+                f"Split {self.name!r}: train inputs {tuple(self.x_train.shape[1:])} and test "
+                f"inputs {tuple(self.x_test.shape[1:])} differ in shape"
+            )
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -112,19 +120,21 @@ class Split:
         """Train and test concatenated, e.g. to use a whole set as out-of-distribution data."""
         return torch.cat([self.x_train, self.x_test]), torch.cat([self.y_train, self.y_test])
 
-    def standardized(self) -> "Split":
+    def standardized(self) -> Split:
         """Both splits standardised with the training split's :func:`channel_stats`."""
         mean, std = channel_stats(self.x_train)
-        return replace(self, x_train=standardize(self.x_train, mean, std),
-                       x_test=standardize(self.x_test, mean, std))
+        return replace(self, x_train=standardize(self.x_train, mean, std), x_test=standardize(self.x_test, mean, std))
 
     def __repr__(self):
-        return (f"Split(name={self.name!r}, train={tuple(self.x_train.shape)}, "
-                f"test={tuple(self.x_test.shape)}, num_classes={self.num_classes})")
+        return (
+            f"Split(name={self.name!r}, train={tuple(self.x_train.shape)}, "
+            f"test={tuple(self.x_test.shape)}, num_classes={self.num_classes})"
+        )
 
 
-def to_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0,
-              drop_last: bool = False) -> DataLoader:
+def to_loader(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+) -> DataLoader:
     """A :class:`~torch.utils.data.DataLoader` over ``(x, y)``; with ``shuffle`` the order is a
     function of ``seed`` alone (its own generator, untouched by the global RNG)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -132,8 +142,9 @@ def to_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool =
     if len(x) != len(y):
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      drop_last=drop_last)
+    return DataLoader(
+        TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
+    )
 
 
 def as_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,11 +177,14 @@ def standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
 
 
 def _split_from_numpy(x_train, y_train, x_test, y_test, num_classes: int, name: str) -> Split:
-    return Split(torch.as_tensor(np.ascontiguousarray(x_train), dtype=torch.float32),
-                 torch.as_tensor(np.ascontiguousarray(y_train), dtype=torch.int64),
-                 torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32),
-                 torch.as_tensor(np.ascontiguousarray(y_test), dtype=torch.int64),
-                 num_classes, name)
+    return Split(
+        torch.as_tensor(np.ascontiguousarray(x_train), dtype=torch.float32),
+        torch.as_tensor(np.ascontiguousarray(y_train), dtype=torch.int64),
+        torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32),
+        torch.as_tensor(np.ascontiguousarray(y_test), dtype=torch.int64),
+        num_classes,
+        name,
+    )
 
 
 def _stratified(x: np.ndarray, y: np.ndarray, train_fraction: float, seed: int, name: str) -> Split:
@@ -263,8 +277,10 @@ def read_idx(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
             nbytes = math.prod(shape) * dtype.itemsize
             payload = f.read(nbytes)
             if len(payload) < nbytes:
-                raise ValueError(f"{path}: truncated IDX file, header promises {nbytes} data bytes "
-                                 f"for shape {tuple(shape)} but only {len(payload)} are present")
+                raise ValueError(
+                    f"{path}: truncated IDX file, header promises {nbytes} data bytes "
+                    f"for shape {tuple(shape)} but only {len(payload)} are present"
+                )
             if limit is None and f.read(1):
                 raise ValueError(f"{path}: corrupt IDX file, trailing bytes after the {tuple(shape)} data")
     except (EOFError, zlib.error, OSError) as e:
@@ -314,16 +330,20 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, limit: int | None 
         raise FileNotFoundError(
             f"Fashion-MNIST IDX files ({', '.join(FASHION_MNIST_FILES.values())}, optionally .gz) not found "
             f"in any of:\n  {listing}\nInstall them with `{_FASHION_MNIST_APT}`, or pass the directory (--data-root DIR on the command line, root= in Python) or set "
-            f"{DATA_ENV_VAR} to a directory holding them.")
+            f"{DATA_ENV_VAR} to a directory holding them."
+        )
     arrays = {key: read_idx(path, limit) for key, path in files.items()}
     for part in ("train", "test"):
         x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise ValueError(f"{files[f'x_{part}']}, {files[f'y_{part}']}: expected images (N, H, W) and "
-                             f"labels (N,), got {x.shape} and {y.shape}")
+            raise ValueError(
+                f"{files[f'x_{part}']}, {files[f'y_{part}']}: expected images (N, H, W) and "
+                f"labels (N,), got {x.shape} and {y.shape}"
+            )
         arrays[f"x_{part}"] = x[:, None].astype(np.float32) / 255.0
-    return _split_from_numpy(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], 10,
-                             "fashion_mnist")
+    return _split_from_numpy(
+        arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], 10, "fashion_mnist"
+    )
 
 
 #: loaders by name, for :func:`load_dataset`.
@@ -350,8 +370,10 @@ ROTATIONS = tuple(range(15, 181, 15))
 
 def _check_images(x: torch.Tensor, what: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"{what} expects a float image batch (N, C, H, W), got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        raise ValueError(
+            f"{what} expects a float image batch (N, C, H, W), got "
+            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
 
 
 def rotate(x: torch.Tensor, degrees: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -420,3 +442,91 @@ def corrupt(x: torch.Tensor, kind: str, severity: int, seed: int = 0) -> torch.T
         mean = x.mean(dim=(-2, -1), keepdim=True)
         out = (x - mean) * param + mean
     return out.clamp(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# CIFAR and ImageNet: torchvision data sets the user already has (nothing is ever downloaded)
+# ------------------------------------------------------------------------------------------
+#: torchvision's CIFAR layout: folder under the root and the files it must hold
+_CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
+    "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
+}
+#: per-channel mean and stddev of the CIFAR training images
+_CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def _root(root) -> Path:
+    if root is None:
+        raise ValueError("a data root is needed: the directory that holds the data set (nothing is downloaded)")
+    return Path(root).expanduser()
+
+
+def cifar_datasets(name: str, root):
+    """CIFAR-10/100 ``(train, test)`` through torchvision (``download=False``).
+
+    ``root`` is the directory holding torchvision's ``cifar-10-batches-py`` (``cifar-100-python``)
+    folder, or that folder itself. Training images get the standard augmentation (random crop
+    with 4 pixels of padding, horizontal flip); all images are standardised per channel.
+    """
+    import torchvision
+    from torchvision import transforms as T
+
+    folder, files = _CIFAR_FILES[one_of("cifar data set", name, sorted(_CIFAR_FILES))]
+    root = _root(root)
+    candidates = [root / folder] + ([root] if root.name == folder else [])
+    checked = []
+    for candidate in candidates:
+        missing = [f for f in files if not (candidate / f).is_file()]
+        if not missing:
+            break
+        checked.append(f"{candidate} (missing: {', '.join(missing)})")
+    else:
+        raise FileNotFoundError(
+            f"{name} not found; checked {'; '.join(checked)}. Put torchvision's {folder!r} folder "
+            f"(files {', '.join(files)}) under the root; this library never downloads data."
+        )
+    mean, std = _CIFAR_STATS[name]
+    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalize])
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    tv_root = str(candidate.parent)
+    return (
+        cls(tv_root, train=True, transform=train_tf, download=False),
+        cls(tv_root, train=False, transform=T.Compose(normalize), download=False),
+    )
+
+
+def imagenet_datasets(root, image_size: int = 224):
+    """ImageNet ``(train, val)`` as torchvision ``ImageFolder`` s of ``root/train`` and ``root/val``.
+
+    Each split folder holds one sub-folder of images per class. Training images get a random
+    resized crop to ``image_size`` and a horizontal flip, validation images a resize to
+    ``image_size × 8/7`` and a center crop; pixels are scaled to [0, 1] (the reference ResNet-50
+    does not standardise its input).
+    """
+    import torchvision
+    from torchvision import transforms as T
+
+    root = _root(root)
+    problems = []
+    for split in ("train", "val"):
+        path = root / split
+        if not path.is_dir():
+            problems.append(f"{path} (no such directory)")
+        elif not any(p.is_dir() for p in path.iterdir()):
+            problems.append(f"{path} (no class sub-directories)")
+    if problems:
+        raise FileNotFoundError(
+            f"imagenet not found; checked {'; '.join(problems)}. Expected ImageFolder layout "
+            "root/train/<class>/*.JPEG and root/val/<class>/*.JPEG; this library never downloads data."
+        )
+    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()])
+    val_tf = T.Compose([T.Resize(image_size * 8 // 7), T.CenterCrop(image_size), T.ToTensor()])
+    return (
+        torchvision.datasets.ImageFolder(str(root / "train"), transform=train_tf),
+        torchvision.datasets.ImageFolder(str(root / "val"), transform=val_tf),
+    )

@@ -38,7 +38,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FILE_DATASETS", "DATA_KEYS", "Preprocessing", "load_file_data", "read_inputs", "PREPROCESSING_FILE"]
+from .atomic import atomic_write  # noqa: F401 - re-exported: the user-data files are written with it
+
+__all__ = [
+    "FILE_DATASETS",
+    "DATA_KEYS",
+    "Preprocessing",
+    "load_file_data",
+    "read_inputs",
+    "PREPROCESSING_FILE",
+    "atomic_write",
+]
 
 #: the ``dataset`` names that read the user's files (described by the config's ``data`` table)
 FILE_DATASETS = ("csv", "parquet", "npz", "npy", "image_folder")
@@ -86,7 +96,9 @@ def check_data_table(dataset: str, data) -> dict:
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
         raise ValueError(f"data.image_size must be [height, width], got {size!r}")
     if values["features"] is not None and not (
-        isinstance(values["features"], list) and values["features"] and all(isinstance(c, str) for c in values["features"])
+        isinstance(values["features"], list)
+        and values["features"]
+        and all(isinstance(c, str) for c in values["features"])
     ):
         raise ValueError(f"data.features must be a list of column names, got {values['features']!r}")
     return values
@@ -120,7 +132,7 @@ class Preprocessing:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Preprocessing":
+    def from_dict(cls, values: dict) -> Preprocessing:
         return cls(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
     def save(self, run_dir) -> Path:
@@ -131,7 +143,7 @@ class Preprocessing:
         return path
 
     @classmethod
-    def load(cls, run_dir) -> "Preprocessing | None":
+    def load(cls, run_dir) -> Preprocessing | None:
         path = Path(run_dir) / PREPROCESSING_FILE
         return cls.from_dict(json.loads(path.read_text())) if path.is_file() else None
 
@@ -151,13 +163,19 @@ class Preprocessing:
         """Raw inputs (N, *input_shape) -> what the network saw in training (standardised float32)."""
         import torch
 
-        x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x.float()
+        if not torch.is_tensor(x):
+            x = np.asarray(x, dtype=np.float32)
+            x = torch.as_tensor(x if x.flags.writeable else x.copy())
+        else:
+            x = x.float()
         if tuple(x.shape[1:]) != tuple(self.input_shape):
             if x.dim() >= 2 and math.prod(x.shape[1:]) == math.prod(self.input_shape):
                 x = x.reshape(x.shape[0], *self.input_shape)
             else:
-                raise ValueError(f"inputs of shape {tuple(x.shape[1:])} per example; the run was trained on "
-                                 f"{tuple(self.input_shape)}")
+                raise ValueError(
+                    f"inputs of shape {tuple(x.shape[1:])} per example; the run was trained on "
+                    f"{tuple(self.input_shape)}"
+                )
         mean, std = self._stats()
         return x if mean is None else (x - mean) / std
 
@@ -198,8 +216,10 @@ def _resolve(path, root) -> Path:
     if not path.is_absolute() and root is not None:
         path = Path(root).expanduser() / path
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found" + ("" if root is not None else
-                                " (relative paths are taken from --data-root, or the current directory)"))
+        raise FileNotFoundError(
+            f"{path} not found"
+            + ("" if root is not None else " (relative paths are taken from --data-root, or the current directory)")
+        )
     return path
 
 
@@ -224,8 +244,10 @@ def _table_arrays(frame, features, target, path) -> tuple[np.ndarray, np.ndarray
     x = frame[features]
     bad = [c for c in features if not np.issubdtype(x[c].dtype, np.number) and x[c].dtype != bool]
     if bad:
-        raise ValueError(f"{path}: feature column(s) {bad} are not numeric; encode them or leave them out of data.features")
-    x = x.to_numpy(dtype=np.float32)
+        raise ValueError(
+            f"{path}: feature column(s) {bad} are not numeric; encode them or leave them out of data.features"
+        )
+    x = x.to_numpy(dtype=np.float32, copy=True)  # writable (pandas may hand out read-only views)
     if not np.isfinite(x).all():
         rows = np.where(~np.isfinite(x).all(axis=1))[0][:5].tolist()
         raise ValueError(f"{path}: missing or infinite feature values (rows {rows}, counting from 0)")
@@ -237,7 +259,9 @@ def _read_arrays(dataset: str, path: Path, y_path, values, root) -> tuple[np.nda
         with np.load(path, allow_pickle=False) as arrays:
             for key in (values["x_key"], values["y_key"]):
                 if key not in arrays:
-                    raise ValueError(f"{path}: no array {key!r}; it holds {sorted(arrays)} (set data.x_key / data.y_key)")
+                    raise ValueError(
+                        f"{path}: no array {key!r}; it holds {sorted(arrays)} (set data.x_key / data.y_key)"
+                    )
             return arrays[values["x_key"]], arrays[values["y_key"]]
     return np.load(path, allow_pickle=False), np.load(_resolve(y_path, root), allow_pickle=False)
 
@@ -268,8 +292,9 @@ def _labels_and_classes(y_train, y_test, likelihood: str, num_classes: int, wher
         return None
     classes = sorted({_label(v) for v in np.asarray(y_train).tolist()}, key=_sort_key)
     if len(classes) != num_classes:
-        raise ValueError(f"{where}: the training targets hold {len(classes)} classes {classes[:12]}, "
-                         f"but num_classes = {num_classes}")
+        raise ValueError(
+            f"{where}: the training targets hold {len(classes)} classes {classes[:12]}, but num_classes = {num_classes}"
+        )
     return classes
 
 
@@ -307,17 +332,27 @@ def load_file_data(cfg, root=None):
     if len(x) != len(y):
         raise ValueError(f"{path}: {len(x)} inputs but {len(y)} targets")
     if test_path is None:
-        idx_train, idx_test = _split_indices(len(x), values["test_fraction"], cfg.seed,
-                                             labels=np.array([_label(v) for v in np.asarray(y).tolist()])
-                                             if cfg.likelihood == "categorical" else None)
+        idx_train, idx_test = _split_indices(
+            len(x),
+            values["test_fraction"],
+            cfg.seed,
+            labels=np.array([_label(v) for v in np.asarray(y).tolist()]) if cfg.likelihood == "categorical" else None,
+        )
         x, y, x_test, y_test = x[idx_train], y[idx_train], x[idx_test], y[idx_test]
     x = np.asarray(x, dtype=np.float32)
     x_test = np.asarray(x_test, dtype=np.float32)
     if x.ndim == 1:
         x, x_test = x[:, None], x_test[:, None]
     classes = _labels_and_classes(y, y_test, cfg.likelihood, cfg.num_classes, path)
-    prep = Preprocessing(dataset=cfg.dataset, likelihood=cfg.likelihood, input_shape=list(x.shape[1:]),
-                         num_train=len(x), features=features, target=target, classes=classes)
+    prep = Preprocessing(
+        dataset=cfg.dataset,
+        likelihood=cfg.likelihood,
+        input_shape=list(x.shape[1:]),
+        num_train=len(x),
+        features=features,
+        target=target,
+        classes=classes,
+    )
     if values["standardize"]:
         std = x.std(axis=0)
         prep.x_mean = x.mean(axis=0).tolist()
@@ -347,7 +382,9 @@ def _class_folder(path: Path):
     import torchvision
 
     if not path.is_dir() or not any(p.is_dir() for p in path.iterdir()):
-        raise FileNotFoundError(f"{path}: expected one sub-folder of images per class (torchvision's ImageFolder layout)")
+        raise FileNotFoundError(
+            f"{path}: expected one sub-folder of images per class (torchvision's ImageFolder layout)"
+        )
     return torchvision.datasets.ImageFolder(str(path))
 
 
@@ -356,15 +393,24 @@ def _image_folder(cfg, values, root):
     from torch.utils.data import DataLoader, Subset
 
     if cfg.likelihood != "categorical":
-        raise ValueError("dataset 'image_folder' classifies (the class is the sub-folder): likelihood must be 'categorical'")
+        raise ValueError(
+            "dataset 'image_folder' classifies (the class is the sub-folder): likelihood must be 'categorical'"
+        )
     path = _resolve(values["path"], root)
-    test_dir = _resolve(values["test_path"], root) if values["test_path"] else next(
-        (path / name for name in ("test", "val") if (path / "train").is_dir() and (path / name).is_dir()), None)
+    test_dir = (
+        _resolve(values["test_path"], root)
+        if values["test_path"]
+        else next(
+            (path / name for name in ("test", "val") if (path / "train").is_dir() and (path / name).is_dir()), None
+        )
+    )
     train_dir = path / "train" if test_dir is not None and (path / "train").is_dir() else path
     folder = _class_folder(train_dir)
     classes = list(folder.classes)
     if len(classes) != cfg.num_classes:
-        raise ValueError(f"{train_dir}: {len(classes)} class folders {classes[:12]}, but num_classes = {cfg.num_classes}")
+        raise ValueError(
+            f"{train_dir}: {len(classes)} class folders {classes[:12]}, but num_classes = {cfg.num_classes}"
+        )
     size, gray = values["image_size"], bool(values["grayscale"])
     if test_dir is not None:
         test_folder = _class_folder(test_dir)
@@ -373,8 +419,9 @@ def _image_folder(cfg, values, root):
         idx_train, idx_test = np.arange(len(folder)), None
     else:
         test_folder = folder
-        idx_train, idx_test = _split_indices(len(folder), values["test_fraction"], cfg.seed,
-                                             labels=np.array(folder.targets))
+        idx_train, idx_test = _split_indices(
+            len(folder), values["test_fraction"], cfg.seed, labels=np.array(folder.targets)
+        )
     # statistics of the training images, per channel, at the training size
     folder.transform = _image_transform(size, gray)
     plain = Subset(folder, idx_train.tolist())
@@ -383,13 +430,20 @@ def _image_folder(cfg, values, root):
         total = total + xb.double().sum(dim=(0, 2, 3))
         total_sq = total_sq + (xb.double() ** 2).sum(dim=(0, 2, 3))
         count += xb.shape[0] * xb.shape[2] * xb.shape[3]
-    mean = (total / count)
+    mean = total / count
     std = (total_sq / count - mean**2).clamp_min(0).sqrt()
     std = torch.where(std < 1e-8, torch.ones_like(std), std)
-    prep = Preprocessing(dataset="image_folder", likelihood="categorical",
-                         input_shape=[1 if gray else 3, size[0], size[1]], num_train=len(idx_train),
-                         classes=classes, x_mean=mean.tolist(), x_std=std.tolist(), image_size=list(size),
-                         grayscale=gray)
+    prep = Preprocessing(
+        dataset="image_folder",
+        likelihood="categorical",
+        input_shape=[1 if gray else 3, size[0], size[1]],
+        num_train=len(idx_train),
+        classes=classes,
+        x_mean=mean.tolist(),
+        x_std=std.tolist(),
+        image_size=list(size),
+        grayscale=gray,
+    )
     if not values["standardize"]:
         prep.x_mean = prep.x_std = None
     transform = _image_transform(size, gray, prep.x_mean, prep.x_std)
@@ -435,8 +489,10 @@ def read_inputs(path, prep: Preprocessing | None, input_shape):
     suffix = path.suffix.lower()
     if path.is_dir() or suffix in _IMAGE_SUFFIXES:
         if prep is None or prep.image_size is None:
-            raise ValueError(f"{path}: images are inputs of runs trained on an image folder; this run takes "
-                             f"arrays of shape {tuple(input_shape)} (a .npy, .npz or .csv file)")
+            raise ValueError(
+                f"{path}: images are inputs of runs trained on an image folder; this run takes "
+                f"arrays of shape {tuple(input_shape)} (a .npy, .npz or .csv file)"
+            )
         files = _image_files(path)
         transform = _image_transform(prep.image_size, prep.grayscale)
         with torch.no_grad():
@@ -456,7 +512,9 @@ def read_inputs(path, prep: Preprocessing | None, input_shape):
                     raise ValueError(f"{path}: holds {sorted(arrays)}; name the inputs 'x'")
                 x = arrays[key]
     else:
-        raise ValueError(f"INPUT {path}: unknown kind; give a .csv, .parquet, .npy, .npz file, an image or a folder of images")
+        raise ValueError(
+            f"INPUT {path}: unknown kind; give a .csv, .parquet, .npy, .npz file, an image or a folder of images"
+        )
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[:, None] if len(input_shape) == 1 and input_shape[0] == 1 else x[None]
@@ -466,6 +524,8 @@ def read_inputs(path, prep: Preprocessing | None, input_shape):
     x = torch.from_numpy(x)
     if tuple(x.shape[1:]) != tuple(input_shape):
         if math.prod(x.shape[1:]) != math.prod(input_shape):
-            raise ValueError(f"{path}: inputs of shape {tuple(x.shape[1:])} per example; the run takes {tuple(input_shape)}")
+            raise ValueError(
+                f"{path}: inputs of shape {tuple(x.shape[1:])} per example; the run takes {tuple(input_shape)}"
+            )
         x = x.reshape(len(x), *input_shape)
     return x, ids

@@ -114,7 +114,7 @@ class members:
             raise ValueError(f"members.tile: expected a batch tensor (B, ...), got {getattr(x, 'shape', type(x))}")
         return x.unsqueeze(0).expand(self.ensemble_size, *x.shape)
 
-    def __enter__(self) -> "members":
+    def __enter__(self) -> members:
         if _active_members() is not None:
             raise ValueError("members(K): already inside a members plate; do not nest them")
         if self._plate is None:  # built on first use, inside the caller's trace; re-entered after that
@@ -314,7 +314,9 @@ class Rank1Conv2d(Rank1Layer):
         self._check_input(x, ("C_in", "H", "W"), "C_in", self.in_channels)
         r, s = self.sample_factor("r", x.device), self.sample_factor("s", x.device)
         x, flat = self._structured(x, r, 3)
-        activations = x.shape[-4] * x.shape[-2] * x.shape[-1] * (x.shape[-3] + self.out_channels)  # B (C_in + C_out) H W
+        activations = (
+            x.shape[-4] * x.shape[-2] * x.shape[-1] * (x.shape[-3] + self.out_channels)
+        )  # B (C_in + C_out) H W
         draws = math.prod(torch.broadcast_shapes(x.shape[:-5], r.shape[:-3])) * r.shape[-3]
         fold = draws <= 64 and self._fold(x, r, activations)  # past 64 small convolutions, overhead wins
         out = self._folded(x, r, s) if fold else self._scaled(x, r, s)
@@ -343,7 +345,9 @@ class Rank1Conv2d(Rank1Layer):
         """Scale the feature maps: conv(x ∘ r) ∘ s + b, one convolution over every leading row."""
         x = x * r[..., None, None]
         lead = x.shape[:-3]
-        out = F.conv2d(x.reshape(-1, *x.shape[-3:]), self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        out = F.conv2d(
+            x.reshape(-1, *x.shape[-3:]), self.weight, None, self.stride, self.padding, self.dilation, self.groups
+        )
         out = out.reshape(*lead, *out.shape[-3:])
         if self.bias is None:
             return out * s[..., None, None]
@@ -361,8 +365,15 @@ class Rank1Conv2d(Rank1Layer):
         r = r.unflatten(-1, (self.groups, groups_in)).repeat_interleave(self.out_channels // self.groups, dim=-2)
         kernels = self.weight * s[..., None, None, None] * r[..., None, None]  # (draws, K, O, I/g, kh, kw)
         outs = [
-            F.conv2d(x[d, m if x.shape[1] > 1 else 0], kernels[d, m], None if self.bias is None else self.bias[m],
-                     self.stride, self.padding, self.dilation, self.groups)
+            F.conv2d(
+                x[d, m if x.shape[1] > 1 else 0],
+                kernels[d, m],
+                None if self.bias is None else self.bias[m],
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+            )
             for d in range(kernels.shape[0])
             for m in range(k)
         ]
@@ -426,7 +437,10 @@ class Rank1LSTM(Rank1Layer):
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
             outputs.append(h)
-        return self._restore(torch.stack(outputs, dim=-2), flat, 2), (self._restore(h, flat, 1), self._restore(c, flat, 1))
+        return self._restore(torch.stack(outputs, dim=-2), flat, 2), (
+            self._restore(h, flat, 1),
+            self._restore(c, flat, 1),
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -9,7 +9,7 @@ Classification metrics take the *mixture* predictive ``probs`` of shape ``(N, C)
   :math:`\sum_b \frac{|B_b|}{N} \,|\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|`.
 * :func:`brier` -- :math:`\frac1N \sum_n \sum_c (p_{nc} - [y_n = c])^2`.
 * :func:`ood_auroc` -- the probability that a random out-of-distribution input scores higher than
-  a random in-distribution one (Mann-Whitney U / AUROC; ties count one half).
+  a random in-distribution one (AUROC, scikit-learn's; ties count one half).
 * :func:`disagreement`, :func:`pairwise_kl` -- diversity of the K members' predictives ``(K, N, C)``.
 
 Regression: :func:`gaussian_nll`, :func:`rmse`, :func:`interval_coverage`.
@@ -70,7 +70,9 @@ def _check(probs: torch.Tensor, labels: torch.Tensor) -> None:
         # probabilities: in [0, 1] and each row sums to 1 (a tolerance for float32/half rounding)
         tol = 1e-2 if probs.is_floating_point() and torch.finfo(probs.dtype).bits < 32 else 1e-3
         if probs.min() < -tol or probs.max() > 1 + tol:
-            raise ValueError(f"probs must lie in [0, 1], got values in [{float(probs.min()):.4g}, {float(probs.max()):.4g}]")
+            raise ValueError(
+                f"probs must lie in [0, 1], got values in [{float(probs.min()):.4g}, {float(probs.max()):.4g}]"
+            )
         err = (probs.double().sum(-1) - 1).abs()
         if err.max() > tol:
             row = int(err.argmax())
@@ -95,7 +97,9 @@ def nll(probs: torch.Tensor, labels: torch.Tensor, log_probs: torch.Tensor | Non
     _check(probs, labels)
     if log_probs is not None:
         if log_probs.shape != probs.shape:
-            raise ValueError(f"log_probs must have the shape of probs {tuple(probs.shape)}, got {tuple(log_probs.shape)}")
+            raise ValueError(
+                f"log_probs must have the shape of probs {tuple(probs.shape)}, got {tuple(log_probs.shape)}"
+            )
         return -log_probs.double().gather(-1, labels.long().unsqueeze(-1)).mean().item()
     p = probs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).double()
     return -p.log().mean().item()
@@ -130,19 +134,22 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def ood_auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
-    """AUROC of telling out-of-distribution inputs (positives) from in-distribution ones by ``score``."""
+    """AUROC of telling out-of-distribution inputs (positives) from in-distribution ones by ``score``.
+
+    scikit-learn's ``roc_auc_score`` (ties count one half). It refuses infinite scores, and an AUROC
+    depends on the scores' order only, so it is given their dense ranks (equal scores, equal ranks).
+    """
+    from sklearn.metrics import roc_auc_score
+
     score_in, score_out = score_in.reshape(-1).double(), score_out.reshape(-1).double()
     if score_in.numel() == 0 or score_out.numel() == 0:
         raise ValueError("ood_auroc needs at least one in- and one out-of-distribution score")
     scores = torch.cat([score_in, score_out])
-    # average ranks (1-based) with ties sharing their mean rank
-    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    counts = counts.double()
-    mean_rank = torch.cumsum(counts, 0) - (counts - 1) / 2.0  # the mean 1-based rank of each tied group
-    ranks = mean_rank[inverse]
-    n_in, n_out = len(score_in), len(score_out)
-    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2.0
-    return (u / (n_in * n_out)).item()
+    if scores.isnan().any():
+        raise ValueError("ood_auroc: the scores contain NaN")
+    ranks = torch.unique(scores, return_inverse=True)[1]
+    is_out = torch.cat([torch.zeros(len(score_in)), torch.ones(len(score_out))])
+    return float(roc_auc_score(is_out.numpy(), ranks.numpy()))
 
 
 def disagreement(member_probs: torch.Tensor) -> float:
@@ -189,7 +196,9 @@ def interval_coverage(mean: torch.Tensor, variance: torch.Tensor, targets: torch
     return ((targets.double() - mean.double()).abs() <= half).double().mean().item()
 
 
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, log_probs: torch.Tensor | None = None) -> dict[str, float]:
+def classification_metrics(
+    probs: torch.Tensor, labels: torch.Tensor, log_probs: torch.Tensor | None = None
+) -> dict[str, float]:
     """Accuracy, NLL (from ``log_probs`` when given, see :func:`nll`), ECE and Brier score in one dict."""
     return {
         "accuracy": accuracy(probs, labels),

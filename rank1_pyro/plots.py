@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ._checks import positive_int
 from . import metrics
-from .diagnostics import khat_label
+from ._checks import positive_int
+from .diagnostics_stats import khat_label
 
 __all__ = ["factor_forest", "reliability_diagram", "pit_check", "khat_plot"]
 
@@ -86,15 +86,21 @@ def factor_forest(tree: xr.DataTree, path, *, max_entries: int = 4, var_names=No
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     spread = 0.7 / chains
     (lo50, hi50), (lo89, hi89) = ((50 - 50 * p, 50 + 50 * p) for p in FOREST_INTERVALS)
-    for i, (label, draws) in enumerate(rows):
+    for i, (_label, draws) in enumerate(rows):
         for c in range(chains):
             y = -i + (c - (chains - 1) / 2) * spread
             q = np.percentile(draws[c], [lo89, lo50, hi50, hi89])
             color = colors[c % len(colors)]
             ax.hlines(y, q[0], q[3], color=color, linewidth=1)
             ax.hlines(y, q[1], q[2], color=color, linewidth=3.5)
-            ax.plot(draws[c].mean(), y, "o", color=color, markersize=3.5,
-                    label=f"component {c + 1}" if i == 0 and chains > 1 else None)
+            ax.plot(
+                draws[c].mean(),
+                y,
+                "o",
+                color=color,
+                markersize=3.5,
+                label=f"component {c + 1}" if i == 0 and chains > 1 else None,
+            )
     for b in boundaries[1:]:
         ax.axhline(-b + 0.5, color="lightgrey", linewidth=0.8)
     ax.set_yticks([-i for i in range(len(rows))], [label for label, _ in rows], fontsize=8)
@@ -120,8 +126,9 @@ def _save_figure(fig, path) -> Path:
     return path
 
 
-def reliability_diagram(probs, labels: torch.Tensor, path, *, num_bins: int = 15, title: str = "",
-                        suptitle: str = "") -> Path:
+def reliability_diagram(
+    probs, labels: torch.Tensor, path, *, num_bins: int = 15, title: str = "", suptitle: str = ""
+) -> Path:
     """Reliability diagram of predicted class probabilities ``(N, C)`` (top-label confidence).
 
     ``probs`` is one ``(N, C)`` tensor, or a dict ``{name: probs}`` drawn as one column per entry
@@ -133,7 +140,11 @@ def reliability_diagram(probs, labels: torch.Tensor, path, *, num_bins: int = 15
     plt = _pyplot()
     panels = probs if isinstance(probs, dict) else {title: probs}
     fig, axes = plt.subplots(
-        2, len(panels), figsize=(4.0 * len(panels), 5.2), sharex=True, squeeze=False,
+        2,
+        len(panels),
+        figsize=(4.0 * len(panels), 5.2),
+        sharex=True,
+        squeeze=False,
         gridspec_kw={"height_ratios": [3, 1]},
     )
     width = 1.0 / num_bins
@@ -163,7 +174,9 @@ def reliability_diagram(probs, labels: torch.Tensor, path, *, num_bins: int = 15
     return path
 
 
-def pit_check(tree: xr.DataTree, path, *, title: str = "", data: str = "held-out data", name: str | None = None) -> Path:
+def pit_check(
+    tree: xr.DataTree, path, *, title: str = "", data: str = "held-out data", name: str | None = None
+) -> Path:
     """ArviZ PIT Δ-ECDF of ``posterior_predictive`` against ``observed_data`` (``plot_ppc_pit``).
 
     For each observation the PIT is :math:`u_n = P(\\tilde y < y_n) + V\\,P(\\tilde y = y_n)`,
@@ -187,17 +200,22 @@ def pit_check(tree: xr.DataTree, path, *, title: str = "", data: str = "held-out
         kinds = {observed[v].dtype.kind for v in observed.data_vars}
         name = "class label" if kinds <= {"i", "u", "b"} else "target"
     renames = {v: name if len(observed.data_vars) == 1 else f"{name} ({v})" for v in observed.data_vars}
-    readable = xr.DataTree.from_dict({
-        group: tree[group].to_dataset()[list(renames)].rename(renames)
-        for group in ("posterior_predictive", "observed_data")
-    })
+    readable = xr.DataTree.from_dict(
+        {
+            group: tree[group].to_dataset()[list(renames)].rename(renames)
+            for group in ("posterior_predictive", "observed_data")
+        }
+    )
     pc = arviz_plots.plot_ppc_pit(readable, backend="matplotlib")
     fig = pc.viz["figure"].item()
     for ax in fig.axes:
         ax.set_xlabel("PIT value u (uniform when calibrated)")
         ax.set_ylabel("Δ-ECDF: ECDF(u) − u")
-    return _save(pc, path, title or f"PIT check of the posterior predictive on the {data}: Δ-ECDF of the PIT "
-                                    "values (0 = calibrated)")
+    return _save(
+        pc,
+        path,
+        title or f"PIT check of the posterior predictive on the {data}: Δ-ECDF of the PIT values (0 = calibrated)",
+    )
 
 
 #: Pareto k-hat thresholds drawn by :func:`khat_plot`: (value, legend text, colour)
@@ -231,7 +249,9 @@ def khat_plot(loo_result, path, *, vi_khat: float | None = None, data: str = "tr
     counts = f"{int((k > 0.7).sum())} of {k.size} above 0.7"
     title = f"PSIS-LOO Pareto k-hat per {data}" + (f", {draws} posterior draws" if draws else "") + f" ({counts})"
     if vi_khat is not None:
-        title += (f"\nVI quality: k-hat of the weights p(θ, D) / q(θ) = {vi_khat:.2f}, {khat_label(vi_khat)} "
-                  "(< 0.7 usable)\nθ: the factors, D: the training data, q: the guide")
+        title += (
+            f"\nVI quality: k-hat of the weights p(θ, D) / q(θ) = {vi_khat:.2f}, {khat_label(vi_khat)} "
+            "(< 0.7 usable)\nθ: the factors, D: the training data, q: the guide"
+        )
     ax.set_title(title, fontsize=9)
     return _save_figure(fig, path)

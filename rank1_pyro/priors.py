@@ -23,7 +23,6 @@ import fnmatch
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Union
 
 import pyro
 import pyro.distributions as dist
@@ -147,7 +146,7 @@ class InverseGammaVariance(ScaleSpec):
         return self.rate / (self.concentration + 1.0)  # the mode of the variance
 
 
-ScaleLike = Union[float, ScaleSpec]
+ScaleLike = float | ScaleSpec
 
 
 # --------------------------------------------------------------------------------------
@@ -185,17 +184,27 @@ class FactorPrior:
         sample plate at dim -3); it gains a trailing event dim here.
         """
         if not torch.is_tensor(scale):  # a fixed prior: the same distribution object every step
-            return _fixed_distribution(self.family, float(self.loc), float(scale), int(size), torch.device(device or "cpu"),
-                                       torch.get_default_dtype())
+            return _fixed_distribution(
+                self.family,
+                float(self.loc),
+                float(scale),
+                int(size),
+                torch.device(device or "cpu"),
+                torch.get_default_dtype(),
+            )
         loc = torch.full((size,), float(self.loc), device=device)
         return self.family(loc, scale.unsqueeze(-1)).to_event(1)
 
 
 @functools.lru_cache(maxsize=256)
-def _fixed_distribution(family, loc: float, scale: float, size: int, device: torch.device, dtype) -> dist.TorchDistribution:
+def _fixed_distribution(
+    family, loc: float, scale: float, size: int, device: torch.device, dtype
+) -> dist.TorchDistribution:
     """``family(loc, scale)`` over ``size`` entries, built once per (spec, size, device, dtype): a
     training step then spends no time building prior distributions (they are never mutated)."""
-    return family(torch.full((size,), loc, device=device, dtype=dtype), torch.tensor(scale, device=device, dtype=dtype)).to_event(1)
+    return family(
+        torch.full((size,), loc, device=device, dtype=dtype), torch.tensor(scale, device=device, dtype=dtype)
+    ).to_event(1)
 
 
 @dataclass(frozen=True)
@@ -265,7 +274,7 @@ class PriorMap:
                 )
 
     @classmethod
-    def coerce(cls, prior) -> "PriorMap":
+    def coerce(cls, prior) -> PriorMap:
         if isinstance(prior, PriorMap):
             return prior
         if prior is None or isinstance(prior, FactorPrior):

@@ -2,7 +2,7 @@
 
 A run directory holds
 
-* ``config.json`` -- the resolved :class:`~rank1_pyro.models.configs.RunConfig`,
+* ``config.json`` -- the resolved :class:`~rank1_pyro.config.RunConfig`,
 * ``checkpoint.pt`` -- model, guide, optimizer and RNG state (:mod:`rank1_pyro.inference.checkpoint`),
 * ``metrics.json`` -- the training history (rewritten atomically after every epoch, while the
   run trains) and, at the end, the test metrics (``"test"``: present once training has finished),
@@ -15,6 +15,12 @@ A run directory holds
 * ``run.json`` -- the manifest, written last: the run is *finished* when it exists. It records the
   seed, the library versions, a fingerprint of the training data and the SHA-256 of the
   files above, so every file of a finished run is checked to describe the same run.
+
+Post-hoc posteriors fitted on a finished run go beside it, one folder each (:func:`save_posterior`):
+``laplace/`` (``rank1-pyro laplace``) and ``projected/`` (``rank1-pyro project``), each holding
+``posterior.pt`` (the posterior's state dict) and ``posterior.json`` (its description and the
+SHA-256 of ``posterior.pt``, written last). :meth:`Run.posterior` loads them; the network
+fingerprint in the state refuses a posterior fitted on other weights.
 
 A run directory is a unit:
 
@@ -30,6 +36,7 @@ A run directory is a unit:
 
     run = load_run("runs/houses")
     table = run.predict("new_houses.csv")     # a RunPrediction: .columns(), .to_csv(), .to_json()
+    table = run.predict("new_houses.csv", posterior="laplace")   # after `rank1-pyro laplace runs/houses`
 """
 
 from __future__ import annotations
@@ -41,13 +48,12 @@ import hashlib
 import json
 import os
 import platform
-import secrets
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import RunConfig
 from .inference.checkpoint import CHECKPOINT_NAME, load_weights
-from .models.configs import RunConfig
 
 __all__ = [
     "save_config",
@@ -55,6 +61,8 @@ __all__ = [
     "load_run",
     "Run",
     "RunPrediction",
+    "POSTERIORS",
+    "save_posterior",
     "write_json",
     "write_manifest",
     "read_manifest",
@@ -91,19 +99,11 @@ class RunError(ValueError):
 
 
 def write_json(obj, path: Path) -> None:
-    """Write ``obj`` as JSON atomically (a crash leaves the previous file intact)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    """Write ``obj`` as JSON atomically (a crash leaves the previous file intact;
+    :func:`~rank1_pyro.files.atomic_write`)."""
+    from .atomic import atomic_write
+
+    atomic_write(path, json.dumps(obj, indent=2))
 
 
 def save_config(cfg: RunConfig, run_dir: Path) -> None:
@@ -229,8 +229,13 @@ def library_versions() -> dict:
 
     from . import __version__
 
-    return {"rank1_pyro": __version__, "torch": torch.__version__, "pyro": pyro.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version()}
+    return {
+        "rank1_pyro": __version__,
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -252,8 +257,11 @@ def write_manifest(run_dir, cfg: RunConfig, **extra) -> dict:
         "epochs": cfg.epochs,
         "versions": library_versions(),
         **extra,
-        "files": {name: _sha256(run_dir / name) for name in (*HASHED_FILES, PREPROCESSING_FILE, HISTORY_FILE)
-                  if name in HASHED_FILES or (run_dir / name).is_file()},
+        "files": {
+            name: _sha256(run_dir / name)
+            for name in (*HASHED_FILES, PREPROCESSING_FILE, HISTORY_FILE)
+            if name in HASHED_FILES or (run_dir / name).is_file()
+        },
     }
     write_json(manifest, run_dir / MANIFEST_FILE)
     return manifest
@@ -270,8 +278,10 @@ def read_manifest(run_dir, verify: bool = True) -> dict | None:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise RunError(f"{path}: invalid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(
-        manifest.get("files"), dict
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != MANIFEST_FORMAT
+        or not isinstance(manifest.get("files"), dict)
     ):
         raise RunError(f"{path} is not a rank1-pyro run manifest")
     if verify:
@@ -351,7 +361,7 @@ class Run(tuple):
 
     Its attributes: ``config``, ``model``, ``guide``, ``datasets`` (read on first use: prediction
     needs no data), ``run_dir``, ``preprocessing`` (:class:`~rank1_pyro.files.Preprocessing`, or
-    ``None`` for a run written before it existed), ``input_shape``, and :meth:`predict`.
+    ``None`` for a run written before it existed), ``input_shape``, :meth:`posterior` and :meth:`predict`.
     """
 
     def __new__(cls, cfg, model, guide, splits, run_dir, preprocessing, input_shape):
@@ -364,18 +374,32 @@ class Run(tuple):
     guide = property(lambda self: self[2])
     datasets = property(lambda self: self[3])
 
-    def posterior(self, kind: str = "rank1"):
-        """The posterior to predict with: ``"rank1"``, the trained model and guide (Laplace and
-        projected posteriors are fitted in Python, :mod:`rank1_pyro.laplace`, and predict with
-        :func:`~rank1_pyro.inference.predict`; they are not saved in run directories yet)."""
+    def posterior(self, kind: str = "rank1", **overrides):
+        """The posterior to predict with (:data:`POSTERIORS`): ``"rank1"``, the trained model and guide;
+        ``"laplace"`` or ``"projected"``, the post-hoc posterior that ``rank1-pyro laplace`` or
+        ``rank1-pyro project`` saved in the run (``RUN_DIR/<kind>/``, :func:`save_posterior`), on the
+        run's rank-1 model at its factor means (:func:`~rank1_pyro.laplace.rank1_point_network`).
+        ``overrides`` replace saved settings of a post-hoc posterior (e.g. ``predictive="glm-mc"``)."""
         from .inference.predictive import Rank1Posterior
 
-        if kind != "rank1":
-            raise ValueError(f"posterior {kind!r}: a run directory holds the rank-1 posterior ('rank1') only")
-        return Rank1Posterior(self.model, self.guide)
+        if kind not in POSTERIORS:
+            raise ValueError(f"posterior: unknown name {kind!r}; valid: {list(POSTERIORS)}")
+        if kind == "rank1":
+            if overrides:
+                raise TypeError(f"posterior 'rank1' takes no settings, got {sorted(overrides)}")
+            return Rank1Posterior(self.model, self.guide)
+        return load_saved_posterior(self, kind, **overrides)
 
-    def predict(self, inputs, *, num_samples: int = 32, posterior: str = "rank1", batch_size: int = 256,
-                temperature: float | None = None, conformal: float | None = None) -> "RunPrediction":
+    def predict(
+        self,
+        inputs,
+        *,
+        num_samples: int = 32,
+        posterior: str = "rank1",
+        batch_size: int = 256,
+        temperature: float | None = None,
+        conformal: float | None = None,
+    ) -> RunPrediction:
         """Predictions for new ``inputs``: a file (``.csv``, ``.parquet``, ``.npy``, ``.npz``), an image or a
         folder of images (:func:`~rank1_pyro.files.read_inputs`), or an array/tensor of raw inputs.
 
@@ -384,12 +408,14 @@ class Run(tuple):
         calibration, see :func:`~rank1_pyro.calibration.fit_temperature`; default: the one
         ``rank1-pyro calibrate`` saved in the run, if any); ``conformal`` (e.g. 0.1) adds split
         conformal prediction sets with 1 − ``conformal`` coverage, calibrated when the run was
-        calibrated.
+        calibrated. ``posterior``: ``"rank1"`` (the trained model), or ``"laplace"`` / ``"projected"``,
+        saved in the run by ``rank1-pyro laplace`` / ``rank1-pyro project`` (:meth:`posterior`).
         """
         from .calibration import load_calibration
         from .files import read_inputs
         from .inference.predictive import predict as mc_predict
 
+        post = self.posterior(posterior)  # first: a missing posterior is reported before any input is read
         if isinstance(inputs, (str, Path)):
             x, ids = read_inputs(inputs, self.preprocessing, self.input_shape)
         else:
@@ -398,7 +424,18 @@ class Run(tuple):
         saved = load_calibration(self.run_dir, posterior)
         if temperature is None and saved is not None:
             temperature = saved.get("temperature")
-        post = self.posterior(posterior)
+        most = getattr(post, "max_samples", None)
+        if most is not None and num_samples > most:
+            raise ValueError(
+                f"num_samples={num_samples}: the {posterior} posterior of {self.run_dir} holds {most} saved draws; "
+                f"run `rank1-pyro {POSTERIORS[posterior]} {self.run_dir} --samples {num_samples}` to save more"
+            )
+        # the closed-form GLM predictive folds the epistemic variance into each sample's variance
+        noise_variance = (
+            post.sigma_noise**2
+            if posterior == "laplace" and post.likelihood == "normal" and post.predictive == "glm"
+            else None
+        )
         if temperature is not None and temperature != 1.0:
             from .calibration import TemperatureScaled
 
@@ -407,10 +444,83 @@ class Run(tuple):
         threshold = None
         if conformal is not None:
             if saved is None or str(conformal) not in saved.get("conformal", {}):
-                raise ValueError(f"conformal={conformal}: this run has no conformal threshold for it; run "
-                                 f"`rank1-pyro calibrate {self.run_dir} --conformal {conformal}` first")
+                raise ValueError(
+                    f"conformal={conformal}: this run has no conformal threshold for it; run "
+                    f"`rank1-pyro calibrate {self.run_dir} --conformal {conformal}` first"
+                )
             threshold = saved["conformal"][str(conformal)]
-        return RunPrediction(prediction, ids, self.preprocessing, conformal=conformal, threshold=threshold)
+        return RunPrediction(
+            prediction, ids, self.preprocessing, conformal=conformal, threshold=threshold, noise_variance=noise_variance
+        )
+
+
+#: the posteriors a run can predict with -> the command that saves it in the run (``None``: trained)
+POSTERIORS = {"rank1": None, "laplace": "laplace", "projected": "project"}
+#: the files of a saved post-hoc posterior, in ``RUN_DIR/<kind>/``: the state (written first) and its
+#: description with the state's SHA-256 (written last: the posterior is complete when it exists)
+POSTERIOR_STATE_FILE = "posterior.pt"
+POSTERIOR_INFO_FILE = "posterior.json"
+
+
+def save_posterior(run_dir, posterior, info: dict | None = None, **options) -> Path:
+    """Save a fitted :class:`~rank1_pyro.laplace.SubnetLaplace` or :class:`~rank1_pyro.laplace.ProjectedPosterior`
+    of a run's point network into ``run_dir/<kind>/`` (``options`` go to its ``state_dict``).
+
+    Two files, each written atomically: ``posterior.pt`` (the state dict) and then
+    ``posterior.json`` (``info``, the kind, the number of saved draws, the library versions and the
+    SHA-256 of ``posterior.pt``). Returns the directory.
+    """
+    import torch
+
+    from .atomic import atomic_write
+
+    kind = posterior.KIND
+    if POSTERIORS.get(kind) is None:
+        raise ValueError(f"save_posterior: a {type(posterior).__name__} is not a post-hoc posterior of a run")
+    folder = Path(run_dir) / kind
+    state = posterior.state_dict(**options)
+    path = atomic_write(folder / POSTERIOR_STATE_FILE, lambda f: torch.save(state, f))
+    draws = state["draws"]
+    description = {
+        "kind": kind,
+        "command": POSTERIORS[kind],
+        **(info or {}),
+        "saved_draws": 0 if draws is None else int(draws.shape[0]),
+        "versions": library_versions(),
+        "files": {POSTERIOR_STATE_FILE: _sha256(path)},
+    }
+    write_json(description, folder / POSTERIOR_INFO_FILE)
+    return folder
+
+
+def load_saved_posterior(run, kind: str, **overrides):
+    """The ``kind`` posterior saved in a loaded :class:`Run` (see :meth:`Run.posterior`)."""
+    from .laplace import load_posterior, rank1_point_network
+
+    folder = run.run_dir / kind
+    redo = f"run `rank1-pyro {POSTERIORS[kind]} {run.run_dir}`"
+    state, info = folder / POSTERIOR_STATE_FILE, folder / POSTERIOR_INFO_FILE
+    if not info.is_file():
+        if state.is_file():
+            raise RunError(f"{state} has no {POSTERIOR_INFO_FILE} (saving it was interrupted): {redo} again")
+        raise RunError(f"{run.run_dir} holds no {kind} posterior ({folder}/ not found): {redo} first")
+    try:
+        digest = json.loads(info.read_text())["files"][POSTERIOR_STATE_FILE]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise RunError(f"{info} is not a saved posterior's description ({type(e).__name__}): {redo} again") from None
+    if not state.is_file():
+        raise RunError(f"{state} is missing but {info} describes it: {redo} again")
+    if _sha256(state) != digest:
+        raise RunError(f"{state} does not belong to {info} (it changed after it was saved): {redo} again")
+    net = rank1_point_network(run.model, run.guide).eval()
+    try:
+        return load_posterior(state, net, **overrides)
+    except ValueError as e:
+        if "fitted on another network" in str(e):
+            raise RunError(
+                f"{state} was fitted on other weights than this run's (was the run trained again?): {redo} again"
+            ) from None
+        raise
 
 
 class RunPrediction:
@@ -420,12 +530,15 @@ class RunPrediction:
     and ``total`` = ``aleatoric`` + ``epistemic`` (predictive entropy = expected entropy + mutual
     information, in nats). Regression: ``mean``, ``std`` (predictive), and ``total`` =
     ``aleatoric`` + ``epistemic`` as variances in the target's units² (mean noise variance +
-    variance of the means). With conformal sets: ``set``, the classes of the prediction set.
+    variance of the means; with ``noise_variance``, the observation noise's variance in training
+    units, the aleatoric part is that and the epistemic part the rest of the total, for posteriors
+    whose samples carry epistemic variance of their own, as the closed-form Laplace GLM). With
+    conformal sets: ``set``, the classes of the prediction set.
     """
 
-    def __init__(self, prediction, ids, preprocessing=None, conformal=None, threshold=None):
+    def __init__(self, prediction, ids, preprocessing=None, conformal=None, threshold=None, noise_variance=None):
         self.prediction, self.ids, self.preprocessing = prediction, list(ids), preprocessing
-        self.conformal, self.threshold = conformal, threshold
+        self.conformal, self.threshold, self.noise_variance = conformal, threshold, noise_variance
 
     @property
     def likelihood(self) -> str:
@@ -437,8 +550,11 @@ class RunPrediction:
         cols: dict[str, list] = {"id": self.ids}
         if p.likelihood == "categorical":
             probs = p.probs
-            names = (self.preprocessing.classes if self.preprocessing is not None and self.preprocessing.classes
-                     else [str(c) for c in range(probs.shape[1])])
+            names = (
+                self.preprocessing.classes
+                if self.preprocessing is not None and self.preprocessing.classes
+                else [str(c) for c in range(probs.shape[1])]
+            )
             cols["prediction"] = [names[i] for i in probs.argmax(1).tolist()]
             cols["confidence"] = probs.max(1).values.tolist()
             for c, name in enumerate(names):
@@ -455,8 +571,13 @@ class RunPrediction:
             scale = self.preprocessing.y_std if self.preprocessing is not None else 1.0
             shift = self.preprocessing.y_mean if self.preprocessing is not None else 0.0
             means, variances = p.samples[..., 0], p.samples[..., 1]
-            aleatoric = variances.mean(dim=(0, 1)) * scale**2
-            epistemic = means.var(dim=(0, 1), unbiased=False) * scale**2
+            if self.noise_variance is None:
+                aleatoric = variances.mean(dim=(0, 1)) * scale**2
+                epistemic = means.var(dim=(0, 1), unbiased=False) * scale**2
+            else:
+                total = (variances.mean(dim=(0, 1)) + means.var(dim=(0, 1), unbiased=False)) * scale**2
+                aleatoric = total.new_full(total.shape, self.noise_variance * scale**2)
+                epistemic = (total - aleatoric).clamp_min(0.0)
             cols["mean"] = (p.mean * scale + shift).tolist()
             cols["std"] = (aleatoric + epistemic).sqrt().tolist()
             cols["total"] = (aleatoric + epistemic).tolist()

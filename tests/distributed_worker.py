@@ -16,12 +16,11 @@ import torch
 
 torch.set_num_threads(1)
 
+from faulty_objectives import StopAt  # noqa: E402
 from torch import nn  # noqa: E402
 
 from rank1_pyro import MixtureELBO, MixtureGuide, Rank1Linear, Rank1Model, rank1_mlp  # noqa: E402
 from rank1_pyro.inference.train import NonFiniteLossError, train  # noqa: E402
-
-from faulty_objectives import StopAt  # noqa: E402
 
 N, BATCH, EPOCHS, SEED = 128, 32, 2, 3  # 4 global steps per epoch
 
@@ -42,8 +41,18 @@ def run(distributed, checkpoint_dir=None, **kwargs):
     model = rank1_mlp(3, [8], 2, ensemble_size=2)
     guide = MixtureGuide(model)
     history = train(
-        model, guide, data(), epochs=EPOCHS, batch_size=BATCH, optimizer="sgd", lr=0.25, seed=SEED, progress=False,
-        distributed=distributed, checkpoint_dir=checkpoint_dir, checkpoint_every=3 if checkpoint_dir else None,
+        model,
+        guide,
+        data(),
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        optimizer="sgd",
+        lr=0.25,
+        seed=SEED,
+        progress=False,
+        distributed=distributed,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=3 if checkpoint_dir else None,
         **kwargs,
     )
     return state(model, guide), history.epochs
@@ -98,8 +107,17 @@ def run_nan():
             return super().loss_terms(*args, **kwargs)
 
     try:
-        train(model, guide, data(), objective=Recording(), epochs=1, batch_size=BATCH, seed=SEED, progress=False,
-              distributed=True)
+        train(
+            model,
+            guide,
+            data(),
+            objective=Recording(),
+            epochs=1,
+            batch_size=BATCH,
+            seed=SEED,
+            progress=False,
+            distributed=True,
+        )
     except NonFiniteLossError as e:
         now = state(model, guide)
         return str(e), all(torch.equal(now[k], snapshots[-1][k]) for k in now)
@@ -114,9 +132,17 @@ if __name__ == "__main__":
     nan_message, nan_unchanged = run_nan()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.save(
-        {"state": result, "history": history, "batchnorm": bn, "world_size": world, "nan_message": nan_message,
-         "nan_unchanged": nan_unchanged, "resumed": resumed, "resumed_history": resumed_history,
-         "interrupted_at": position},
+        {
+            "state": result,
+            "history": history,
+            "batchnorm": bn,
+            "world_size": world,
+            "nan_message": nan_message,
+            "nan_unchanged": nan_unchanged,
+            "resumed": resumed,
+            "resumed_history": resumed_history,
+            "interrupted_at": position,
+        },
         out / f"rank{rank}.pt",
     )
     torch.distributed.destroy_process_group()

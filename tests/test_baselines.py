@@ -1,5 +1,7 @@
-"""Deep ensemble and MC dropout against hand computations, parameter counts, and a smoke run of the
-quality benchmark's core (benchmarks/quality.py) on tiny digits images, so the script cannot rot."""
+"""Deep ensemble and MC dropout against hand computations, parameter counts, and the experiment
+pipeline (methods registry, evaluation sets, resumable jobs, summaries) on tiny digits images."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,10 +10,13 @@ from torch import nn
 
 from rank1_pyro.baselines import DeepEnsemble, MCDropout, insert_dropout, lenet5_dropout_net, member_seeds
 from rank1_pyro.data import Split, load_digits
-from rank1_pyro.demo import count_parameters
+from rank1_pyro.experiments import markdown_table, plan_jobs, run_job, run_jobs, shift_sets, summarize
 from rank1_pyro.inference import MixtureGuide, Posterior, Rank1Posterior, predict
 from rank1_pyro.inference.train import empty_guide, train
-from rank1_pyro.models import Rank1Model, lenet5, lenet5_net, mlp
+from rank1_pyro.inference.train_config import TrainConfig
+from rank1_pyro.methods import METHODS, Architecture, MethodSettings, check_methods, fit_method
+from rank1_pyro.models import Rank1Model, lenet5_net, mlp, rank1_network
+from rank1_pyro.models.params import count_parameters
 
 
 def _data(n=24, d=4, c=3):
@@ -96,7 +101,7 @@ def test_deep_ensemble_bad_input():
     with pytest.raises(ValueError, match="likelihood"):
         DeepEnsemble([mlp(2, [], 2)], likelihood="poisson")
     with pytest.raises(ValueError, match="ensemble_size 1"):
-        DeepEnsemble([lenet5(ensemble_size=2)])
+        DeepEnsemble([rank1_network("lenet5", ensemble_size=2)])
     with pytest.raises(TypeError, match="build"):
         DeepEnsemble.from_builder(mlp(2, [], 2))
 
@@ -183,75 +188,125 @@ def test_parameter_counts_of_the_benchmark_models():
     # rank-1 LeNet-5, K = 4: shared W, per-member biases, a mean and a scale per factor entry and member
     k, biases = 4, 6 + 16 + 120 + 84 + 10
     factors = (1 + 6) + (6 + 16) + (400 + 120) + (120 + 84) + (84 + 10)
-    model = lenet5(ensemble_size=k)
+    model = rank1_network("lenet5", ensemble_size=k)
     assert count_parameters(model, MixtureGuide(model)) == (lenet - biases) + k * biases + 2 * k * factors
     assert count_parameters(model, MixtureGuide(model)) < 0.3 * count_parameters(ens)  # "a quarter"
 
 
-# ----------------------------------------------------------------------------- the quality benchmark
+# ----------------------------------------------------------------------------- the experiment pipeline
 
 
-def _tiny_quality_data(quality):
+SETTINGS = MethodSettings(
+    TrainConfig(
+        epochs=1,
+        batch_size=32,
+        weight_decay=1e-4,
+        kl_annealing_epochs=0.8,
+        objective="averaged",
+        device="cpu",
+        progress=False,
+    ),
+    laplace_subnetwork=16,
+    projected_fit_examples=8,
+    projected_iterations=2,
+    projected_probes=2,
+    projected_samples=2,
+    rank1_laplace_fit_examples=2,
+    rank1_samples=2,
+    dropout_samples=2,
+)
+
+
+def _tiny_data():
     digits = load_digits()
     up = lambda x: F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)  # noqa: E731 (LeNet: >= 12x12)
     split = Split(up(digits.x_train[:96]), digits.y_train[:96], up(digits.x_test[:40]), digits.y_test[:40], 10, "tiny")
     ood = up(digits.x_test[40:60]).transpose(-1, -2)
-    cfg = quality.QualityConfig(
-        train_examples=None, test_examples=30, shift_examples=8, ood_examples=12, rotations=(90.0, 180.0),
-        corruptions=("gaussian_noise", "contrast"), severities=(1, 5), epochs=1, batch_size=32,
-        laplace_subnetwork=16, projected_fit_examples=8, projected_iterations=2, projected_probes=2,
-        projected_samples=2, rank1_laplace_fit_examples=2, rank1_samples=2, dropout_samples=2,
+    data = shift_sets(
+        split,
+        ood,
+        test_examples=30,
+        shift_examples=8,
+        ood_examples=12,
+        rotations=(90.0, 180.0),
+        corruptions=("gaussian_noise", "contrast"),
+        severities=(1, 5),
     )
-    return cfg, quality.make_data(split, ood, cfg)
+    return Architecture.from_zoo("lenet5", 10, (1, 16, 16)), data
 
 
-def test_quality_benchmark_core_runs_on_tiny_digits(tmp_path, benchmark_script):
-    quality = benchmark_script("quality")
-    cfg, data = _tiny_quality_data(quality)
+def _run(arch, data, methods, seeds, jobs_dir=None, log=lambda s: None, settings=SETTINGS):
+    jobs = plan_jobs(methods, seeds)
+    run = lambda *job: run_job(arch, settings, data, *job)  # noqa: E731
+    return run_jobs(jobs, run, {"settings": repr(settings)}, jobs_dir, log)
+
+
+def test_every_method_runs_on_tiny_digits_and_seeds_summarize():
+    arch, data = _tiny_data()
     assert data.sets["clean"][0] == slice(0, 30) and data.sets["ood"][1] is None
     assert data.x_eval.shape[0] == 30 + 2 * 8 + 2 * 2 * 8 + 12
     # standardised with the training statistics
     torch.testing.assert_close(data.x_train.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
-    report = quality.run_quality(cfg, seeds=(0, 1), data=data, log=lambda s: None)
-    assert report["methods"] == list(quality.METHODS)
-    for method in quality.METHODS:
-        runs = report["runs"][method]
-        assert set(runs) == {"0", "1"}
-        for row in runs.values():
-            for key in ("clean_accuracy", "clean_nll", "clean_ece", "clean_brier", "rotation_nll",
-                        "corruption_ece", "ood_auroc"):
+    runs = _run(arch, data, METHODS, (0, 1))
+    assert set(runs) == set(METHODS)
+    for method in METHODS:
+        assert set(runs[method]) == {"0", "1"}
+        for row in runs[method].values():
+            for key in (
+                "clean_accuracy",
+                "clean_nll",
+                "clean_ece",
+                "clean_brier",
+                "rotation_nll",
+                "corruption_ece",
+                "ood_auroc",
+            ):
                 assert 0.0 <= row[key] < float("inf"), (method, key, row[key])
-        stats = report["summary"][method]["clean_nll"]
-        values = [r["clean_nll"] for r in runs.values()]
+        stats = summarize(runs[method])["clean_nll"]
+        values = [r["clean_nll"] for r in runs[method].values()]
         assert stats["mean"] == pytest.approx(sum(values) / 2)
         assert stats["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
     # the rotation average is the mean of the per-angle metrics
-    row = report["runs"]["deterministic"]["0"]
+    row = runs["deterministic"]["0"]
     assert row["rotation_nll"] == pytest.approx((row["sets"]["rot90"]["nll"] + row["sets"]["rot180"]["nll"]) / 2)
-    assert report["runs"]["deep-ensemble"]["0"]["parameters"] == 4 * report["runs"]["deterministic"]["0"]["parameters"]
-    quality.write_report(report, tmp_path, "python benchmarks/quality.py --test")
-    text = (tmp_path / "results.md").read_text()
-    assert "| rank1-gaussian-mix |" in text and "±" in text and "`python benchmarks/quality.py --test`" in text
-    assert (tmp_path / "shift.png").stat().st_size > 0 and (tmp_path / "results.json").stat().st_size > 0
+    assert runs["deep-ensemble"]["0"]["parameters"] == 4 * runs["deterministic"]["0"]["parameters"]
+    text = markdown_table({m: summarize(runs[m]) for m in METHODS}, [("clean_nll", "NLL", 1.0, 3)])
+    assert "| rank1-gaussian-mix |" in text and "±" in text and text.count("\n") == len(METHODS) + 1
 
 
-def test_quality_benchmark_resumes_finished_jobs_and_reruns_changed_ones(tmp_path, monkeypatch, benchmark_script):
-    quality = benchmark_script("quality")
-    cfg, data = _tiny_quality_data(quality)
+def test_post_hoc_methods_start_from_their_trained_base():
+    assert plan_jobs(["subnet-laplace", "projected"], [0]) == [
+        (0, "deterministic", ("subnet-laplace", "projected"), False)
+    ]
+    arch, data = _tiny_data()
+    base = fit_method("deterministic", arch, (data.x_train, data.y_train), SETTINGS, seed=0)
+    with pytest.raises(ValueError, match="pass base="):
+        fit_method("projected", arch, (data.x_train, data.y_train), SETTINGS, seed=0)
+    la = fit_method("subnet-laplace", arch, (data.x_train, data.y_train), SETTINGS, seed=0, base=base)
+    assert la.posterior.model is base.model.net and la.seconds >= base.seconds
+    with pytest.raises(ValueError, match="unknown methods"):
+        check_methods(["rank1-laplace-avg"])
+
+
+def test_experiment_jobs_resume_and_rerun_changed_ones(tmp_path, monkeypatch):
+    from rank1_pyro import experiments
+
+    arch, data = _tiny_data()
     methods, jobs_dir = ["deterministic", "subnet-laplace"], tmp_path / "jobs"
-    first = quality.run_quality(cfg, seeds=(0,), methods=methods, data=data, log=lambda s: None, jobs_dir=jobs_dir)
+    first = _run(arch, data, methods, (0,), jobs_dir)
     assert len(list(jobs_dir.glob("seed0-deterministic-*.json"))) == 1  # one job: the net and its Laplace
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished job ran again")
 
-    monkeypatch.setattr(quality, "run_job", no_training)
+    monkeypatch.setattr(experiments, "run_job", no_training)
     messages = []
-    again = quality.run_quality(cfg, seeds=(0,), methods=methods, data=data, log=messages.append, jobs_dir=jobs_dir)
+    again = _run(arch, data, methods, (0,), jobs_dir, messages.append)
     assert messages == [f"resuming: 1 of 1 jobs already done in {jobs_dir}"]
     for method in methods:
-        assert again["runs"][method]["0"]["clean_nll"] == first["runs"][method]["0"]["clean_nll"]
-    # another configuration is another job: it runs
+        assert again[method]["0"]["clean_nll"] == first[method]["0"]["clean_nll"]
+    # other settings are another job: it runs
     with pytest.raises(AssertionError, match="ran again"):
-        quality.run_quality(quality.replace(cfg, epochs=2), seeds=(0,), methods=methods, data=data,
-                            log=lambda s: None, jobs_dir=jobs_dir)
+        jobs = plan_jobs(methods, (0,))
+        key = {"settings": repr(replace(SETTINGS, train=SETTINGS.train.replace(epochs=2)))}
+        experiments.run_jobs(jobs, lambda *job: experiments.run_job(arch, SETTINGS, data, *job), key, jobs_dir)

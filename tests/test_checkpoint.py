@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faulty_objectives import FailingELBO, StopAt
 from torch.utils.data import DataLoader, TensorDataset
 
 from rank1_pyro import MixtureELBO, MixtureGuide, rank1_mlp
@@ -18,14 +19,17 @@ from rank1_pyro.inference import checkpoint as C
 from rank1_pyro.inference.checkpoint import CheckpointError, load_weights, read_checkpoint
 from rank1_pyro.inference.train import NonFiniteLossError, train
 
-from faulty_objectives import FailingELBO, StopAt
-
 WORKER = Path(__file__).resolve().parent / "checkpoint_worker.py"
 
 
 def _run_worker(mode, run_dir, out):
-    done = subprocess.run([sys.executable, str(WORKER), mode, str(run_dir), str(out)], capture_output=True, text=True,
-                          timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, str(WORKER), mode, str(run_dir), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
@@ -34,8 +38,12 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     reference = _run_worker("reference", tmp_path / "reference", tmp_path / "reference.pt")
 
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(WORKER), "interrupt", str(run), str(tmp_path / "never.pt")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), "interrupt", str(run), str(tmp_path / "never.pt")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "blocked").exists():  # the worker blocks inside step 15, three steps after a checkpoint
@@ -98,7 +106,9 @@ def test_in_process_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, lo
     def source():  # (x, y) tensors, or a user's shuffling DataLoader (train re-orders it by (seed, epoch))
         return DataLoader(TensorDataset(*data()), batch_size=8, shuffle=True) if loader else data()
 
-    ref_model, ref_guide, ref_history = run(tmp_path / "a", train_data=source(), checkpoint_dir=None, val_data=data(16, 1))
+    ref_model, ref_guide, ref_history = run(
+        tmp_path / "a", train_data=source(), checkpoint_dir=None, val_data=data(16, 1)
+    )
     model, guide = fresh()
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", model, guide, source(), objective=StopAt(9), checkpoint_every=2, val_data=data(16, 1))
@@ -222,8 +232,11 @@ def test_a_file_with_code_is_never_executed(tmp_path):
 def test_other_architecture_names_the_mismatched_keys(good_checkpoint):
     wider, wider_guide = fresh(hidden=8)
     before = params(wider, wider_guide)
-    with pytest.raises(CheckpointError, match=r"does not match the model's architecture: shape mismatches "
-                       r"net\.0\.weight: checkpoint \(4, 2\) vs model \(8, 2\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not match the model's architecture: shape mismatches "
+        r"net\.0\.weight: checkpoint \(4, 2\) vs model \(8, 2\)",
+    ):
         load_weights(good_checkpoint, wider, wider_guide)
     assert all(torch.equal(a, b) for a, b in zip(before, params(wider, wider_guide)))  # nothing loaded
     torch.manual_seed(0)
@@ -237,7 +250,9 @@ def test_other_architecture_names_the_mismatched_keys(good_checkpoint):
 
 
 def test_resuming_with_another_batch_size_is_refused(good_checkpoint):
-    with pytest.raises(CheckpointError, match=r"cannot resume this run: num_data: .*|batch_size: checkpoint 8 vs now 16"):
+    with pytest.raises(
+        CheckpointError, match=r"cannot resume this run: num_data: .*|batch_size: checkpoint 8 vs now 16"
+    ):
         run(good_checkpoint.parent.parent, batch_size=16, resume=True)
 
 
@@ -304,7 +319,9 @@ class PoisonAt(MixtureELBO):
 
 def test_non_finite_parameters_are_never_written(tmp_path):
     model, guide = fresh()
-    with pytest.raises(NonFiniteLossError, match=r"parameters are not finite after global step 3; checkpoint not written"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"parameters are not finite after global step 3; checkpoint not written"
+    ):
         run(tmp_path, model, guide, objective=PoisonAt(model, at=3), checkpoint_every=1)
     ckpt = read_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
     assert ckpt["position"]["step"] == 2

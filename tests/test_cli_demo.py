@@ -10,8 +10,6 @@ from rank1_pyro.cli import main
 def test_demo_runs_and_writes_its_run_directory(tmp_path, capsys, monkeypatch):
     import matplotlib.pyplot as plt
 
-    import rank1_pyro.demo
-
     figures = []
     close = plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
@@ -25,7 +23,9 @@ def test_demo_runs_and_writes_its_run_directory(tmp_path, capsys, monkeypatch):
     assert 0.0 <= row["shifted_ece"] <= 1.0 and row["parameters"] > report["results"]["deterministic"]["parameters"]
     monkeypatch.undo()
     (fig,) = figures  # the reliability diagram: titled with the data it shows, one panel per method
-    assert fig._suptitle.get_text().startswith("Reliability on the rotated digits test set (rotated by 30, 45, 60 degrees")
+    assert fig._suptitle.get_text().startswith(
+        "Reliability on the rotated digits test set (rotated by 30, 45, 60 degrees"
+    )
     assert [ax.get_title().split("\n")[0] for ax in fig.axes[:4]] == list(report["results"])
     close(fig)
     png = (tmp_path / "run" / "reliability.png").read_bytes()

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from rank1_pyro.cli import main
-from rank1_pyro.models.configs import RunConfig, load_config
+from rank1_pyro.config import RunConfig, load_config
 
 
 def test_train_then_evaluate_a_shipped_config(tmp_path, capsys):

@@ -48,16 +48,28 @@ PRIORS = {
     "gaussian": lambda: Gaussian(1.0, 0.1),
     "cauchy": lambda: Cauchy(1.0, 0.1),
     "hierarchical": lambda: Gaussian(1.0, HalfCauchy(0.1)),
-    "priormap": lambda: PriorMap(Gaussian(1.0, 0.1), {"net.2.*": Cauchy(1.0, 0.2), "net.0.s": Gaussian(1.0, HalfCauchy(0.2))}),
+    "priormap": lambda: PriorMap(
+        Gaussian(1.0, 0.1), {"net.2.*": Cauchy(1.0, 0.2), "net.0.s": Gaussian(1.0, HalfCauchy(0.2))}
+    ),
 }
 
 
 def _guide_list(model):
     guide = AutoGuideList(model)
-    guide.append(AutoDiagonalNormal(poutine.block(model, expose_fn=lambda m: m["name"].startswith("net.0")),
-                                    init_loc_fn=init_to_median, init_scale=0.2))
-    guide.append(AutoNormal(poutine.block(model, hide_fn=lambda m: m["name"].startswith("net.0")),
-                            init_loc_fn=init_to_median, init_scale=0.2))
+    guide.append(
+        AutoDiagonalNormal(
+            poutine.block(model, expose_fn=lambda m: m["name"].startswith("net.0")),
+            init_loc_fn=init_to_median,
+            init_scale=0.2,
+        )
+    )
+    guide.append(
+        AutoNormal(
+            poutine.block(model, hide_fn=lambda m: m["name"].startswith("net.0")),
+            init_loc_fn=init_to_median,
+            init_scale=0.2,
+        )
+    )
     return guide
 
 
@@ -112,8 +124,15 @@ def _marginal_log_q_of_scales(guide, draws) -> torch.Tensor:
                 total = total + dist.Normal(loc, scale).log_prob(u).sum() - u.sum()
         else:  # AutoContinuous: the sub-block of the joint posterior at the scale sites' coordinates
             d = part.latent_dim
-            index = {site["name"]: v.reshape(-1).long() for site, v in part._unpack_latent(torch.arange(d, dtype=torch.float64))}
-            idx = torch.cat([index[n] for n in scale_sites if n in index]) if any(n in index for n in scale_sites) else None
+            index = {
+                site["name"]: v.reshape(-1).long()
+                for site, v in part._unpack_latent(torch.arange(d, dtype=torch.float64))
+            }
+            idx = (
+                torch.cat([index[n] for n in scale_sites if n in index])
+                if any(n in index for n in scale_sites)
+                else None
+            )
             if idx is None:
                 continue
             post = part.get_posterior()
@@ -149,7 +168,9 @@ def test_averaged_elbo_equals_rescaled_trace_elbo_on_the_same_draws(prior_name, 
     for seed in (0, 1):
         pyro.set_rng_seed(seed)
         with pyro.validation_enabled(validation):
-            averaged = AveragedELBO(analytic_kl=False, vectorize_particles=False).differentiable_loss(model, guide, x, y)
+            averaged = AveragedELBO(analytic_kl=False, vectorize_particles=False).differentiable_loss(
+                model, guide, x, y
+            )
         pyro.set_rng_seed(seed)
         trace = Trace_ELBO(max_plate_nesting=2).differentiable_loss(model, guide, x, y)
         draws = _draws(guide, x, y, seed)
@@ -179,8 +200,14 @@ def test_mixture_elbo_differs_from_averaged_by_the_log_mixture_gap(prior_name, g
 
 @pytest.mark.parametrize(
     "prior_name, guide_name",
-    [("gaussian", "mixture"), ("hierarchical", "mixture"), ("gaussian", "autonormal"), ("hierarchical", "autonormal"),
-     ("hierarchical", "autodiagonal"), ("gaussian", "autolowrank")],
+    [
+        ("gaussian", "mixture"),
+        ("hierarchical", "mixture"),
+        ("gaussian", "autonormal"),
+        ("hierarchical", "autonormal"),
+        ("hierarchical", "autodiagonal"),
+        ("gaussian", "autolowrank"),
+    ],
 )
 def test_analytic_and_monte_carlo_kl_agree_in_expectation(prior_name, guide_name):
     """With closed-form KLs where the guide site samples the model site, the ELBO keeps its expectation
@@ -193,7 +220,9 @@ def test_analytic_and_monte_carlo_kl_agree_in_expectation(prior_name, guide_name
             pyro.set_rng_seed(seed)
             with torch.no_grad():
                 with pyro.validation_enabled(analytic):  # the fast trace path for the Monte Carlo side
-                    values.append(AveragedELBO(num_particles=50, analytic_kl=analytic).differentiable_loss(model, guide, x, y))
+                    values.append(
+                        AveragedELBO(num_particles=50, analytic_kl=analytic).differentiable_loss(model, guide, x, y)
+                    )
         losses[analytic] = torch.stack(values)
     diff = losses[True].mean() - losses[False].mean()
     se = (losses[True].var() / 40 + losses[False].var() / 40).sqrt()
@@ -331,7 +360,6 @@ def test_a_plain_pyro_model_with_members_gives_the_exact_elbo_and_the_bounds_hol
 
 
 def test_an_observation_outside_the_members_plate_says_what_to_do():
-    from rank1_pyro import members
 
     net = rank1_mlp(2, [4], 1, ensemble_size=3)
 
@@ -424,7 +452,9 @@ def test_datatree_exports_model_sites_and_the_mixture_density_of_an_autoguide(gu
             q = torch.distributions.MultivariateNormal(post.mean[idx], covariance_matrix=cov[idx][:, idx])
             per_component.append(q.log_prob(points))
     expected = torch.logsumexp(torch.stack(per_component), 0) - math.log(K)
-    torch.testing.assert_close(torch.as_tensor(tree["sample_stats"]["log_q"].values), expected.double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        torch.as_tensor(tree["sample_stats"]["log_q"].values), expected.double(), rtol=1e-5, atol=1e-4
+    )
     assert math.isfinite(vi_khat(tree))
 
 
@@ -458,7 +488,9 @@ def test_autoguide_default_init_is_the_bias_only_saddle_and_init_to_median_is_no
     x, y = torch.randn(5, 2), torch.randint(0, 3, (5,))
     for init, varies in ((None, False), (init_to_median, True)):
         pyro.clear_param_store()  # both guides are named "AutoNormal": do not share parameters
-        guide = AutoNormal(model, init_scale=1e-6) if init is None else AutoNormal(model, init_loc_fn=init, init_scale=1e-6)
+        guide = (
+            AutoNormal(model, init_scale=1e-6) if init is None else AutoNormal(model, init_loc_fn=init, init_scale=1e-6)
+        )
         guide(x, y)
         out = Rank1Posterior(model, guide).sample_outputs(x, 1)[0]  # (K, B, C)
         assert bool((out.std(1) > 1e-3).any()) == varies  # does the output depend on the input?
@@ -475,8 +507,9 @@ def test_train_keeps_the_objectives_kl_weight_and_anneals_on_top_of_it():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 2, generator=g), torch.randint(0, 3, (32,), generator=g)
     elbo = AveragedELBO(kl_weight=4.0)
-    history = train(model, guide, (x, y), objective=elbo, epochs=2, batch_size=32, kl_annealing_epochs=4,
-                    progress=False, seed=0)
+    history = train(
+        model, guide, (x, y), objective=elbo, epochs=2, batch_size=32, kl_annealing_epochs=4, progress=False, seed=0
+    )
     assert elbo.kl_weight == 4.0
     assert [r["kl_weight"] for r in history.epochs] == [1.0, 2.0]  # 4 x beta, beta = 1/4 then 2/4
     for r in history.epochs:  # one full batch per epoch: the per-example -ELBO with that weight
@@ -488,8 +521,15 @@ def test_annealing_a_pyro_elbo_without_a_kl_weight_is_refused():
 
     model = rank1_mlp(2, [4], 3, ensemble_size=2)
     with pytest.raises(ValueError, match="kl_annealing_epochs=2 needs a rank-1 objective"):
-        train(model, MixtureGuide(model), (torch.randn(8, 2), torch.zeros(8, dtype=torch.long)),
-              objective=Trace_ELBO(max_plate_nesting=2), epochs=1, kl_annealing_epochs=2, progress=False)
+        train(
+            model,
+            MixtureGuide(model),
+            (torch.randn(8, 2), torch.zeros(8, dtype=torch.long)),
+            objective=Trace_ELBO(max_plate_nesting=2),
+            epochs=1,
+            kl_annealing_epochs=2,
+            progress=False,
+        )
 
 
 def test_kl_weight_k_is_the_reference_loss():
@@ -512,11 +552,11 @@ def test_kl_weight_k_is_the_reference_loss():
 
 
 def test_run_configs_choose_kl_weight_and_estimator():
-    from rank1_pyro.models.configs import load_config
+    from rank1_pyro.config import load_config
 
     for name in ("cifar10_wrn28_10", "cifar100_wrn28_10", "imagenet_resnet50"):
         cfg = load_config(name)
-        objective = cfg.train_kwargs()["objective"]
+        objective = cfg.train_config().objective
         assert isinstance(objective, AveragedELBO)
         assert objective.kl_weight == cfg.ensemble_size == 4 and objective.estimator == "example"
     cfg = load_config("digits_mlp").replace(kl_weight=2.5, estimator="example")
@@ -524,7 +564,7 @@ def test_run_configs_choose_kl_weight_and_estimator():
     assert (objective.kl_weight, objective.estimator) == (2.5, "example")
     with pytest.raises(ValueError, match="estimator: unknown name 'batch'"):
         cfg.replace(estimator="batch")
-    with pytest.raises(ValueError, match="kl_weight must be a number >= 0"):
+    with pytest.raises(ValueError, match="kl_weight must be >= 0"):
         cfg.replace(kl_weight=-1.0)
 
 
@@ -537,7 +577,7 @@ def test_cli_trains_and_diagnoses_an_autoguide_run_with_per_example_sampling(tmp
         'name = "auto"\ndataset = "digits"\nmodel = "mlp"\nmodel_args = { hidden = [16] }\nnum_classes = 10\n'
         f'guide = "{guide}"\nobjective = "averaged"\nkl_weight = 1.0\nestimator = "example"\nepochs = 2\n'
         'per_core_batch_size = 256\nnum_cores = 1\noptimizer = "adam"\nbase_learning_rate = 3e-3\n'
-        'lr_reference_batch = 64\nwarmup_epochs = 0\ndecay_epochs = []\nkl_annealing_epochs = 0\n'
+        "lr_reference_batch = 64\nwarmup_epochs = 0\ndecay_epochs = []\nkl_annealing_epochs = 0\n"
     )
     run = tmp_path / "run"
     assert main(["train", "--config", str(config), "--out", str(run), "--no-progress"]) == 0

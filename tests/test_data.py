@@ -2,8 +2,8 @@
 
 import gzip
 import random
-import sys
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -16,8 +16,14 @@ from rank1_pyro import data as D
 
 # ----------------------------------------------------------------------------- helpers
 
-_CODES = {np.dtype("uint8"): 0x08, np.dtype("int8"): 0x09, np.dtype("int16"): 0x0B,
-          np.dtype("int32"): 0x0C, np.dtype("float32"): 0x0D, np.dtype("float64"): 0x0E}
+_CODES = {
+    np.dtype("uint8"): 0x08,
+    np.dtype("int8"): 0x09,
+    np.dtype("int16"): 0x0B,
+    np.dtype("int32"): 0x0C,
+    np.dtype("float32"): 0x0D,
+    np.dtype("float64"): 0x0E,
+}
 
 
 def write_idx(path, array):
@@ -35,10 +41,12 @@ def fake_fashion(directory, n_train=12, n_test=7, seed=0, gz=True):
     """Write the four Fashion-MNIST IDX files (random content) into ``directory``; return the arrays."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = {"x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-              "y_train": rng.integers(0, 10, n_train, dtype=np.uint8),
-              "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-              "y_test": rng.integers(0, 10, n_test, dtype=np.uint8)}
+    arrays = {
+        "x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "y_train": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "y_test": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
     for i, (key, stem) in enumerate(D.FASHION_MNIST_FILES.items()):
         # gz=None mixes gzipped and raw files in one directory
         suffix = ".gz" if (gz if gz is not None else i % 2 == 0) else ""
@@ -305,8 +313,14 @@ def test_corruption_parameters_match_independent_computations():
         m = x.mean(dim=(2, 3), keepdim=True)
         assert torch.allclose(D.corrupt(x, "contrast", severity), (x - m) * c + m, atol=1e-6)
         sigma = D.CORRUPTIONS["gaussian_blur"][severity - 1]
-        ref = np.stack([scipy.ndimage.gaussian_filter(im[0].double().numpy(), sigma, mode="mirror",
-                                                      radius=int(np.ceil(3 * sigma))) for im in x])
+        ref = np.stack(
+            [
+                scipy.ndimage.gaussian_filter(
+                    im[0].double().numpy(), sigma, mode="mirror", radius=int(np.ceil(3 * sigma))
+                )
+                for im in x
+            ]
+        )
         assert np.allclose(D.corrupt(x, "gaussian_blur", severity)[:, 0].numpy(), ref, atol=1e-5)
     # noise on mid-grey (never clamped): the residual has the documented std, seeded
     grey = torch.full((16, 1, 28, 28), 0.5)

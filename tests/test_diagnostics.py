@@ -14,6 +14,7 @@ import xarray as xr
 from rank1_pyro import diagnostics as D
 from rank1_pyro import plots
 from rank1_pyro.cli import main
+from rank1_pyro.commands.diagnose import diagnose
 from rank1_pyro.inference import DeltaGuide, MixtureGuide, Rank1Posterior
 from rank1_pyro.models import rank1_mlp
 from rank1_pyro.priors import Gaussian, HalfCauchy
@@ -58,7 +59,13 @@ def test_datatree_matches_independent_likelihood_prior_and_mixture_density(hiera
     x, y = _data()
     tree = D.to_datatree(model, Rank1Posterior(model, guide), (x, y), S, batch_size=5)  # 3 minibatches
 
-    assert set(tree.children) == {"posterior", "posterior_predictive", "log_likelihood", "observed_data", "sample_stats"}
+    assert set(tree.children) == {
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "observed_data",
+        "sample_stats",
+    }
     scales = [f"{n}_scale" for n in SITES] if hierarchical else []
     assert set(tree["posterior"].data_vars) == set(SITES + scales)
     sizes = {"net.0.r": 5, "net.0.s": 7, "net.2.r": 7, "net.2.s": 3}
@@ -85,7 +92,9 @@ def test_datatree_matches_independent_likelihood_prior_and_mixture_density(hiera
     post = tree["posterior"]
     theta = torch.cat([torch.as_tensor(post[n].values, dtype=torch.float64) for n in SITES], -1)  # (K, S, 22)
     locs = torch.cat([guide.loc[n.replace(".", "__")].detach().squeeze(1) for n in SITES], -1).double()
-    stds = torch.cat([F.softplus(guide.raw_scale[n.replace(".", "__")]).detach().squeeze(1) for n in SITES], -1).double()
+    stds = torch.cat(
+        [F.softplus(guide.raw_scale[n.replace(".", "__")]).detach().squeeze(1) for n in SITES], -1
+    ).double()
     mixture = torch.distributions.MixtureSameFamily(
         torch.distributions.Categorical(torch.ones(K, dtype=torch.float64)),
         torch.distributions.Independent(torch.distributions.Normal(locs, stds), 1),
@@ -246,7 +255,9 @@ class _SoftmaxDraws:
 def test_generic_posterior_fills_the_predictive_groups_and_optional_draws():
     x, y = _data()
     weights = torch.randn(S, 5, 3)
-    tree = D.to_datatree(None, _SoftmaxDraws(weights), (x, y), S, draws={"W": weights.unsqueeze(0).numpy()}, batch_size=4)
+    tree = D.to_datatree(
+        None, _SoftmaxDraws(weights), (x, y), S, draws={"W": weights.unsqueeze(0).numpy()}, batch_size=4
+    )
     assert tree.attrs["num_components"] == 1 and tree["posterior"]["W"].shape == (1, S, 5, 3)
     expected = torch.distributions.Categorical(logits=torch.einsum("bd,sdc->sbc", x, weights)).log_prob(y)
     np.testing.assert_allclose(tree["log_likelihood"]["obs"].values[0], expected.numpy(), rtol=1e-5, atol=1e-6)
@@ -283,8 +294,8 @@ def test_diagnose_of_a_point_mass_guide_skips_what_needs_a_density(tmp_path):
     model = rank1_mlp(5, [7], 3, ensemble_size=K)
     x, y = _data()
     with pytest.raises(ValueError, match="at least 25"):
-        D.diagnose(model, MixtureGuide(model), (x, y), (x, y), tmp_path / "few", num_samples=2)  # 6 draws
-    report = D.diagnose(model, DeltaGuide(model), (x, y), (x, y), tmp_path / "delta", num_samples=9)
+        diagnose(model, MixtureGuide(model), (x, y), (x, y), tmp_path / "few", num_samples=2)  # 6 draws
+    report = diagnose(model, DeltaGuide(model), (x, y), (x, y), tmp_path / "delta", num_samples=9)
     assert "VI quality: undefined" in report and "PSIS-LOO: skipped" in report
     assert (tmp_path / "delta" / "forest.png").is_file() and not (tmp_path / "delta" / "khat.png").exists()
 
@@ -293,40 +304,69 @@ def test_diagnose_of_a_regression_model(tmp_path):
     model = rank1_mlp(3, [8], 1, ensemble_size=2, likelihood="normal")
     x = torch.randn(40, 3)
     y = x.sum(-1) + 0.1 * torch.randn(40)
-    report = D.diagnose(model, MixtureGuide(model), (x, y), (x[:20], y[:20]), tmp_path, num_samples=16)
+    report = diagnose(model, MixtureGuide(model), (x, y), (x[:20], y[:20]), tmp_path, num_samples=16)
     assert "rmse" in report and "k-hat" in report
     assert (tmp_path / "pit.png").is_file() and not (tmp_path / "reliability.png").exists()
     tree = D.from_netcdf(tmp_path / "test.nc")
     assert tree["posterior_predictive"]["obs"].dtype.kind == "f" and tree["log_likelihood"]["obs"].shape == (2, 16, 20)
 
 
-def test_diagnose_command_writes_report_and_figures(tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    assert main(["diagnose", str(run_dir), "--train-digits", "--epochs", "1", "--samples", "8"]) == 0
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A run of the shipped digits config (1 epoch) written by ``rank1-pyro train``."""
+    run_dir = tmp_path_factory.mktemp("diagnose") / "run"
+    assert main(["train", "--config", "digits_mlp", "--epochs", "1", "--out", str(run_dir), "--no-progress"]) == 0
+    return run_dir
+
+
+def test_diagnose_command_loads_a_run_and_writes_report_and_figures(digits_run, capsys):
+    capsys.readouterr()
+    assert main(["diagnose", str(digits_run), "--samples", "8"]) == 0
     out = capsys.readouterr().out
-    report = (run_dir / "diagnostics" / "report.txt").read_text()
+    assert "loaded run 'digits_mlp'" in out
+    report = (digits_run / "diagnostics" / "report.txt").read_text()
     assert report in out and "k-hat" in report and "component_separation_rhat" in report
     for name in ("forest.png", "reliability.png", "pit.png", "khat.png"):
-        png = (run_dir / "diagnostics" / name).read_bytes()
+        png = (digits_run / "diagnostics" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    tree = D.from_netcdf(run_dir / "diagnostics" / "train.nc")
-    assert tree["posterior"].sizes["chain"] == 4 and tree["posterior"].sizes["draw"] == 8
+    tree = D.from_netcdf(digits_run / "diagnostics" / "train.nc")
+    # the config's MLP (hidden 128, 128, K = 4) behind a flatten layer
+    assert tree["posterior"]["net.3.r"].shape == (4, 8, 128)
     assert math.isfinite(D.vi_khat(tree))
-    assert main(["diagnose", str(run_dir), "--train-digits", "--samples", "0"]) == 2
-    assert main(["diagnose", str(run_dir), "--train-digits", "--samples", "6"]) == 2  # 24 draws: too few
+
+
+def test_diagnose_command_refuses_too_few_draws(digits_run, capsys):
+    assert main(["diagnose", str(digits_run), "--samples", "0"]) == 2
+    assert main(["diagnose", str(digits_run), "--samples", "6"]) == 2  # 24 draws: too few
     assert "at least 25" in capsys.readouterr().err
 
 
-def test_diagnose_command_loads_a_run_written_by_train(tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    assert main(["train", "--config", "digits_mlp", "--epochs", "1", "--out", str(run_dir), "--no-progress"]) == 0
-    capsys.readouterr()
-    assert main(["diagnose", str(run_dir), "--samples", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "loaded run 'digits_mlp'" in out and "trained a rank-1 MLP" not in out
-    tree = D.from_netcdf(run_dir / "diagnostics" / "train.nc")
-    # the config's MLP (hidden 128, 128) behind a flatten layer, not the command's own 64-unit model
-    assert tree["posterior"]["net.3.r"].shape == (4, 8, 128)
+@pytest.mark.parametrize(
+    "layout, command",
+    [
+        ("missing", "rank1-pyro train --config digits_mlp --out {run}"),
+        ("empty", "rank1-pyro train --config digits_mlp --out {run}"),
+        ("config-only", "rank1-pyro train --resume --out {run}"),
+    ],
+)
+def test_diagnose_without_a_run_names_the_train_command_and_trains_nothing(tmp_path, layout, command, capsys):
+    run = tmp_path / "my run"  # a space: the command is quoted for the shell
+    if layout != "missing":
+        run.mkdir()
+    if layout == "config-only":
+        (run / "config.json").write_text("{}")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["diagnose", str(run), "--samples", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("rank1-pyro diagnose: error:")
+    assert command.format(run=f"'{run}'") in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing trained, nothing written
+
+
+def test_diagnose_has_no_stand_in_model():
+    with pytest.raises(SystemExit) as e:  # argparse: an unknown option
+        main(["diagnose", "runs/none", "--train-digits"])
+    assert e.value.code == 2
 
 
 def _figure_texts(fig) -> dict:
@@ -334,7 +374,9 @@ def _figure_texts(fig) -> dict:
     axes = [ax for ax in fig.axes if ax.get_visible()]
     legends = [*fig.legends, *(ax.get_legend() for ax in axes if ax.get_legend() is not None)]
     return {
-        "title": " ".join(t for t in [fig._suptitle.get_text() if fig._suptitle else "", *(ax.get_title() for ax in axes)] if t),
+        "title": " ".join(
+            t for t in [fig._suptitle.get_text() if fig._suptitle else "", *(ax.get_title() for ax in axes)] if t
+        ),
         "panel_titles": [ax.get_title() for ax in axes],
         "xlabels": [ax.get_xlabel() for ax in axes if ax.get_xlabel()],
         "ylabels": [ax.get_ylabel() for ax in axes if ax.get_ylabel()],
@@ -396,3 +438,29 @@ def test_every_figure_is_readable_on_its_own(tmp_path, rendered):
     assert rel["xlabels"] == ["confidence (max predicted probability)"] * 2 and rel["ylabels"] == ["accuracy", "count"]
     for path in tmp_path.glob("*.png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _module_level_imports(module) -> set[str]:
+    """The rank1_pyro modules ``module`` imports at module level (not inside functions)."""
+    import ast
+    import importlib
+
+    path = importlib.import_module(module).__file__
+    names = set()
+    for node in ast.parse(open(path).read()).body:
+        if isinstance(node, ast.ImportFrom):
+            base = (node.module or "").lstrip(".")
+            names |= {f"{base}.{a.name}".strip(".") if not base else base for a in node.names}
+            if not base:  # from . import a, b
+                names |= {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+    return {n.removeprefix("rank1_pyro.") for n in names}
+
+
+def test_the_diagnostics_import_no_figures_and_the_figures_no_pyro_evaluation():
+    """diagnostics (numbers) and plots (figures) do not import each other in a cycle; the report joins them."""
+    assert "plots" not in _module_level_imports("rank1_pyro.diagnostics")
+    assert "plots" not in _module_level_imports("rank1_pyro.diagnostics_stats")
+    assert "diagnostics" not in _module_level_imports("rank1_pyro.plots")
+    assert not hasattr(D, "diagnose")

@@ -38,7 +38,15 @@ def _clean_env():
 
 @gloo
 def test_torchrun_two_processes_equal_one_process_on_the_global_batch(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(WORKER), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        str(WORKER),
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -149,7 +157,9 @@ def test_global_batch_must_split_evenly_over_processes():
     expected = r"batch_size=15 is the global batch and must be divisible by the number of processes \(2\)"
     with pytest.raises(ValueError, match=expected):
         _training_loader((x, y), 15, D.DistributedContext(world_size=2, rank=0, enabled=True), data_seed=0)
-    loader, sampler = _training_loader((x, y), 16, D.DistributedContext(world_size=2, rank=1, enabled=True), data_seed=0)
+    loader, sampler = _training_loader(
+        (x, y), 16, D.DistributedContext(world_size=2, rank=1, enabled=True), data_seed=0
+    )
     assert loader.batch_size == 8 and len(sampler) == 20
 
 
@@ -159,5 +169,13 @@ def test_distributed_true_outside_torchrun_is_a_clear_error(monkeypatch, tmp_pat
     model = rank1_mlp(2, [4], 2, ensemble_size=2)
     x, y = torch.randn(8, 2), torch.zeros(8, dtype=torch.long)
     with pytest.raises(ValueError, match="launch with `torchrun --nproc_per_node=N script.py`"):
-        train(model, MixtureGuide(model), (x, y), epochs=1, distributed=True, checkpoint_dir=tmp_path / "c", progress=False)
+        train(
+            model,
+            MixtureGuide(model),
+            (x, y),
+            epochs=1,
+            distributed=True,
+            checkpoint_dir=tmp_path / "c",
+            progress=False,
+        )
     assert not (tmp_path / "c").exists()

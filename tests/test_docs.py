@@ -38,7 +38,7 @@ def _declarative():
 
 
 def test_the_config_defaults_table_is_generated_from_the_code():
-    from rank1_pyro.models.configs import CONFIG_HELP, RunConfig, defaults_table
+    from rank1_pyro.config import CONFIG_HELP, RunConfig, defaults_table
 
     assert list(CONFIG_HELP) == RunConfig.keys()  # every key explained, none that does not exist
     text = _declarative()
@@ -51,7 +51,7 @@ def test_the_config_defaults_table_is_generated_from_the_code():
 def test_the_declarative_example_is_the_shipped_config_and_names_the_omitted_keys():
     import tomllib
 
-    from rank1_pyro.models.configs import CONFIG_DIR, RunConfig, load_config
+    from rank1_pyro.config import CONFIG_DIR, RunConfig, load_config
 
     shipped = (CONFIG_DIR / "digits_mlp.toml").read_text()
     text = _declarative()

@@ -81,17 +81,3 @@ def test_bf16_precision_gives_the_fp32_loss_within_tolerance_and_finite_gradient
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history.epochs)
     with pytest.raises(ValueError, match="precision: unknown name 'fp8'"):
         train(model, guide, (x, y), epochs=1, precision="fp8", progress=False)
-
-
-def test_gpu_check_skips_cleanly_without_cuda(benchmark_script, capsys, monkeypatch):
-    gpu_check = benchmark_script("gpu_check")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_check.main() == 0
-    assert "CUDA is not available on this machine; nothing to check (skipped)" in capsys.readouterr().out
-
-
-def test_step_floor_benchmark_runs_on_a_tiny_network(benchmark_script):
-    floor = benchmark_script("step_floor")
-    row = floor.training_step_ratios("tiny", lambda: rank1_mlp(6, [5], 10, ensemble_size=floor.K, num_data=50),
-                                     lambda: floor.mlp(6, [5], 10), (6,), 8, MixtureGuide, torch.device("cpu"), 1, 1)
-    assert row["pyro/det"] > 0 and row["pyro/hand"] > 0

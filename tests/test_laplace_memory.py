@@ -74,8 +74,21 @@ def test_peak_rss_of_a_fit_stays_near_two_m_by_m_matrices(tmp_path):
     """Fresh subprocess, M = 1,500 (17 MiB per M x M float64): the committed code before issue 15
     peaked at about 7.8 such matrices; now about 2.1 for the fit and 2.8 with predictions (H, the
     factor, the eigenvalues' transient copy, and a few MiB of Jacobian and library buffers)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "laplace_memory.py"), "--sizes", "1500",
-                           "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "laplace_memory.py"),
+            "--sizes",
+            "1500",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads((tmp_path / "laplace_memory.json").read_text())["rows"][0]
     assert row["fit_ratio"] <= 3.0, row

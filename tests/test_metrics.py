@@ -19,7 +19,9 @@ def preds():
 def test_accuracy_nll_brier_by_hand(preds):
     probs, labels = preds
     assert metrics.accuracy(probs, labels) == pytest.approx((probs.argmax(1) == labels).float().mean().item())
-    assert metrics.nll(probs, labels) == pytest.approx(torch.nn.functional.nll_loss(probs.log(), labels).item(), rel=1e-5)
+    assert metrics.nll(probs, labels) == pytest.approx(
+        torch.nn.functional.nll_loss(probs.log(), labels).item(), rel=1e-5
+    )
     onehot = torch.eye(5)[labels]
     assert metrics.brier(probs, labels) == pytest.approx(((probs - onehot) ** 2).sum(1).mean().item(), rel=1e-5)
 
@@ -44,6 +46,17 @@ def test_ood_auroc_matches_sklearn_including_ties():
     expected = roc_auc_score([0] * 300 + [1] * 200, torch.cat([score_in, score_out]).numpy())
     assert metrics.ood_auroc(score_in, score_out) == pytest.approx(expected)
     assert metrics.ood_auroc(torch.zeros(3), torch.ones(3)) == 1.0
+
+
+def test_ood_auroc_by_hand_with_ties_and_infinite_scores():
+    # pairs (in, out): 0<1, 0<2, 1=1 (one half), 1<2 -> 3.5 of 4
+    assert metrics.ood_auroc(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0])) == 0.875
+    assert metrics.ood_auroc(torch.tensor([1.0, 0.0]), torch.tensor([2.0, 1.0])) == 0.875  # order-free
+    assert metrics.ood_auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 0.0
+    inf = float("inf")  # only the order counts: infinite scores rank like any other
+    assert metrics.ood_auroc(torch.tensor([-inf, 1.0]), torch.tensor([1.0, inf])) == 0.875
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.ood_auroc(torch.tensor([0.0, float("nan")]), torch.tensor([1.0]))
 
 
 def test_diversity_by_hand():

@@ -74,7 +74,10 @@ def test_gaussian_prior_elbo_matches_hand_computation(objective):
     kl = 0.0
     for name in values:
         key = name.replace(".", "__")
-        kl = kl + normal_kl(guide.loc[key], torch.nn.functional.softplus(guide.raw_scale[key]), 1.0, torch.tensor(0.1)) / K
+        kl = (
+            kl
+            + normal_kl(guide.loc[key], torch.nn.functional.softplus(guide.raw_scale[key]), 1.0, torch.tensor(0.1)) / K
+        )
     torch.testing.assert_close(loss, -(log_lik - kl))
 
 

@@ -16,7 +16,7 @@ import torch
 
 from rank1_pyro import calibration, metrics
 from rank1_pyro.cli import main
-from rank1_pyro.models.configs import RunConfig
+from rank1_pyro.config import RunConfig
 from rank1_pyro.runs import load_run
 
 FAST = """
@@ -52,7 +52,9 @@ def houses(tmp_path_factory):
 
     def table(n):
         a, b = rng.uniform(-2, 2, n), rng.uniform(0, 5, n)
-        return pd.DataFrame({"area": a, "rooms": b, "constant": 1.0, "note": "x", "price": _truth(a, b) + rng.normal(0, 5, n)})
+        return pd.DataFrame(
+            {"area": a, "rooms": b, "constant": 1.0, "note": "x", "price": _truth(a, b) + rng.normal(0, 5, n)}
+        )
 
     train, test = table(400), table(100)
     train.to_csv(d / "train.csv", index=False)
@@ -62,8 +64,21 @@ def houses(tmp_path_factory):
         'data = { path = "train.csv", test_path = "test.csv", target = "price", features = ["area", "rooms", "constant"] }\n'
         + FAST.format(epochs=40)
     )
-    assert main(["train", "--config", str(d / "houses.toml"), "--out", str(d / "run"), "--data-root", str(d),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(d / "houses.toml"),
+                "--out",
+                str(d / "run"),
+                "--data-root",
+                str(d),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return d, train, test
 
 
@@ -74,7 +89,9 @@ def test_csv_regression_stores_training_statistics(houses):
     np.testing.assert_allclose(prep["x_mean"], train[["area", "rooms", "constant"]].mean().to_numpy(), rtol=1e-5)
     np.testing.assert_allclose(prep["x_std"][:2], train[["area", "rooms"]].std(ddof=0).to_numpy(), rtol=1e-5)
     assert prep["x_std"][2] == 1.0  # a constant column is only centred
-    assert prep["y_mean"] == pytest.approx(train["price"].mean()) and prep["y_std"] == pytest.approx(train["price"].std(ddof=0))
+    assert prep["y_mean"] == pytest.approx(train["price"].mean()) and prep["y_std"] == pytest.approx(
+        train["price"].std(ddof=0)
+    )
     manifest = json.loads((d / "run" / "run.json").read_text())
     assert "data.json" in manifest["files"]  # hashed with the run
 
@@ -122,6 +139,64 @@ def test_python_two_lines_match_the_cli(houses, capsys):
     np.testing.assert_allclose(again, table.columns()["mean"], rtol=1e-5)
 
 
+def test_laplace_on_a_regression_run_predicts_in_the_target_units(houses, capsys):
+    d, train, test = houses
+    run = d / "run"
+    capsys.readouterr()
+    assert main(["laplace", str(run), "--data-root", str(d), "--size", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "| set | method | NLL | RMSE |" in out and "| test | subnet Laplace |" in out
+    report = json.loads((run / "laplace.json").read_text())
+    rmse = report["results"]["test"]["laplace"]["rmse"]
+    assert rmse < 0.35 * train["price"].std()  # far better than the mean ...
+    trained = json.loads((run / "metrics.json").read_text())["test"]["rmse"]  # in the target's units
+    assert 0.5 < report["results"]["test"]["map"]["rmse"] / trained < 2  # ... and in the target's units
+    assert abs(rmse - report["results"]["test"]["map"]["rmse"]) < 0.1 * rmse
+    new = test.drop(columns=["price"]).iloc[:20].copy()
+    new.loc[new.index[0], "area"] = 20.0  # far outside the training inputs
+    new.to_csv(d / "new_la.csv", index=False)
+    assert main(["predict", str(run), str(d / "new_la.csv"), "--posterior", "laplace"]) == 0
+    rows = _csv_rows(capsys.readouterr().out)
+    assert len(rows) == 20 and set(rows[0]) == {"id", "mean", "std", "total", "aleatoric", "epistemic"}
+    la = load_run(run).posterior("laplace")
+    prep = json.loads((run / "data.json").read_text())
+    for r in rows:  # the closed-form GLM: the noise is aleatoric, the linearized variance epistemic
+        assert float(r["aleatoric"]) == pytest.approx(la.sigma_noise**2 * prep["y_std"] ** 2, rel=1e-4)
+        assert float(r["total"]) == pytest.approx(float(r["aleatoric"]) + float(r["epistemic"]), rel=1e-4)
+    epistemic = [float(r["epistemic"]) for r in rows]
+    assert epistemic[0] > 10 * np.median(epistemic[1:]) > 0
+
+
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable")  # pyarrow's read-only arrays are copied
+def test_a_parquet_table_trains_and_predicts(tmp_path, capsys):
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    a, b = rng.uniform(-2, 2, 120), rng.uniform(-2, 2, 120)
+    frame = pd.DataFrame({"a": a, "b": b, "label": np.where(a + b > 0, "up", "down")})
+    frame.to_parquet(tmp_path / "table.parquet")
+    (tmp_path / "t.toml").write_text(
+        'name = "table"\ndataset = "parquet"\nnum_classes = 2\nmodel_args = { hidden = [8] }\n'
+        'data = { path = "table.parquet", target = "label" }\n' + FAST.format(epochs=8)
+    )
+    argv = ["train", "--config", str(tmp_path / "t.toml"), "--out", str(tmp_path / "run"), "--data-root", str(tmp_path)]
+    assert main(argv + ["--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["dataset"] == "parquet"
+    from rank1_pyro.files import _table_arrays
+
+    x, _ = _table_arrays(pd.read_parquet(tmp_path / "table.parquet"), ["a", "b"], None, "table.parquet")
+    assert x.flags.writeable  # pyarrow hands out read-only arrays: torch would warn, and may write to them
+    new = pd.DataFrame({"b": [2.0, -2.0], "a": [2.0, -2.0], "label": ["?", "?"]})  # by name, any order
+    new.to_parquet(tmp_path / "new.parquet")
+    new.to_csv(tmp_path / "new.csv", index=False)
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "new.parquet"), "--samples", "4"]) == 0
+    rows = _csv_rows(capsys.readouterr().out)
+    assert [r["prediction"] for r in rows] == ["up", "down"]
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "new.csv"), "--samples", "4"]) == 0
+    assert _csv_rows(capsys.readouterr().out) == rows  # the same table as CSV: the same predictions
+
+
 def test_npz_classification_and_stratified_split(tmp_path, capsys):
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.normal(-2, 1, (150, 2)), rng.normal(2, 1, (150, 2))]).astype(np.float32)
@@ -132,11 +207,13 @@ def test_npz_classification_and_stratified_split(tmp_path, capsys):
         f'data = {{ path = "{tmp_path / "pets.npz"}", x_key = "features", y_key = "label", test_fraction = 0.25 }}\n'
         + FAST.format(epochs=15)
     )
-    cfg = __import__("rank1_pyro.models.configs", fromlist=["load_config"]).load_config(tmp_path / "pets.toml")
+    cfg = __import__("rank1_pyro.config", fromlist=["load_config"]).load_config(tmp_path / "pets.toml")
     train_set, test_set, prep = cfg.load_data()
     assert len(test_set) == 76 and prep.classes == ["cat", "dog"]  # 38 of each class held out
     assert torch.bincount(test_set.tensors[1]).tolist() == [38, 38]
-    assert main(["train", "--config", str(tmp_path / "pets.toml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert (
+        main(["train", "--config", str(tmp_path / "pets.toml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    )
     np.save(tmp_path / "new.npy", np.array([[-3.0, -3.0], [3.0, 3.0]], dtype=np.float32))
     capsys.readouterr()
     assert main(["predict", str(tmp_path / "run"), str(tmp_path / "new.npy"), "--samples", "4"]) == 0
@@ -165,13 +242,38 @@ def test_image_folder_trains_and_predicts(tmp_path, capsys):
         'name = "photos"\ndataset = "image_folder"\nnum_classes = 2\nmodel_args = { hidden = [16] }\n'
         'data = { path = "photos", image_size = [8, 8], test_fraction = 0.25 }\n' + FAST.format(epochs=10)
     )
-    assert main(["train", "--config", str(tmp_path / "photos.toml"), "--out", str(tmp_path / "run"),
-                 "--data-root", str(tmp_path), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(tmp_path / "photos.toml"),
+                "--out",
+                str(tmp_path / "run"),
+                "--data-root",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     prep = json.loads((tmp_path / "run" / "data.json").read_text())
     assert prep["classes"] == ["dark", "light"] and prep["input_shape"] == [3, 8, 8]
     assert 0.1 < prep["x_mean"][0] < 0.9  # per-channel mean of the training images in [0, 1]
-    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "new"), "--samples", "4",
-                 "--out", str(tmp_path / "pred.json")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "run"),
+                str(tmp_path / "new"),
+                "--samples",
+                "4",
+                "--out",
+                str(tmp_path / "pred.json"),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "pred.json").read_text())
     assert len(rows) == 6
     for r in rows:  # the class is the folder each new image sits in
@@ -228,8 +330,9 @@ def test_fpr_at_95_tpr_matches_scikit_learn():
     g = torch.Generator().manual_seed(3)
     score_in = torch.randn(1000, generator=g, dtype=torch.float64) + 1.5
     score_out = torch.randn(800, generator=g, dtype=torch.float64)
-    fpr, tpr, _ = roc_curve(np.r_[np.ones(1000), np.zeros(800)], np.r_[score_in.numpy(), score_out.numpy()],
-                            drop_intermediate=False)
+    fpr, tpr, _ = roc_curve(
+        np.r_[np.ones(1000), np.zeros(800)], np.r_[score_in.numpy(), score_out.numpy()], drop_intermediate=False
+    )
     expected = fpr[np.searchsorted(tpr, 0.95, side="left")]
     assert metrics.fpr_at_tpr(score_in, score_out) == pytest.approx(expected, abs=1e-12)
 
@@ -279,8 +382,10 @@ def test_split_conformal_threshold_and_measured_coverage():
 # A fast CLI start
 # ------------------------------------------------------------------------------------------
 def test_help_imports_no_torch_and_starts_fast():
-    code = ("import sys, time; t = time.perf_counter(); from rank1_pyro.cli import build_parser; "
-            "build_parser().format_help(); print(time.perf_counter() - t); print('torch' in sys.modules)")
+    code = (
+        "import sys, time; t = time.perf_counter(); from rank1_pyro.cli import build_parser; "
+        "build_parser().format_help(); print(time.perf_counter() - t); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[1] == "False"  # nothing heavy imported to build the parser
     assert float(out[0]) < 1.0
@@ -291,9 +396,15 @@ def test_help_imports_no_torch_and_starts_fast():
 
 def test_static_cli_choices_match_the_library():
     from rank1_pyro.commands import laplace as cmd
+    from rank1_pyro.commands import predict as predict_cmd
+    from rank1_pyro.commands import project as project_cmd
+    from rank1_pyro.laplace import projected
     from rank1_pyro.laplace.subnetwork import PREDICTIVES, SUBNETWORK_STRATEGIES
+    from rank1_pyro.runs import POSTERIORS
 
     assert cmd.SUBNETWORK_STRATEGIES == tuple(SUBNETWORK_STRATEGIES) and cmd.PREDICTIVES == tuple(PREDICTIVES)
+    assert project_cmd.KINDS == projected.KINDS and project_cmd.PREDICTIVES == projected.PREDICTIVES
+    assert project_cmd.SOLVERS == projected.SOLVERS and predict_cmd.POSTERIORS == tuple(POSTERIORS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -306,10 +417,9 @@ def test_cuda_index_is_reported_as_requested():
 
 def test_params_takes_every_config_model_and_a_run_directory(houses, capsys):
     from rank1_pyro.commands import params as cmd
-    from rank1_pyro.models.configs import MODELS
-    from rank1_pyro.models.params import NETWORKS
+    from rank1_pyro.models.zoo import ZOO
 
-    assert set(cmd.NETWORKS) == set(NETWORKS) | {"mlp"} and set(MODELS) <= set(cmd.NETWORKS)
+    assert cmd.NETWORKS == tuple(ZOO)  # spelled out for a fast --help, checked against the one registry
     expected = 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10  # digits_mlp's deterministic 64-128-128-10
     for model in ("mlp", "digits_mlp"):
         assert main(["params", model]) == 0
@@ -345,3 +455,48 @@ def test_largest_variance_skips_zero_curvature_weights_of_constant_inputs():
     la.fit(loader)
     la.optimize_prior_precision()  # "H is zero on the subnetwork" before the fix
     assert float(la.posterior_precision.diagonal().min()) > la.prior_precision
+
+
+# ------------------------------------------------------------------------------------------
+# The how-to's printed outputs are what its examples print
+# ------------------------------------------------------------------------------------------
+def _outputs_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "howto" / "_own_data_outputs.py"
+    spec = importlib.util.spec_from_file_location("own_data_outputs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # runs the page's examples (training included), if with one epoch each: about 15 s
+def test_the_own_data_page_shows_outputs_of_the_form_its_examples_print(tmp_path, monkeypatch):
+    """The examples run with one epoch each (seconds): what they print must have the form the page
+    shows (lines, CSV columns, table rows, keys; numbers masked). Regenerate the page's outputs with
+    ``python docs/howto/_own_data_outputs.py``."""
+    script = _outputs_script()
+    text = script.PAGE.read_text()
+    monkeypatch.chdir(tmp_path)
+    printed = script.run_examples(text, quick=True)
+    assert script.mismatches(text, printed) == [], "docs/howto/own-data.md: run docs/howto/_own_data_outputs.py"
+    layout = script.layout(text)
+    assert sum(region is not None for _, region in layout) == 6
+    for out, (_, region) in zip(printed, layout):  # an example prints exactly when the page shows its output
+        assert bool(out.strip()) == (region is not None)
+
+
+def test_the_form_of_printed_outputs_masks_numbers_and_csv_rows():
+    form = _outputs_script().form
+    text = (
+        "houses: test rmse 5.4478, test nll 3.2683\nid,mean,std\n0,106.2,8.23\n1,-3e-05,nan\n\n| test | MAP | 0.5 |\n"
+    )
+    assert form(text) == [
+        "houses: test rmse #, test nll #",
+        "id,mean,std",
+        "<CSV row of 3 fields>",
+        "<CSV row of 3 fields>",
+        "| test | MAP | # |",
+    ]
+    assert form("id,mean,std\n0,1,2,3") != form("id,mean,std\n0,1,2")  # a row with a new column

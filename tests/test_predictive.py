@@ -1,6 +1,5 @@
 """The vectorized Monte Carlo predictive against a slow loop, and its uncertainty split."""
 
-
 import pyro
 import pytest
 import torch

@@ -68,8 +68,9 @@ def test_alternating_sweeps_converge_and_over_relaxation_helps():
     eye = torch.eye(59, dtype=torch.float64)
     errors = {}
     for relax in (True, False):
-        post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=3, solver="alternating", over_relaxation=relax,
-                                  num_iterations=40).fit(x)
+        post = ProjectedPosterior(
+            net, alpha=1.0, micro_batch_size=3, solver="alternating", over_relaxation=relax, num_iterations=40
+        ).fit(x)
         errors[relax] = relative_error(post.project(eye), exact)
         assert post.convergence.shape == (41,)
     assert errors[True] < 1e-3
@@ -118,14 +119,16 @@ def test_alpha_closed_form_by_hand():
     with torch.no_grad():
         net.weight.copy_(torch.tensor([[1.0, 2.0, 2.0, 0.0]]))
     x = torch.eye(4, dtype=torch.float64)[:2]
-    post = ProjectedPosterior(net, likelihood="normal", noise_scale=0.5, micro_batch_size=1, num_iterations=3,
-                              num_trace_probes=5).fit(x)
+    post = ProjectedPosterior(
+        net, likelihood="normal", noise_scale=0.5, micro_batch_size=1, num_iterations=3, num_trace_probes=5
+    ).fit(x)
     assert post.trace_estimate == pytest.approx(2.0, abs=1e-12)
     assert post.alpha == pytest.approx(2.0 / 9.0)
     theta = post.sample(3, generator=torch.Generator().manual_seed(0))
     eps = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = torch.tensor([1.0, 2.0, 2.0, 0.0], dtype=torch.float64) + (9.0 / 2.0) ** 0.5 * eps * torch.tensor(
-        [0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+        [0.0, 0.0, 1.0, 1.0], dtype=torch.float64
+    )
     torch.testing.assert_close(theta, expected)
     # a user-given alpha wins and skips the trace estimate
     fixed = ProjectedPosterior(net, "normal", alpha=3.0, noise_scale=0.5, micro_batch_size=1).fit(x)
@@ -223,8 +226,9 @@ def test_rank1_point_network(which):
     map_probs = torch.softmax(net(x).reshape(3, 4, 2), -1)
     assert (probs - map_probs).abs().max() < 1e-6  # training inputs: the MAP predictive of every member
     # the loss-projected variant tiles the targets over the members (member-major rows)
-    loss_post = ProjectedPosterior(net, param_names=names, kind="loss", alpha=1.0, micro_batch_size=2,
-                                   num_iterations=100).fit((x, y))
+    loss_post = ProjectedPosterior(
+        net, param_names=names, kind="loss", alpha=1.0, micro_batch_size=2, num_iterations=100
+    ).fit((x, y))
     params = {n: p.detach() for n, p in net.named_parameters()}
 
     def member_losses(theta):  # (K·B,) losses, member-major like the network's rows
@@ -284,13 +288,26 @@ def _entropy(p):
     return -(p * p.clamp_min(1e-12).log()).sum(-1)
 
 
-def test_no_underfitting_on_digits(benchmark_script):
+def _digits_problem(seed=0):
+    """scikit-learn digits scaled to [0, 1], a seeded 1437 / 360 split, and two OOD sets (shuffled-pixel
+    digits, uniform noise): the problem of benchmarks/projected_scaling.py's digits comparison."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(X), generator=g)
+    X, y = torch.tensor(X / 16.0, dtype=torch.float32)[perm], torch.tensor(y)[perm]
+    x_test = X[1437:]
+    ood = {"shuffled": x_test[:, torch.randperm(64, generator=g)], "noise": torch.rand(len(x_test), 64, generator=g)}
+    return X[:1437], y[:1437], x_test, y[1437:], ood
+
+
+def test_no_underfitting_on_digits():
     from laplace import Laplace
 
     from rank1_pyro.metrics import accuracy, nll, ood_auroc
 
-    # the data of benchmarks/projected_scaling.py's digits comparison
-    x_train, y_train, x_test, y_test, ood = benchmark_script("projected_scaling").digits_problem()
+    x_train, y_train, x_test, y_test, ood = _digits_problem()
     net = mlp(64, [64], 10, activation=nn.Tanh)  # P = 4810
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(200):  # MAP: cross-entropy + a Gaussian prior
@@ -302,8 +319,10 @@ def test_no_underfitting_on_digits(benchmark_script):
     assert 0 < post.trace_estimate < post.num_params and post.convergence[-1] < 1e-2 * post.convergence[0]
     with torch.no_grad():
         map_probs = {name: net(x).softmax(-1) for name, x in [("train", x_train), ("test", x_test), *ood.items()]}
-    probs = {name: predict(post, x, num_samples=16, batch_size=512).probs
-             for name, x in [("train", x_train), ("test", x_test), *ood.items()]}
+    probs = {
+        name: predict(post, x, num_samples=16, batch_size=512).probs
+        for name, x in [("train", x_train), ("test", x_test), *ood.items()]
+    }
     for name, y in (("train", y_train), ("test", y_test)):
         assert abs(accuracy(probs[name], y) - accuracy(map_probs[name], y)) <= 1e-3
     assert nll(probs["train"], y_train) == pytest.approx(nll(map_probs["train"], y_train), rel=1e-2)

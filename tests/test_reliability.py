@@ -29,12 +29,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import rank1_pyro.runs as runs
 from rank1_pyro import MixtureGuide, metrics, rank1_mlp
 from rank1_pyro.cli import main
 from rank1_pyro.inference.checkpoint import CheckpointError
 from rank1_pyro.inference.predictive import Rank1Posterior, predict
 from rank1_pyro.inference.train import evaluate, train
-import rank1_pyro.runs as runs
 
 MANIFEST_FILE = "run.json"
 
@@ -45,6 +45,7 @@ def read_manifest(run):
 
 def run_state(run):
     return runs.run_state(run)
+
 
 TINY = """
 name = "tiny"
@@ -81,7 +82,10 @@ def snapshot(run: Path) -> dict:
 
 def weights(run: Path) -> dict:
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    return {**{f"model.{k}": v for k, v in ckpt["model"].items()}, **{f"guide.{k}": v for k, v in ckpt["guide"].items()}}
+    return {
+        **{f"model.{k}": v for k, v in ckpt["model"].items()},
+        **{f"guide.{k}": v for k, v in ckpt["guide"].items()},
+    }
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -104,8 +108,11 @@ def cli(*argv) -> int:
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory):
     d = tmp_path_factory.mktemp("configs")
-    return {"tiny": write_config(d), "other_arch": write_config(d, "other.toml", hidden=8),
-            "seed1": write_config(d, "seed1.toml", seed=1)}
+    return {
+        "tiny": write_config(d),
+        "other_arch": write_config(d, "other.toml", hidden=8),
+        "seed1": write_config(d, "seed1.toml", seed=1),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -128,18 +135,27 @@ def finished(tmp_path, reference):
 # Lost data: the finished run survives, byte for byte
 # ------------------------------------------------------------------------------------------
 LOST = [
-    ("train-into-finished-run", lambda run, c: ["train", "--config", c["tiny"], "--out", run],
-     2, "already holds a finished run; pass --resume to continue it, --overwrite to replace it"),
-    ("resume-other-architecture", lambda run, c: ["train", "--config", c["other_arch"], "--out", run, "--resume"],
-     2, "the config differs from"),
-    ("resume-other-seed", lambda run, c: ["train", "--config", c["seed1"], "--out", run, "--resume"],
-     2, "['seed']"),
-    ("resume-fewer-epochs", lambda run, c: ["train", "--out", run, "--resume", "--epochs", "1"],
-     2, "has trained 2 epochs already; --epochs 1 is fewer"),
-    ("resume-and-overwrite", lambda run, c: ["train", "--out", run, "--resume", "--overwrite"],
-     2, "give one of them"),
-    ("train-without-config", lambda run, c: ["train", "--out", run],
-     2, "--config is required"),
+    (
+        "train-into-finished-run",
+        lambda run, c: ["train", "--config", c["tiny"], "--out", run],
+        2,
+        "already holds a finished run; pass --resume to continue it, --overwrite to replace it",
+    ),
+    (
+        "resume-other-architecture",
+        lambda run, c: ["train", "--config", c["other_arch"], "--out", run, "--resume"],
+        2,
+        "the config differs from",
+    ),
+    ("resume-other-seed", lambda run, c: ["train", "--config", c["seed1"], "--out", run, "--resume"], 2, "['seed']"),
+    (
+        "resume-fewer-epochs",
+        lambda run, c: ["train", "--out", run, "--resume", "--epochs", "1"],
+        2,
+        "has trained 2 epochs already; --epochs 1 is fewer",
+    ),
+    ("resume-and-overwrite", lambda run, c: ["train", "--out", run, "--resume", "--overwrite"], 2, "give one of them"),
+    ("train-without-config", lambda run, c: ["train", "--out", run], 2, "--config is required"),
 ]
 
 
@@ -158,9 +174,17 @@ def test_a_run_directory_locked_by_another_process_is_refused(tmp_path, finished
     run = tmp_path / "new-run" if target == "new" else finished
     run.mkdir(exist_ok=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from rank1_pyro.runs import lock_run\n"
-         "with lock_run(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)", str(run)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from rank1_pyro.runs import lock_run\n"
+            "with lock_run(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = snapshot(run)
@@ -172,17 +196,39 @@ def test_a_run_directory_locked_by_another_process_is_refused(tmp_path, finished
         holder.kill()
         holder.wait()
         holder.stdout.close()
-    assert cli("train", "--config", configs["seed1"], "--out", run, "--no-progress",
-               *([] if target == "new" else ["--overwrite"])) == 0  # the holder is gone: so is its lock
+    assert (
+        cli(
+            "train",
+            "--config",
+            configs["seed1"],
+            "--out",
+            run,
+            "--no-progress",
+            *([] if target == "new" else ["--overwrite"]),
+        )
+        == 0
+    )  # the holder is gone: so is its lock
 
 
 def test_concurrent_writers_one_wins_and_the_other_is_refused(tmp_path, configs):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "rank1_pyro", "train", "--config", str(configs["tiny"]), "--out", str(run),
-            "--no-progress", "--epochs", "4"]
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
+    argv = [
+        sys.executable,
+        "-m",
+        "rank1_pyro",
+        "train",
+        "--config",
+        str(configs["tiny"]),
+        "--out",
+        str(run),
+        "--no-progress",
+        "--epochs",
+        "4",
+    ]
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     for p in procs:
         p.stdout.close()
@@ -198,10 +244,22 @@ def test_concurrent_writers_one_wins_and_the_other_is_refused(tmp_path, configs)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
 def test_a_killed_writer_leaves_no_lock_and_its_run_resumes_bit_identically(tmp_path, configs, reference, sig):
     run = tmp_path / "run"
-    argv = [sys.executable, "-m", "rank1_pyro", "train", "--config", str(configs["tiny"]), "--out", str(run),
-            "--no-progress", "--checkpoint-every", "2"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    argv = [
+        sys.executable,
+        "-m",
+        "rank1_pyro",
+        "train",
+        "--config",
+        str(configs["tiny"]),
+        "--out",
+        str(run),
+        "--no-progress",
+        "--checkpoint-every",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "checkpoint.pt").exists():
@@ -232,8 +290,10 @@ def test_one_config_one_seed_gives_bit_identical_runs_and_evaluations(tmp_path, 
     again = tmp_path / "again"
     assert cli("train", "--config", configs["tiny"], "--out", again, "--no-progress") == 0
     assert_same_weights(weights(again), weights(reference))
-    assert json.loads((again / "metrics.json").read_text())["test"] == json.loads(
-        (reference / "metrics.json").read_text())["test"]
+    assert (
+        json.loads((again / "metrics.json").read_text())["test"]
+        == json.loads((reference / "metrics.json").read_text())["test"]
+    )
     capsys.readouterr()
     outputs = []
     for run in (reference, again, again):
@@ -289,12 +349,12 @@ def test_commands_never_train_a_substitute_for_a_missing_run(tmp_path, finished,
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing trained, nothing written
 
 
-def test_the_explicit_substitute_flags_refuse_a_directory_that_holds_a_run(finished, capsys):
-    assert cli("diagnose", finished, "--train-digits") == 2
-    one_line_error(capsys, "holds a run: drop --train-digits")
-    assert cli("laplace", finished, "--map-mlp") == 2
-    one_line_error(capsys, "drop --map-mlp")
-    assert not (finished / "diagnostics").exists() and not (finished / "laplace.json").exists()
+def test_no_command_has_a_substitute_model_flag(capsys):
+    """The stand-in models are gone: a command without a run says which `train` to run instead."""
+    for command, flag in (("diagnose", "--train-digits"), ("laplace", "--map-mlp")):
+        with pytest.raises(SystemExit):
+            main([command, "runs/none", flag])
+        assert "unrecognized arguments" in capsys.readouterr().err
 
 
 def tiny_model(out=2, likelihood="categorical"):
@@ -314,11 +374,21 @@ def test_resume_on_other_data_of_the_same_size_is_refused(tmp_path):
     train(model, guide, toy(seed=0), epochs=1, batch_size=16, progress=False, seed=0, checkpoint_dir=tmp_path)
     model, guide = tiny_model()
     with pytest.raises(CheckpointError, match=r"trained on other data of the same size"):
-        train(model, guide, toy(seed=1), epochs=2, batch_size=16, progress=False, seed=0, checkpoint_dir=tmp_path,
-              resume=True)
+        train(
+            model,
+            guide,
+            toy(seed=1),
+            epochs=2,
+            batch_size=16,
+            progress=False,
+            seed=0,
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
     model, guide = tiny_model()  # the same data resumes
-    train(model, guide, toy(seed=0), epochs=2, batch_size=16, progress=False, seed=0, checkpoint_dir=tmp_path,
-          resume=True)
+    train(
+        model, guide, toy(seed=0), epochs=2, batch_size=16, progress=False, seed=0, checkpoint_dir=tmp_path, resume=True
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -420,34 +490,65 @@ API_ERRORS = [
     ("numpy-float64-train-and-evaluate", lambda tmp: _train_numpy_float64(), ("ok", lambda r: 0 <= r["accuracy"] <= 1)),
     ("float64-loader", lambda tmp: _train_float64_loader(), ("ok", lambda r: r == torch.float32)),
     ("numpy-predict", lambda tmp: _predict_numpy(), ("ok", lambda r: r == torch.float32)),
-    ("numpy-pair-accepted", lambda tmp: train(*tiny_model(), (X3.numpy(), Y3.numpy()), epochs=1, batch_size=16,
-                                              progress=False),
-     ("ok", lambda r: len(r.epochs) == 1)),
-    ("numpy-object-array", lambda tmp: train(*tiny_model(), (np.array([object()] * 48), Y3.numpy()), epochs=1,
-                                             progress=False),
-     (TypeError, r"cannot use a numpy array of dtype object")),
-    ("label-out-of-range-in-a-later-batch", lambda tmp: _late_bad_label(),
-     (ValueError, r"labels out of range at epoch 0, step 2 \(global step 2\): expected 0\.\.1")),
+    (
+        "numpy-pair-accepted",
+        lambda tmp: train(*tiny_model(), (X3.numpy(), Y3.numpy()), epochs=1, batch_size=16, progress=False),
+        ("ok", lambda r: len(r.epochs) == 1),
+    ),
+    (
+        "numpy-object-array",
+        lambda tmp: train(*tiny_model(), (np.array([object()] * 48), Y3.numpy()), epochs=1, progress=False),
+        (TypeError, r"cannot use a numpy array of dtype object"),
+    ),
+    (
+        "label-out-of-range-in-a-later-batch",
+        lambda tmp: _late_bad_label(),
+        (ValueError, r"labels out of range at epoch 0, step 2 \(global step 2\): expected 0\.\.1"),
+    ),
     ("checkpoint-dir-is-a-file", _checkpoint_dir_is_a_file, (ValueError, r"checkpoint_dir .*a-file is a file")),
-    ("subnet-laplace-labels-out-of-range", lambda tmp: _subnet(X3, Y3 + 3),
-     (ValueError, r"labels out of range: expected 0\.\.2, got min 3, max 4")),
-    ("subnet-laplace-nan-inputs", lambda tmp: _subnet(_with_nan(X3), Y3),
-     (ValueError, r"inputs contain NaN or infinite values")),
-    ("projected-nan-inputs", lambda tmp: _projected(_with_nan(X3), Y3),
-     (ValueError, r"inputs contain NaN or infinite values")),
-    ("projected-labels-out-of-range", lambda tmp: _projected(X3, Y3 + 3),
-     (ValueError, r"labels out of range: expected 0\.\.2")),
+    (
+        "subnet-laplace-labels-out-of-range",
+        lambda tmp: _subnet(X3, Y3 + 3),
+        (ValueError, r"labels out of range: expected 0\.\.2, got min 3, max 4"),
+    ),
+    (
+        "subnet-laplace-nan-inputs",
+        lambda tmp: _subnet(_with_nan(X3), Y3),
+        (ValueError, r"inputs contain NaN or infinite values"),
+    ),
+    (
+        "projected-nan-inputs",
+        lambda tmp: _projected(_with_nan(X3), Y3),
+        (ValueError, r"inputs contain NaN or infinite values"),
+    ),
+    (
+        "projected-labels-out-of-range",
+        lambda tmp: _projected(X3, Y3 + 3),
+        (ValueError, r"labels out of range: expected 0\.\.2"),
+    ),
     ("to-netcdf-missing-directory", _netcdf_missing_dir, (FileNotFoundError, r"directory .*dir does not exist")),
     ("log-marginal-likelihood-zero", lambda tmp: _marglik(0.0), (ValueError, r"prior_precision must be > 0")),
     ("log-marginal-likelihood-negative", lambda tmp: _marglik(-1.0), (ValueError, r"prior_precision must be > 0")),
-    ("log-marginal-likelihood-positive", lambda tmp: _marglik(torch.tensor([0.5, 2.0])),
-     ("ok", lambda r: r.shape == (2,) and bool(torch.isfinite(r).all()))),
-    ("metrics-unnormalised-probs", lambda tmp: metrics.nll(torch.tensor([[0.5, 0.4], [0.5, 0.5]]), Y3[:2]),
-     (ValueError, r"probs rows must sum to 1 \(within 0\.001\): row 0 sums to 0\.9")),
-    ("metrics-logits", lambda tmp: metrics.accuracy(torch.tensor([[-1.0, 2.0], [0.3, 0.7]]), Y3[:2]),
-     (ValueError, r"probs must lie in \[0, 1\]")),
-    ("metrics-normalised-probs", lambda tmp: metrics.nll(torch.softmax(torch.randn(5, 3), -1), Y3[:5] % 3),
-     ("ok", lambda r: r > 0)),
+    (
+        "log-marginal-likelihood-positive",
+        lambda tmp: _marglik(torch.tensor([0.5, 2.0])),
+        ("ok", lambda r: r.shape == (2,) and bool(torch.isfinite(r).all())),
+    ),
+    (
+        "metrics-unnormalised-probs",
+        lambda tmp: metrics.nll(torch.tensor([[0.5, 0.4], [0.5, 0.5]]), Y3[:2]),
+        (ValueError, r"probs rows must sum to 1 \(within 0\.001\): row 0 sums to 0\.9"),
+    ),
+    (
+        "metrics-logits",
+        lambda tmp: metrics.accuracy(torch.tensor([[-1.0, 2.0], [0.3, 0.7]]), Y3[:2]),
+        (ValueError, r"probs must lie in \[0, 1\]"),
+    ),
+    (
+        "metrics-normalised-probs",
+        lambda tmp: metrics.nll(torch.softmax(torch.randn(5, 3), -1), Y3[:5] % 3),
+        ("ok", lambda r: r > 0),
+    ),
 ]
 
 
@@ -474,13 +575,6 @@ def test_projected_regression_loss_weights_do_not_broadcast_targets_of_shape_n_b
     assert torch.allclose(weights, out - y.unsqueeze(-1))  # ∂ℓ/∂f per row, not summed over N targets
 
 
-def _corrupt_cache(tmp):
-    run = tmp / "mlp"
-    run.mkdir()
-    (run / "map_mlp.pt").write_bytes(b"\x80\x02garbage")
-    return ["laplace", run, "--map-mlp"]
-
-
 def _out_is_a_file(tmp):
     (tmp / "file").write_text("x")
     return ["train", "--config", "digits_mlp", "--out", tmp / "file"]
@@ -494,14 +588,19 @@ def _out_under_a_file(tmp):
 CLI_ERRORS = [
     ("out-is-a-file", _out_is_a_file, "is a file, not a run directory"),
     ("out-under-a-file", _out_under_a_file, "cannot be created"),
-    ("laplace-corrupt-cache", _corrupt_cache, "is not a usable MAP MLP cache"),
     ("evaluate-a-file", lambda tmp: (tmp / "f").write_text("x") and ["evaluate", tmp / "f"], "is a file"),
     ("diagnose-a-file", lambda tmp: (tmp / "f").write_text("x") and ["diagnose", tmp / "f"], "is a file"),
     ("resume-without-out", lambda tmp: ["train", "--config", "digits_mlp", "--resume"], "--resume needs --out"),
-    ("resume-nothing-there-without-config", lambda tmp: ["train", "--resume", "--out", tmp / "none"],
-     "config.json not found"),
-    ("checkpoint-every-zero", lambda tmp: ["train", "--config", "digits_mlp", "--out", tmp / "r",
-                                           "--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
+    (
+        "resume-nothing-there-without-config",
+        lambda tmp: ["train", "--resume", "--out", tmp / "none"],
+        "config.json not found",
+    ),
+    (
+        "checkpoint-every-zero",
+        lambda tmp: ["train", "--config", "digits_mlp", "--out", tmp / "r", "--checkpoint-every", "0"],
+        "--checkpoint-every must be >= 1",
+    ),
     ("evaluate-negative-seed", lambda tmp: ["evaluate", tmp, "--seed", "-1"], "--seed must be >= 0"),
 ]
 
@@ -587,8 +686,9 @@ PHASES = [
 
 
 @pytest.mark.parametrize("patch, extra", [c[1:] for c in PHASES], ids=[c[0] for c in PHASES])
-def test_ctrl_c_of_a_new_run_then_resume_is_bit_identical(tmp_path, configs, reference, patch, extra, monkeypatch,
-                                                          capsys):
+def test_ctrl_c_of_a_new_run_then_resume_is_bit_identical(
+    tmp_path, configs, reference, patch, extra, monkeypatch, capsys
+):
     run = tmp_path / "run"
     with monkeypatch.context() as m:
         patch(m)
@@ -644,8 +744,9 @@ def _csv_rows(path):
         return list(csv.DictReader(f))
 
 
-def test_history_is_written_after_every_epoch_and_survives_an_interruption(tmp_path, configs, reference, monkeypatch,
-                                                                          capsys):
+def test_history_is_written_after_every_epoch_and_survives_an_interruption(
+    tmp_path, configs, reference, monkeypatch, capsys
+):
     run = tmp_path / "run"
     with monkeypatch.context() as m:
         _interrupt_at_step(15)(m)  # in epoch 2 (12 steps per epoch)

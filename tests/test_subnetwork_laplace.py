@@ -2,7 +2,6 @@
 selection strategies, marginal likelihood, predictives through the Posterior protocol, digits."""
 
 import copy
-import json
 import math
 
 import pytest
@@ -24,7 +23,6 @@ from rank1_pyro.laplace import (
     select_subnetwork,
 )
 from rank1_pyro.laplace.curvature import narrow
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -145,7 +143,11 @@ def test_marglik_prior_precision_maximises_the_exact_evidence(linreg):
     delta = 1.0
     for _ in range(200):
         mean, _ = ridge(X, y, sigma, delta)
-        new = SubnetLaplace(linear_net(mean), "regression", torch.arange(4), sigma_noise=sigma).fit((X, y)).prior_precision
+        new = (
+            SubnetLaplace(linear_net(mean), "regression", torch.arange(4), sigma_noise=sigma)
+            .fit((X, y))
+            .prior_precision
+        )
         if abs(math.log(new / delta)) < 1e-12:
             break
         delta = new
@@ -172,11 +174,19 @@ def test_matches_laplace_torch_classification(subset):
     P = sum(p.numel() for p in net.parameters())
     if subset == "all":
         idx = torch.arange(P)
-        ref = laplace.Laplace(net, "classification", subset_of_weights="all", hessian_structure="full", prior_precision=0.7)
+        ref = laplace.Laplace(
+            net, "classification", subset_of_weights="all", hessian_structure="full", prior_precision=0.7
+        )
     else:
         idx = torch.randperm(P, generator=torch.Generator().manual_seed(0))[:25].sort().values
-        ref = laplace.Laplace(net, "classification", subset_of_weights="subnetwork", hessian_structure="full",
-                              subnetwork_indices=idx, prior_precision=0.7)
+        ref = laplace.Laplace(
+            net,
+            "classification",
+            subset_of_weights="subnetwork",
+            hessian_structure="full",
+            subnetwork_indices=idx,
+            prior_precision=0.7,
+        )
     ref.fit(loader)
     ours = SubnetLaplace(net, "classification", idx, prior_precision=0.7).fit(loader)
     # (laplace-torch's all-weights GGN goes through curvlinops with a float32 identity: ~1e-8 relative)
@@ -194,8 +204,15 @@ def test_matches_laplace_torch_regression_subnetwork():
     y = torch.sin(X.sum(-1, keepdim=True)) + 0.1 * torch.randn(50, 1, generator=g, dtype=torch.float64)
     loader = DataLoader(TensorDataset(X, y), batch_size=20)
     idx = torch.tensor([0, 4, 7, 11, 20, 31, 33, 40, 50])
-    ref = laplace.Laplace(net, "regression", subset_of_weights="subnetwork", hessian_structure="full",
-                          subnetwork_indices=idx, prior_precision=1.3, sigma_noise=0.3)
+    ref = laplace.Laplace(
+        net,
+        "regression",
+        subset_of_weights="subnetwork",
+        hessian_structure="full",
+        subnetwork_indices=idx,
+        prior_precision=1.3,
+        sigma_noise=0.3,
+    )
     ref.fit(loader)
     ours = SubnetLaplace(net, "regression", idx, prior_precision=1.3, sigma_noise=0.3).fit(loader)
     assert_rel(ours.posterior_covariance, ref.posterior_covariance)
@@ -228,18 +245,25 @@ class Mixed(nn.Module):
         return self.head(h.flatten(1))
 
 
-@pytest.mark.parametrize("mode,per_example,layer_rules", [
-    ("forward", None, True), ("reverse", None, True), ("reverse", None, False), ("reverse", False, True),
-    ("reverse", False, False),
-])
+@pytest.mark.parametrize(
+    "mode,per_example,layer_rules",
+    [
+        ("forward", None, True),
+        ("reverse", None, True),
+        ("reverse", None, False),
+        ("reverse", False, True),
+        ("reverse", False, False),
+    ],
+)
 def test_jacobian_columns_equal_the_dense_jacrev_columns(mode, per_example, layer_rules):
     net = Mixed().double()
     f = FlatFunctional(net)
     x = torch.randn(7, 2, 8, 8, dtype=torch.float64)
     idx = torch.randperm(f.num_params, generator=torch.Generator().manual_seed(0))[:70]
     dense = f.jacobian(x)  # (B, O, P) by jacrev
-    out, J = jacobian_columns(f.restrict(idx), x, mode=mode, per_example=per_example, layer_rules=layer_rules,
-                              max_elements=3000)  # small blocks: several sub-batches
+    out, J = jacobian_columns(
+        f.restrict(idx), x, mode=mode, per_example=per_example, layer_rules=layer_rules, max_elements=3000
+    )  # small blocks: several sub-batches
     torch.testing.assert_close(J, dense[..., idx], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out, net(x))
     # all of θ at once (reverse by default)
@@ -287,8 +311,9 @@ def test_rank1_point_network_columns_and_member_averaged_ggn():
     idx = torch.cat([factors, torch.tensor([0, 5, 40])]).sort().values
     dense = f.jacobian(x)[..., idx]  # (K·B, O, M), member-major
     for mode in ("forward", "reverse"):
-        torch.testing.assert_close(jacobian_columns(f.restrict(idx), x, mode=mode, max_elements=500)[1], dense,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            jacobian_columns(f.restrict(idx), x, mode=mode, max_elements=500)[1], dense, rtol=1e-5, atol=1e-6
+        )
     curv = ggn(f.restrict(idx), (x, y), "classification", max_elements=500)
     assert (curv.num_members, curv.num_outputs, curv.num_data) == (3, 4, 9)
     torch.testing.assert_close(curv.matrix, softmax_ggn_dense(f.restrict(idx), x, members=3), rtol=1e-4, atol=1e-6)
@@ -329,8 +354,15 @@ def test_sizes_and_registry(tanh_net):
         select_subnetwork("last-layer", f, 5)
     with pytest.raises(ValueError, match="needs the training data"):
         select_subnetwork("largest-variance", f, 5)
-    assert set(SUBNETWORK_STRATEGIES) == {"largest-variance", "largest-swag-variance", "largest-magnitude", "random",
-                                          "by-name", "last-layer", "rank1-factors"}
+    assert set(SUBNETWORK_STRATEGIES) == {
+        "largest-variance",
+        "largest-swag-variance",
+        "largest-magnitude",
+        "random",
+        "by-name",
+        "last-layer",
+        "rank1-factors",
+    }
 
 
 def test_largest_magnitude_random_name_and_last_layer(tanh_net):
@@ -358,7 +390,9 @@ def test_rank1_factors_and_last_layer_of_a_rank1_point_network():
     off = offsets(net)
     factors = torch.cat([v for k, v in off.items() if k.startswith("factors.")])
     assert torch.equal(select_subnetwork("rank1-factors", f), factors)
-    assert torch.equal(select_subnetwork("last-layer", f), torch.cat([off["model.net.2.weight"], off["model.net.2.bias"]]))
+    assert torch.equal(
+        select_subnetwork("last-layer", f), torch.cat([off["model.net.2.weight"], off["model.net.2.bias"]])
+    )
 
 
 def test_largest_variance_against_a_dense_diagonal_laplace(tanh_net):
@@ -366,8 +400,9 @@ def test_largest_variance_against_a_dense_diagonal_laplace(tanh_net):
     y = torch.randint(0, 3, (30,))
     f = FlatFunctional(tanh_net)
     variance = 1.0 / (softmax_ggn_dense(f, x).diagonal() + 0.5)
-    idx = select_subnetwork("largest-variance", f, 15, {"data": DataLoader(TensorDataset(x, y), batch_size=8),
-                                                          "prior_precision": 0.5})
+    idx = select_subnetwork(
+        "largest-variance", f, 15, {"data": DataLoader(TensorDataset(x, y), batch_size=8), "prior_precision": 0.5}
+    )
     assert idx.tolist() == sorted(torch.argsort(variance, descending=True)[:15].tolist())
 
 
@@ -376,8 +411,9 @@ def test_largest_swag_variance_against_a_plain_sgd_run(tanh_net):
     y = torch.randint(0, 3, (32,))
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     before = copy.deepcopy(tanh_net.state_dict())
-    idx = select_subnetwork("largest-swag-variance", FlatFunctional(tanh_net), 10, {"data": loader},
-                            epochs=3, lr=0.05, momentum=0.9)
+    idx = select_subnetwork(
+        "largest-swag-variance", FlatFunctional(tanh_net), 10, {"data": loader}, epochs=3, lr=0.05, momentum=0.9
+    )
     for k, v in tanh_net.state_dict().items():  # the network is left alone
         assert torch.equal(v, before[k])
     twin = copy.deepcopy(tanh_net)
@@ -402,7 +438,9 @@ def test_gridsearch_picks_the_lowest_validation_nll():
     xv, yv = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (30,), generator=g)
     la = SubnetLaplace(net, "classification", "largest-magnitude", subnetwork_size=20, prior_precision=1.0).fit(loader)
     grid = [0.01, 0.1, 1.0, 10.0, 100.0]
-    chosen = la.optimize_prior_precision("gridsearch", val_loader=DataLoader(TensorDataset(xv, yv), batch_size=7), grid=grid)
+    chosen = la.optimize_prior_precision(
+        "gridsearch", val_loader=DataLoader(TensorDataset(xv, yv), batch_size=7), grid=grid
+    )
     assert la.prior_precision == chosen
     nlls = []
     for d in grid:
@@ -417,7 +455,9 @@ def test_rank1_predictions_keep_the_members_and_match_dense_glm():
     x, y = torch.randn(20, 3), torch.randint(0, 4, (20,))
     guide(x)
     net = rank1_point_network(model, guide)
-    la = SubnetLaplace(net, "classification", "rank1-factors", prior_mean=1.0).fit(DataLoader(TensorDataset(x, y), batch_size=8))
+    la = SubnetLaplace(net, "classification", "rank1-factors", prior_mean=1.0).fit(
+        DataLoader(TensorDataset(x, y), batch_size=8)
+    )
     assert isinstance(la, Posterior) and la.likelihood == "categorical" and la.ensemble_size == 3
     x_new = torch.randn(5, 3)
     J = la.full.restrict(la.subnetwork_indices).jacobian(x_new)  # (K·B, O, M) dense
@@ -488,16 +528,5 @@ def test_subnetwork_laplace_improves_nll_and_ece_on_rotated_digits():
     assert metrics.nll(clean, y_shift) < 1.1 * metrics.nll(map_clean, y_shift)
 
 
-def test_cli_trains_a_map_mlp_and_reports(tmp_path, capsys):
-    from rank1_pyro.cli import main
-
-    run = tmp_path / "run"
-    args = ["laplace", str(run), "--map-mlp", "--subnetwork", "largest-magnitude", "--size", "200", "--epochs", "3",
-            "--hidden", "16", "--rotate", "45"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "| rotated 45 | subnet Laplace |" in out and (run / "map_mlp.pt").is_file()
-    report = json.loads((run / "laplace.json").read_text())
-    assert report["subnetwork_size"] == 200 and set(report["results"]) == {"test", "rotated 45"}
-    assert main(args) == 0 and "loaded the MAP MLP" in capsys.readouterr().out  # cached
-    assert main(["laplace", str(run), "--subnetwork", "by-name"]) == 2  # by-name needs --pattern
+# The `rank1-pyro laplace` command (on a trained run, saving the posterior for `predict --posterior laplace`)
+# is tested in tests/test_posthoc_save.py.

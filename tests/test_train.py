@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from faulty_objectives import FailingELBO, StopAt
 
 from rank1_pyro import MixtureGuide, Rank1Model, mlp, rank1_mlp
-from rank1_pyro.inference.train import NonFiniteLossError, _lr_factor, evaluate, resolve_device, train
-
-from faulty_objectives import FailingELBO
+from rank1_pyro.inference.train import NonFiniteLossError, TrainConfig, evaluate, resolve_device, train
 
 
 def separable(n=300, seed=0):
@@ -43,9 +42,12 @@ def test_kl_annealing_schedule():
 
 
 def test_learning_rate_warmup_and_step_decay():
-    factors = [_lr_factor(step, 10, warmup_epochs=1, decay_epochs=(2, 3), decay_rate=0.1) for step in range(40)]
+    config = TrainConfig(warmup_epochs=1, decay_epochs=(2, 3), decay_rate=0.1)
+    factors = [config.lr_factor(step, 10) for step in range(40)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert factors[19] == pytest.approx(1.0) and factors[20] == pytest.approx(0.1) and factors[30] == pytest.approx(0.01)
+    assert (
+        factors[19] == pytest.approx(1.0) and factors[20] == pytest.approx(0.1) and factors[30] == pytest.approx(0.01)
+    )
 
 
 def test_nan_loss_stops_before_the_update_and_names_the_step():
@@ -149,8 +151,17 @@ def test_on_epoch_and_log_csv_see_every_epoch_as_it_ends(tmp_path):
         seen.append((history.last["epoch"], len(history.epochs), len(rows), history.seconds > 0))
 
     model, guide, data = _tiny()
-    history = train(model, guide, data, epochs=3, batch_size=16, seed=0, progress=False, on_epoch=on_epoch,
-                    log_csv=tmp_path / "log.csv")
+    history = train(
+        model,
+        guide,
+        data,
+        epochs=3,
+        batch_size=16,
+        seed=0,
+        progress=False,
+        on_epoch=on_epoch,
+        log_csv=tmp_path / "log.csv",
+    )
     assert seen == [(1, 1, 1, True), (2, 2, 2, True), (3, 3, 3, True)]
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [float(r["loss"]) for r in rows] == history.column("loss")
@@ -159,3 +170,40 @@ def test_on_epoch_and_log_csv_see_every_epoch_as_it_ends(tmp_path):
         train(model, guide, data, epochs=1, progress=False, on_epoch="print")
     with pytest.raises(ValueError, match="progress"):
         train(model, guide, data, epochs=1, progress="verbose")
+
+
+def test_resuming_an_unordered_loader_mid_epoch_warns_at_the_caller_of_train(tmp_path):
+    from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+    class Backwards(Sampler):  # a sampler train cannot re-order: resuming skips batches by reading them
+        def __iter__(self):
+            return iter(range(31, -1, -1))
+
+        def __len__(self):
+            return 32
+
+    def loader():
+        return DataLoader(TensorDataset(*separable(32)), batch_size=4, sampler=Backwards())
+
+    model = rank1_mlp(2, [4], 2, ensemble_size=2)
+    guide = MixtureGuide(model)
+    options = dict(epochs=1, progress=False, seed=0, checkpoint_dir=tmp_path, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, guide, loader(), objective=StopAt(4), **options)
+    with pytest.warns(UserWarning, match="consumed batches are skipped by reading them") as caught:
+        train(model, guide, loader(), resume=True, **options)
+    assert [w.filename for w in caught] == [__file__]
+
+
+def test_without_a_seed_every_rank_draws_from_rank_0s_seed(monkeypatch):
+    import pyro
+
+    from rank1_pyro.inference import distributed as D
+
+    monkeypatch.setattr(D, "broadcast_int", lambda value, device, src=0: 1234)  # rank 0's draw, on every rank
+    data_seed = D.seed_ranks(None, D.DistributedContext(world_size=2, rank=1, enabled=True), torch.device("cpu"))
+    draw = torch.rand(3)
+    pyro.set_rng_seed(1234)
+    assert data_seed == int(torch.randint(0, 2**31, ()).item())  # the data order's seed: the same on every rank
+    assert torch.equal(draw, torch.rand(3))
+    assert D.seed_ranks(7, D.SINGLE_PROCESS, torch.device("cpu")) == 7

@@ -1,49 +1,42 @@
 """Model zoo, parameter arithmetic, the ``params`` command, ready configurations and their data."""
 
-import inspect
-
 import pyro.poutine as poutine
 import pytest
 import torch
 from torch import nn
 
 from rank1_pyro import cli
+from rank1_pyro.config import CONFIGS, RunConfig, load_config
 from rank1_pyro.inference import AveragedELBO, MixtureELBO, MixtureGuide
-from rank1_pyro.inference.train import train
 from rank1_pyro.layers import factor_sites, rank1_layers
 from rank1_pyro.models import (
     Rank1Model,
-    lenet5,
     lenet5_net,
-    load_config,
-    lstm_classifier,
     lstm_net,
+    network,
     parameter_counts,
-    resnet18_cifar,
+    rank1_network,
     resnet18_cifar_net,
-    resnet20_cifar,
     resnet20_cifar_net,
-    resnet50_imagenet,
     resnet50_net,
-    wide_resnet28_10,
     wide_resnet_net,
+    zoo,
 )
-from rank1_pyro.models.configs import CONFIGS, RunConfig
 
 K = 2
 ZOO = {
     # name: (rank-1 builder, deterministic builder, input shape of a batch of 2)
-    "lenet5": (lambda: lenet5(10, 1, ensemble_size=K), lambda: lenet5_net(10, 1), (2, 1, 16, 16)),
-    "resnet18_cifar": (lambda: resnet18_cifar(10, ensemble_size=K), lambda: resnet18_cifar_net(10), (2, 3, 8, 8)),
-    "resnet20_cifar": (lambda: resnet20_cifar(10, ensemble_size=K), lambda: resnet20_cifar_net(10), (2, 3, 8, 8)),
+    "lenet5": (lambda: rank1_network("lenet5", 10, K), lambda: lenet5_net(10, 1), (2, 1, 16, 16)),
+    "resnet18_cifar": (lambda: rank1_network("resnet18_cifar", 10, K), lambda: resnet18_cifar_net(10), (2, 3, 8, 8)),
+    "resnet20_cifar": (lambda: rank1_network("resnet20_cifar", 10, K), lambda: resnet20_cifar_net(10), (2, 3, 8, 8)),
     "wrn10_1": (
-        lambda: wide_resnet28_10(10, ensemble_size=K, depth=10, width=1),
+        lambda: rank1_network("wrn28_10", 10, K, depth=10, width=1),
         lambda: wide_resnet_net(10, 1, 10),
         (2, 3, 8, 8),
     ),
-    "resnet50": (lambda: resnet50_imagenet(10, ensemble_size=K), lambda: resnet50_net(10), (2, 3, 16, 16)),
+    "resnet50": (lambda: rank1_network("resnet50", 10, K), lambda: resnet50_net(10), (2, 3, 16, 16)),
     "lstm": (
-        lambda: lstm_classifier(3, 8, 10, dense_hidden=[6], ensemble_size=K),
+        lambda: rank1_network("lstm", 10, K, input_shape=(5, 3), hidden_size=8, dense_hidden=[6]),
         lambda: lstm_net(3, 8, 10, dense_hidden=[6]),
         (2, 5, 3),
     ),
@@ -94,7 +87,9 @@ def test_wrn28_10_and_resnet50_parameter_counts():
     c_in = 16
     for width in (160, 320, 640):
         for _ in range(4):  # (28 - 4) / 6 blocks per group
-            count += 2 * c_in + c_in * width * 9 + 2 * width + width * width * 9 + (c_in * width if c_in != width else 0)
+            count += (
+                2 * c_in + c_in * width * 9 + 2 * width + width * width * 9 + (c_in * width if c_in != width else 0)
+            )
             c_in = width
     count += 2 * 640 + 640 * 10 + 10  # final BatchNorm, dense layer
     assert sum(p.numel() for p in wrn.parameters()) == count == 36_479_194
@@ -127,7 +122,7 @@ def test_parameter_counts_match_the_built_model_and_guide():
     net = resnet20_cifar_net(10)
     for batchnorm in ("shared", "per_member"):
         counts = parameter_counts(net, ensemble_size=3, batchnorm=batchnorm)
-        model = resnet20_cifar(10, ensemble_size=3, batchnorm=batchnorm)
+        model = rank1_network("resnet20_cifar", 10, 3, batchnorm=batchnorm)
         guide = MixtureGuide(model)
         real = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in guide.parameters())
         assert counts.rank1 == real
@@ -149,7 +144,7 @@ def test_params_command(capsys, monkeypatch):
 
 
 def test_lstm_reuses_one_factor_sample_per_sequence():
-    model = lstm_classifier(3, 4, 2, ensemble_size=K)
+    model = rank1_network("lstm", 2, K, input_shape=(6, 3), hidden_size=4)
     guide = MixtureGuide(model)
     latent = {}
     for T in (2, 6):
@@ -184,7 +179,12 @@ def test_shipped_configs_hold_the_reference_settings():
     assert set(CONFIGS) >= {"cifar10_wrn28_10", "cifar100_wrn28_10", "imagenet_resnet50"}
     for name, classes in (("cifar10_wrn28_10", 10), ("cifar100_wrn28_10", 100)):
         cfg = load_config(name)
-        assert (cfg.dataset, cfg.model, cfg.num_classes, cfg.ensemble_size) == (name.split("_")[0], "wrn28_10", classes, 4)
+        assert (cfg.dataset, cfg.model, cfg.num_classes, cfg.ensemble_size) == (
+            name.split("_")[0],
+            "wrn28_10",
+            classes,
+            4,
+        )
         assert cfg.model_args == {"depth": 28, "width": 10}
         prior = cfg.prior_spec()
         assert (type(prior).__name__, prior.loc, prior.scale) == ("Gaussian", 1.0, 0.1)
@@ -197,23 +197,36 @@ def test_shipped_configs_hold_the_reference_settings():
     assert (cfg.model, cfg.num_classes, prior.scale, cfg.init_sign_prob) == ("resnet50", 1000, 0.05, 0.75)
     assert cfg.epochs == 135 and cfg.decay_epochs == (45, 90, 120) and cfg.kl_annealing_epochs == 90
     assert cfg.learning_rate == pytest.approx(0.1 * cfg.batch_size / 256)
-    # the schedule maps onto the training loop's arguments; L2 l2*sum(w^2) is weight decay 2*l2
-    kwargs = cfg.train_kwargs()
-    assert set(kwargs) <= set(inspect.signature(train).parameters)
-    assert kwargs["weight_decay"] == pytest.approx(2e-4) and kwargs["optimizer"] == "sgd"
+    # the schedule is the training loop's TrainConfig; L2 l2*sum(w^2) is weight decay 2*l2
+    schedule = cfg.train_config(device="cpu")
+    assert schedule.weight_decay == pytest.approx(2e-4) and schedule.optimizer == "sgd" and schedule.nesterov
+    assert schedule.lr == pytest.approx(cfg.learning_rate) and schedule.batch_size == cfg.batch_size
+    assert (
+        schedule.decay_epochs == (45, 90, 120)
+        and schedule.kl_annealing_epochs == 90
+        and schedule.warmup_epochs == cfg.warmup_epochs
+    )
+    assert schedule.seed == cfg.seed and schedule.device == "cpu" and schedule.precision == "fp32"
+    assert type(schedule.objective).__name__ == "AveragedELBO"
 
 
 def test_config_rejects_unknown_and_bad_values(tmp_path):
     values = {"name": "x", "dataset": "cifar10", "model": "resnet20_cifar", "num_classes": 10}
     assert RunConfig.from_dict(values).model == "resnet20_cifar"
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rat'\]; valid keys: .*base_learning_rate"):
+    with pytest.raises(
+        ValueError, match=r"unknown config key\(s\) \['learning_rat'\]; valid keys: .*base_learning_rate"
+    ):
         RunConfig.from_dict({**values, "learning_rat": 0.1})
     with pytest.raises(ValueError, match="missing config key"):
         RunConfig.from_dict({"name": "x"})
     for bad, match in (
         ({"model": "vgg"}, "model: unknown name 'vgg'"),
         ({"num_classes": 100}, "cifar10 has 10 classes"),
-        ({"ensemble_size": 0}, "ensemble_size must be a positive integer"),
+        ({"ensemble_size": 0}, "ensemble_size must be an integer >= 1, got 0"),
+        ({"init_scale": 0.0}, r"init_scale must be > 0, got 0\.0"),
+        ({"base_learning_rate": float("inf")}, "base_learning_rate must be a finite number, got inf"),
+        ({"l2": -1e-4}, "l2 must be >= 0, got -0.0001"),
+        ({"seed": 1.5}, r"seed must be a finite integer, got 1\.5"),
         ({"decay_epochs": [20, 10]}, "decay_epochs"),
         ({"prior": {"family": "laplace"}}, "prior family"),
         ({"prior": {"scal": 0.1}}, "prior must be a table"),
@@ -222,7 +235,9 @@ def test_config_rejects_unknown_and_bad_values(tmp_path):
         with pytest.raises(ValueError, match=match):
             RunConfig.from_dict({**values, **bad})
     path = tmp_path / "mine.toml"
-    path.write_text('name = "mine"\ndataset = "cifar10"\nmodel = "resnet20_cifar"\nnum_classes = 10\nepochs = 3\nwarmup = 1\n')
+    path.write_text(
+        'name = "mine"\ndataset = "cifar10"\nmodel = "resnet20_cifar"\nnum_classes = 10\nepochs = 3\nwarmup = 1\n'
+    )
     with pytest.raises(ValueError, match=r"mine.toml: unknown config key\(s\) \['warmup'\]"):
         load_config(path)
     path.write_text('name = "mine"\ndataset = "cifar10"\nmodel = "resnet20_cifar"\nnum_classes = 10\nepochs = 3\n')
@@ -258,7 +273,9 @@ def test_missing_data_names_the_paths_checked(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         cifar.datasets(tmp_path)
     message = str(info.value)
-    assert str(tmp_path / "cifar-10-batches-py") in message and "data_batch_1" in message and "never downloads" in message
+    assert (
+        str(tmp_path / "cifar-10-batches-py") in message and "data_batch_1" in message and "never downloads" in message
+    )
     (tmp_path / "cifar-100-python").mkdir()
     (tmp_path / "cifar-100-python" / "train").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"cifar-100-python \(missing: test, meta\)"):
@@ -286,3 +303,40 @@ def test_imagenet_folder_loads(tmp_path):
     train_loader, _ = load_config("imagenet_resnet50").data_loaders(tmp_path, batch_size=2)
     x, y = next(iter(train_loader))
     assert x.shape == (2, 3, 224, 224) and sorted(y.tolist()) == [0, 1]
+
+
+def test_one_registry_builds_every_network_deterministic_and_rank1():
+    """Every zoo name gives a deterministic net and a rank-1 model whose members all run; the
+    rank-1 model's W are the deterministic net's weights' shapes (one registry, no wrappers)."""
+    shapes = {"mlp": (7,), "lenet5": (1, 16, 16), "lstm": (5, 3)}
+    small = {"wrn28_10": {"depth": 10, "width": 1}, "mlp": {"hidden": [5]}, "lstm": {"hidden_size": 4}}
+    for name in zoo.ZOO:
+        if name == "resnet50":
+            continue  # covered by the parametrised test above; too slow twice
+        shape = shapes.get(name, (3, 8, 8))
+        net = network(name, 3, input_shape=shape, **small.get(name, {}))
+        model = rank1_network(name, 3, 2, input_shape=shape, **small.get(name, {}))
+        w_net = sorted(tuple(p.shape) for n, p in net.named_parameters() if n.endswith("weight") and p.dim() > 1)
+        w_r1 = sorted(tuple(p.shape) for n, p in model.net.named_parameters() if n.endswith("weight") and p.dim() > 1)
+        assert w_net == w_r1, name
+        out = poutine.trace(model).get_trace(torch.randn(2, *shape)).nodes["obs"]["fn"].logits
+        assert out.shape[-1] == 3 and torch.isfinite(out).all(), name
+
+
+def test_zoo_errors_name_the_choices():
+    with pytest.raises(ValueError, match="unknown model 'vgg16'; valid: lenet5, resnet18_cifar"):
+        network("vgg16")
+    with pytest.raises(ValueError, match="needs the input shape"):
+        rank1_network("mlp", 10)
+    with pytest.raises(ValueError, match="do not fit model 'lenet5'"):
+        rank1_network("lenet5", 10, hidden=[3])
+
+
+def test_config_models_are_the_zoo():
+    """A config's model is validated against the same registry the Python API builds from."""
+    with pytest.raises(ValueError, match="model"):
+        RunConfig.from_dict({"name": "x", "dataset": "digits", "model": "vgg16", "num_classes": 10})
+    cfg = load_config("digits_mlp")
+    model = cfg.build_model(num_data=100, input_shape=(1, 8, 8))
+    direct = rank1_network("mlp", 10, cfg.ensemble_size, cfg.prior_spec(), input_shape=(1, 8, 8), num_data=100)
+    assert [tuple(p.shape) for p in model.parameters()] == [tuple(p.shape) for p in direct.parameters()]

@@ -16,15 +16,28 @@ def register(subparsers) -> None:
     p.add_argument("run_dir", type=Path, help="a run directory written by `rank1-pyro train`")
     p.add_argument("--data-root", default=None, help="directory holding the data set, as for train")
     p.add_argument("--samples", type=int, default=16, help="Monte Carlo samples per member (default: 16)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of the Monte Carlo draws (default: the run's seed): same seed, same numbers")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the Monte Carlo draws (default: the run's seed): same seed, same numbers",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="fit temperature scaling on a random half of the test set, report every metric on the other "
-                   "half before and after, and save the temperature in RUN_DIR/calibration.json (used by `predict`)")
-    p.add_argument("--conformal", type=float, nargs="*", default=None, metavar="ALPHA",
-                   help="with --calibrate: also split conformal prediction sets of coverage 1 - ALPHA (e.g. 0.1), "
-                   "their measured coverage and mean size on the other half; saved for `predict --conformal ALPHA`")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit temperature scaling on a random half of the test set, report every metric on the other "
+        "half before and after, and save the temperature in RUN_DIR/calibration.json (used by `predict`)",
+    )
+    p.add_argument(
+        "--conformal",
+        type=float,
+        nargs="*",
+        default=None,
+        metavar="ALPHA",
+        help="with --calibrate: also split conformal prediction sets of coverage 1 - ALPHA (e.g. 0.1), "
+        "their measured coverage and mean size on the other half; saved for `predict --conformal ALPHA`",
+    )
     p.set_defaults(func=run)
 
 
@@ -50,7 +63,9 @@ def run(args) -> int:
     rows = {"test": evaluate(model, guide, (x, y), num_samples=args.samples, device=device)}
     if x.dim() == 4:
         for angle in (30, 45, 60):
-            rows[f"rotated {angle}"] = evaluate(model, guide, (rotate(x, angle), y), num_samples=args.samples, device=device)
+            rows[f"rotated {angle}"] = evaluate(
+                model, guide, (rotate(x, angle), y), num_samples=args.samples, device=device
+            )
     if model.likelihood == "categorical":
         _selective(rows, model, guide, x, y, args.samples, device)
     keys = list(rows["test"])
@@ -84,8 +99,14 @@ def _calibrate(args, cfg, model, guide, x, y, device) -> int:
     import torch
 
     from .. import metrics
-    from ..calibration import (TemperatureScaled, conformal_sets, conformal_threshold, fit_temperature,
-                               save_calibration, set_coverage)
+    from ..calibration import (
+        TemperatureScaled,
+        conformal_sets,
+        conformal_threshold,
+        fit_temperature,
+        save_calibration,
+        set_coverage,
+    )
     from ..inference.predictive import Rank1Posterior, predict
 
     if model.likelihood != "categorical":
@@ -94,7 +115,7 @@ def _calibrate(args, cfg, model, guide, x, y, device) -> int:
         if not 0 < alpha < 1:
             raise ValueError(f"--conformal ALPHA must be in (0, 1), got {alpha}")
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))
-    cal, held = perm[: len(y) // 2], perm[len(y) // 2:]
+    cal, held = perm[: len(y) // 2], perm[len(y) // 2 :]
     posterior = Rank1Posterior(model, guide)
     pred_cal = predict(posterior, x[cal], num_samples=args.samples, device=device)
     temperature = fit_temperature(pred_cal.log_samples, y[cal])
@@ -110,8 +131,9 @@ def _calibrate(args, cfg, model, guide, x, y, device) -> int:
         q = conformal_threshold(cal_probs, y[cal], alpha)
         thresholds[str(alpha)] = q
         coverage[alpha] = set_coverage(conformal_sets(held_probs, q), y[held])
-    path = save_calibration(args.run_dir, "rank1", {"temperature": temperature, "conformal": thresholds,
-                                                     "calibration_examples": len(cal)})
+    path = save_calibration(
+        args.run_dir, "rank1", {"temperature": temperature, "conformal": thresholds, "calibration_examples": len(cal)}
+    )
     keys = list(next(iter(rows.values())))
     print(f"{cfg.name} ({args.run_dir}): calibrated on {len(cal)} test examples, evaluated on the other {len(held)}")
     print("| predictive | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys))

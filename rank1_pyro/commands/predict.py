@@ -12,12 +12,21 @@ standardisation statistics). One row per example:
 * regression: ``mean``, ``std``, and ``total`` = ``aleatoric`` + ``epistemic`` as variances in the
   target's units² (mean observation noise + variance of the posterior's means).
 
-The same from Python: ``load_run(RUN_DIR).predict(INPUT)`` (:meth:`rank1_pyro.runs.Run.predict`).
+``--posterior`` chooses the posterior: ``rank1`` (default, the trained model), or ``laplace`` /
+``projected``, fitted and saved in the run by ``rank1-pyro laplace RUN_DIR`` / ``rank1-pyro
+project RUN_DIR`` (a missing one is reported with the command that saves it).
+
+The same from Python: ``load_run(RUN_DIR).predict(INPUT, posterior=...)`` (:meth:`rank1_pyro.runs.Run.predict`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+#: the choices of --posterior, spelled out so that ``--help`` imports no torch (a test checks them
+#: against :data:`rank1_pyro.runs.POSTERIORS`)
+POSTERIORS = ("rank1", "laplace", "projected")
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -28,18 +37,46 @@ def register(subparsers) -> None:
         "A temperature saved by `evaluate --calibrate` is applied.",
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by `rank1-pyro train`")
-    p.add_argument("input", type=Path, metavar="INPUT",
-                   help="a .csv/.parquet table, a .npy/.npz array file, an image or a folder of images")
-    p.add_argument("--out", type=Path, default=None,
-                   help="write the table here (.csv or .json); default: print CSV to standard output")
-    p.add_argument("--format", choices=["csv", "json"], default=None,
-                   help="output format (default: from the --out suffix, else csv)")
+    p.add_argument(
+        "input",
+        type=Path,
+        metavar="INPUT",
+        help="a .csv/.parquet table, a .npy/.npz array file, an image or a folder of images",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the table here (.csv or .json); default: print CSV to standard output",
+    )
+    p.add_argument(
+        "--format",
+        choices=["csv", "json"],
+        default=None,
+        help="output format (default: from the --out suffix, else csv)",
+    )
+    p.add_argument(
+        "--posterior",
+        choices=list(POSTERIORS),
+        default="rank1",
+        help="the trained rank-1 posterior (default), or the Laplace / projected posterior saved in RUN_DIR by "
+        "`rank1-pyro laplace` / `rank1-pyro project`",
+    )
     p.add_argument("--samples", type=int, default=32, help="Monte Carlo samples per member (default: 32)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="divide the logits by this temperature (default: the one `evaluate --calibrate` saved, if any)")
-    p.add_argument("--conformal", type=float, default=None, metavar="ALPHA",
-                   help="add split conformal prediction sets of coverage 1 - ALPHA (calibrated by "
-                   "`evaluate --calibrate --conformal ALPHA`)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="divide the logits by this temperature (default: the one `evaluate --calibrate` saved, if any)",
+    )
+    p.add_argument(
+        "--conformal",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="add split conformal prediction sets of coverage 1 - ALPHA (calibrated by "
+        "`evaluate --calibrate --conformal ALPHA`)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.set_defaults(func=run)
@@ -58,7 +95,13 @@ def run(args) -> int:
         raise FileNotFoundError(f"INPUT {args.input} not found")
     run_ = load_run(args.run_dir, device=resolve_device(args.device))
     pyro.set_rng_seed(args.seed)
-    result = run_.predict(args.input, num_samples=args.samples, temperature=args.temperature, conformal=args.conformal)
+    result = run_.predict(
+        args.input,
+        num_samples=args.samples,
+        posterior=args.posterior,
+        temperature=args.temperature,
+        conformal=args.conformal,
+    )
     text = result.to_json() if fmt == "json" else result.to_csv()
     if args.out is None:
         print(text, end="" if text.endswith("\n") else "\n")

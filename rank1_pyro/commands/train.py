@@ -35,16 +35,25 @@ def register(subparsers) -> None:
         "Progress: a per-step bar on a terminal, one line per epoch on stderr otherwise. Works unchanged under torchrun "
         "--nproc_per_node=N.",
     )
-    p.add_argument("--config", default=None,
-                   help="path of a TOML config, or a shipped config name (with --resume: default RUN_DIR/config.json)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="path of a TOML config, or a shipped config name (with --resume: default RUN_DIR/config.json)",
+    )
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<config name>-<time>)")
-    p.add_argument("--data-root", default=None,
-                   help="directory holding the data set (CIFAR, ImageNet, Fashion-MNIST; relative paths of your own files)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="directory holding the data set (CIFAR, ImageNet, Fashion-MNIST; relative paths of your own files)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="override the config's number of epochs")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out (the old run stays intact until the new one has finished)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (the old run stays intact until the new one has finished)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar and the per-epoch lines")
     p.set_defaults(func=run)
@@ -82,9 +91,9 @@ def _check_resume(cfg, saved_cfg, out: Path, model, guide, train_set) -> None:
 
 def run(args) -> int:
     from ..cli import UsageError
+    from ..config import load_config
     from ..inference.distributed import torchrun_env
     from ..inference.train import resolve_device
-    from ..models.configs import load_config
     from ..runs import check_run_path, lock_run, read_config, run_state
 
     # -- arguments and paths: checked before any work ------------------------------------------
@@ -111,8 +120,12 @@ def run(args) -> int:
     if prep is None:  # built-in data: record its shape, so that prediction needs no data
         from ..files import Preprocessing
 
-        prep = Preprocessing(dataset=cfg.dataset, likelihood=cfg.likelihood,
-                             input_shape=list(train_set[0][0].shape), num_train=len(train_set))
+        prep = Preprocessing(
+            dataset=cfg.dataset,
+            likelihood=cfg.likelihood,
+            input_shape=list(train_set[0][0].shape),
+            num_train=len(train_set),
+        )
     args.preprocessing = prep
     out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     main_process = (torchrun_env() or {"RANK": 0})["RANK"] == 0  # under torchrun, rank 0 writes the run files
@@ -182,22 +195,18 @@ def _train_into(args, cfg, out, state, train_set, test_set, main_process, stack)
 
         def on_epoch(history) -> None:  # the history so far, readable while the run trains
             write_json({"history": history.epochs, "train_seconds": history.seconds}, work / METRICS_FILE)
-        history = train(
-            model,
-            guide,
-            loader,
-            **cfg.train_kwargs(),
+
+        schedule = cfg.train_config(
             device=args.device,
-            seed=cfg.seed,
             # other ranks read (never write) the checkpoint; a staged copy holds the same file
             checkpoint_dir=work if main_process else out,
             checkpoint_every=args.checkpoint_every,
             resume=resume,
             distributed="auto",
             progress=False if args.no_progress else None,
-            on_epoch=on_epoch if main_process else None,
             log_csv=work / HISTORY_FILE if main_process else None,
         )
+        history = train(model, guide, loader, schedule, on_epoch=on_epoch if main_process else None)
         if not main_process:
             return 0
         pyro.set_rng_seed(cfg.seed)  # the evaluation draws, too, are a function of the seed

@@ -1,8 +1,9 @@
-"""Variational inference for rank-1 models: guides and objectives."""
+"""Variational inference for rank-1 models: guides, objectives, the predictive, and the training configuration."""
 
 from .guides import CauchyGuide, DeltaGuide, MixtureGuide, Rank1Guide
-from .predictive import Posterior, Prediction, Rank1Posterior, predict
 from .objectives import OBJECTIVES, AveragedELBO, ExamplePlate, MixtureELBO, Rank1ELBO, kl_annealing
+from .predictive import Posterior, Prediction, Rank1Posterior, predict
+from .train_config import TrainConfig
 
 __all__ = [
     "Rank1Guide",
@@ -19,4 +20,5 @@ __all__ = [
     "Rank1Posterior",
     "Prediction",
     "predict",
+    "TrainConfig",
 ]

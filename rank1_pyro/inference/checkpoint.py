@@ -30,20 +30,30 @@ tensors and lists for that reason. A truncated, corrupt or foreign file raises
 :class:`CheckpointError` naming the file; loading into a model of another architecture raises
 :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys, before anything is
 changed.
+
+**In training** (:class:`Checkpointer`): :func:`~rank1_pyro.inference.train.train` writes the
+state at the end of every epoch and every ``checkpoint_every`` steps, only while every parameter
+and buffer is finite (so the file on disk is always a good state), and resumes only a run of the
+same data and batch layout (:func:`check_resumable`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import re
-import secrets
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from .. import atomic
+from ..atomic import temp_prefix
+from .distributed import sum_over_ranks
+from .progress import on_host
 
 __all__ = [
     "CheckpointError",
@@ -60,6 +70,9 @@ __all__ = [
     "restore_training",
     "remove_stale_temporaries",
     "data_fingerprint",
+    "check_resumable",
+    "Checkpointer",
+    "Resumed",
 ]
 
 #: file name of the checkpoint inside a run's checkpoint directory
@@ -77,42 +90,10 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------
 # Writing and reading files
 # ------------------------------------------------------------------------------------------
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
 def atomic_save(obj, path) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically: temp file + fsync + ``os.replace`` + dir fsync."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{_temp_prefix(path)}{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """``torch.save(obj)`` to ``path`` atomically (:func:`~rank1_pyro.atomic.atomic_write`: temp file +
+    fsync + ``os.replace`` + dir fsync)."""
+    return atomic.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def remove_stale_temporaries(path) -> list[Path]:
@@ -120,7 +101,7 @@ def remove_stale_temporaries(path) -> list[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    stale = sorted(path.parent.glob(f"{_temp_prefix(path)}*.tmp"))
+    stale = sorted(path.parent.glob(f"{temp_prefix(path)}*.tmp"))
     for f in stale:
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
@@ -150,7 +131,9 @@ def read_checkpoint(path) -> dict:
         reason = detail.group(1) if detail else (text.splitlines()[0] if text else type(e).__name__)
         raise CheckpointError(f"{path} is not a rank1-pyro checkpoint (truncated or corrupt): {reason}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        what = f"a dict with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        what = (
+            f"a dict with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        )
         raise CheckpointError(f"{path} is not a rank1-pyro checkpoint (no {FORMAT!r} marker; it holds {what})")
     if ckpt.get("version") != VERSION:
         raise CheckpointError(
@@ -377,3 +360,135 @@ def restore_training(path, ckpt: dict, *, model: nn.Module, guide, optimizer, sc
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"], device)
+
+
+def check_resumable(path, saved: dict, record: dict) -> None:
+    """The interrupted run's data and batch layout must be this run's, or the position means nothing."""
+    keys = ("num_data", "batch_size", "steps_per_epoch", "optimizer")
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {record[k]!r}" for k in keys if saved.get(k) != record[k]]
+    theirs, ours = saved.get("data_fingerprint"), record.get("data_fingerprint")
+    if theirs and ours and theirs != ours:
+        diff.append("training data: the checkpoint was trained on other data of the same size (contents differ)")
+    if diff:
+        raise CheckpointError(f"{path} cannot resume this run: " + "; ".join(diff))
+
+
+def _all_finite(tensors) -> bool:
+    tensors = list(tensors)
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+@dataclass
+class Resumed:
+    """Where a resumed run goes on: the global ``step``, ``batch`` batches of ``epoch`` consumed, the
+    data-order seed, the finished epochs' records, this epoch's running sums (over all ranks, held
+    by the main process only; ``None`` on the others) and the seconds trained so far."""
+
+    step: int
+    epoch: int
+    batch: int
+    data_seed: int
+    epochs: list
+    totals: dict | None
+    seconds: float
+
+
+class Checkpointer:
+    """Saves a training run to ``checkpoint_dir/checkpoint.pt`` and resumes it from there.
+
+    Every rank holds one and calls :meth:`start` and :meth:`save` at the same points (the running
+    sums are summed over the ranks there); rank 0 writes. ``record`` is the run's settings and
+    layout in plain values (:meth:`~rank1_pyro.inference.train_config.TrainConfig.record`), stored in
+    every checkpoint and compared on resuming; ``ctx`` is the
+    :class:`~rank1_pyro.inference.distributed.DistributedContext`; ``write(state, path)`` writes the
+    file (:func:`atomic_save` when ``None``). The trained parameters and every buffer of model and
+    guide must be finite for a write. With ``checkpoint_dir=None`` nothing is saved or resumed.
+    """
+
+    def __init__(self, checkpoint_dir, model, guide, optimizer, scheduler, record: dict, ctx, device, write=None):
+        self.path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
+        self.model, self.guide, self.optimizer, self.scheduler = model, guide, optimizer, scheduler
+        self.record, self.ctx, self.device, self.write = record, ctx, device, write
+        modules = [m for m in (model, guide) if isinstance(m, nn.Module)]
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        self.tensors = [*params, *(b for m in modules for b in m.buffers())]
+        if self.path is not None and ctx.is_main:
+            remove_stale_temporaries(self.path)
+
+    @staticmethod
+    def check_directory(checkpoint_dir) -> None:
+        """Raise unless ``checkpoint_dir`` (``None``, or a path) is a directory or can be created as one."""
+        if checkpoint_dir is None:
+            return
+        where = Path(checkpoint_dir)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if where.exists() and not where.is_dir():
+            what = "is a file" if where == Path(checkpoint_dir) else f"cannot be created: {where} is a file"
+            raise ValueError(f"checkpoint_dir {checkpoint_dir} {what}, not a directory")
+
+    def start(self, resume: bool, ordered: bool = True) -> Resumed | None:
+        """Restore the checkpoint into model, guide, optimizer, scheduler and RNGs when ``resume`` and
+        the file exists (else start afresh: ``None``); then wait for every rank, so that all have read
+        it before rank 0 may write a new one. ``ordered=False`` (a loader train cannot re-order) warns
+        when resuming mid-epoch."""
+        resumed = None
+        if resume and self.path is not None and self.path.is_file():
+            ckpt = read_checkpoint(self.path)
+            check_resumable(self.path, ckpt["config"], self.record)
+            restore_training(
+                self.path,
+                ckpt,
+                model=self.model,
+                guide=self.guide,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                device=self.device,
+            )
+            position, saved = ckpt["position"], ckpt["history"]
+            resumed = Resumed(
+                step=position["step"],
+                epoch=position["epoch"],
+                batch=position["batch"],
+                data_seed=ckpt["data_seed"],
+                epochs=list(saved["epochs"]),
+                totals=dict(saved["totals"]) if self.ctx.is_main else None,  # the sums over all ranks, counted once
+                seconds=float(saved["seconds"]),
+            )
+            if not ordered and resumed.batch:
+                warnings.warn(
+                    f"resuming mid-epoch from {self.path} with a DataLoader whose order train cannot control: "
+                    "the consumed batches are skipped by reading them, which is exact only if the loader "
+                    "yields the same batches in every pass",
+                    stacklevel=3,
+                )
+        if self.ctx.enabled:
+            torch.distributed.barrier()
+        return resumed
+
+    def save(self, *, step: int, epoch: int, batch: int, data_seed: int, epochs: list, totals: dict, seconds: float):
+        """Write the state after ``batch`` batches of ``epoch`` (global ``step``): every rank calls it, rank 0
+        writes. ``totals`` are this rank's running sums of the epoch (device tensors or floats). Returns
+        ``False``, writing nothing, when a parameter or buffer is not finite (the same on every rank)."""
+        if self.path is None:
+            return True
+        if not _all_finite(self.tensors):
+            return False
+        sums = sum_over_ranks(on_host(totals), self.ctx, self.device)  # the epoch's running sums, over all ranks
+        if not self.ctx.is_main:
+            return True
+        state = training_state(
+            model=self.model,
+            guide=self.guide,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            step=step,
+            epoch=epoch,
+            batch=batch,
+            data_seed=data_seed,
+            config=self.record,
+            history={"epochs": epochs, "totals": sums, "seconds": seconds},
+            device=self.device,
+        )
+        (self.write or atomic_save)(state, self.path)
+        return True

@@ -39,25 +39,45 @@ model. The pieces:
   all ranks raise :class:`~rank1_pyro.inference.train.NonFiniteLossError` at the same step.
 * **Files** -- rank 0 writes checkpoints and shows progress; every rank reads the checkpoint
   when resuming (the run directory must be on a file system all processes see).
+
+Where the training loop runs and how its data reaches it live here too, single process or not:
+the device (:func:`resolve_device`) and the data loading (:func:`training_loader`,
+:func:`set_position`; a world of one is the single-process case of the same sharded sampler).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import pyro
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 __all__ = [
     "DistributedContext",
     "SINGLE_PROCESS",
     "DISTRIBUTED_MODES",
     "torchrun_env",
+    "resolve_device",
     "setup",
     "ShardedSampler",
+    "training_loader",
+    "set_position",
+    "first_batch",
+    "seed_ranks",
+    "sum_over_ranks",
     "average_gradients",
     "broadcast_tensors",
     "all_reduce_sum",
@@ -108,6 +128,25 @@ def check_mode(distributed) -> None:
     """Raise :class:`ValueError` unless ``distributed`` is one of :data:`DISTRIBUTED_MODES`."""
     if not (distributed is False or distributed is True or (isinstance(distributed, str) and distributed == "auto")):
         raise ValueError(f"distributed must be False, True or 'auto', got {distributed!r}")
+
+
+def resolve_device(device="auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else goes to ``torch.device``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} was requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={str(device)!r} was requested but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
+    return device
 
 
 def setup(distributed, device: torch.device) -> tuple[DistributedContext, torch.device]:
@@ -168,6 +207,96 @@ class ShardedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(self.num_samples - self.start, 0)
+
+
+def rebuildable(loader: DataLoader) -> bool:
+    """A loader over a map-style data set with the default sampler, which train can re-shard and re-order."""
+    return (
+        not isinstance(loader.dataset, IterableDataset)
+        and loader.batch_size is not None
+        and type(loader.batch_sampler) is BatchSampler
+        and type(loader.sampler) in (RandomSampler, SequentialSampler)
+    )
+
+
+def training_loader(data, batch_size: int, ctx: DistributedContext, data_seed: int):
+    """``(loader, sampler)`` reading epoch e in the order of ``ShardedSampler(seed=data_seed)``.
+
+    ``data`` is ``(x, y)`` tensors or a DataLoader. ``batch_size`` (or a given loader's) is the
+    global batch; each of the ``ctx.world_size`` ranks reads ``batch_size // world_size`` examples
+    per step. ``sampler`` is ``None`` for a loader train cannot re-order (custom sampler, iterable
+    data set), which is used as it is.
+    """
+    if isinstance(data, DataLoader):
+        if not rebuildable(data):
+            if ctx.enabled:
+                raise ValueError(
+                    "distributed training needs (x, y) tensors or a DataLoader over a map-style data set with the "
+                    "default sampler (shuffle=True/False), so that it can shard the data"
+                )
+            return data, None
+        dataset, batch_size, shuffle = data.dataset, data.batch_size, isinstance(data.sampler, RandomSampler)
+        options = dict(
+            num_workers=data.num_workers,
+            collate_fn=data.collate_fn,
+            pin_memory=data.pin_memory,
+            drop_last=data.drop_last,
+            timeout=data.timeout,
+            worker_init_fn=data.worker_init_fn,
+        )
+        if data.num_workers > 0:
+            options.update(
+                persistent_workers=data.persistent_workers,
+                prefetch_factor=data.prefetch_factor,
+                multiprocessing_context=data.multiprocessing_context,
+            )
+    else:
+        dataset, shuffle, options = TensorDataset(*data), True, {}
+    if batch_size % ctx.world_size:
+        raise ValueError(
+            f"batch_size={batch_size} is the global batch and must be divisible by the number of processes "
+            f"({ctx.world_size})"
+        )
+    sampler = ShardedSampler(dataset, ctx.world_size, ctx.rank, shuffle=shuffle, seed=data_seed)
+    # the loader's own generator: creating its iterator never draws from the global RNG
+    loader = DataLoader(dataset, batch_size // ctx.world_size, sampler=sampler, generator=torch.Generator(), **options)
+    return loader, sampler
+
+
+def set_position(loader, sampler, data_seed: int, epoch: int, batch: int):
+    """An iterator over epoch ``epoch`` from batch ``batch`` on."""
+    if sampler is None:  # a loader train cannot re-order: skip consumed batches by reading them
+        with torch.random.fork_rng(devices=[]):  # its iterator's worker seed is not drawn from the training stream
+            iterator = iter(loader)
+        return itertools.islice(iterator, batch, None)
+    sampler.seed = data_seed
+    sampler.set_position(epoch, batch * loader.batch_size)
+    loader.generator.manual_seed((data_seed * 1_000_003 + epoch) % 2**63)  # worker seeds: a function of (seed, epoch)
+    return iter(loader)
+
+
+def first_batch(loader: Iterable):
+    for batch in loader:
+        return batch
+    raise ValueError("the training data set is empty")
+
+
+def seed_ranks(seed: int | None, ctx: DistributedContext, device: torch.device) -> int:
+    """Seed Pyro's (and torch's) random state with ``seed``, the same on every rank (without a
+    seed, rank 0 draws one for all), and return the data-order seed (``seed`` when given)."""
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    elif ctx.enabled:  # every rank draws the same factors: one seed for all
+        pyro.set_rng_seed(broadcast_int(int(torch.randint(0, 2**31, ()).item()), device))
+    return seed if seed is not None else int(torch.randint(0, 2**31, ()).item())
+
+
+def sum_over_ranks(totals: dict, ctx: DistributedContext, device) -> dict:
+    """Running sums (floats) summed over the ranks (each rank's loss sums already carry its share b / N)."""
+    if not ctx.enabled:
+        return dict(totals)
+    keys = sorted(totals)
+    return dict(zip(keys, all_reduce_sum([float(totals[k]) for k in keys], device)))
 
 
 def _groups(tensors: list[torch.Tensor]) -> dict[tuple, list[int]]:

@@ -114,7 +114,11 @@ class Rank1Guide(PyroModule):
             key = _key(site.name)
             if site.prior.hierarchical:
                 loc = self.hyper_loc[key]
-                q = dist.Delta(loc.exp()) if self.scale_guide == "delta" else dist.LogNormal(loc, F.softplus(self.hyper_raw_scale[key]))
+                q = (
+                    dist.Delta(loc.exp())
+                    if self.scale_guide == "delta"
+                    else dist.LogNormal(loc, F.softplus(self.hyper_raw_scale[key]))
+                )
                 values[site.scale_site] = pyro.sample(site.scale_site, q)
             with member_plate(site.layer.ensemble_size):
                 values[site.name] = pyro.sample(site.name, self.component(site.name))

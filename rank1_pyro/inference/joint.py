@@ -25,9 +25,9 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-__all__ = ["JointLatent", "joint_latents"]
+from ..layers import MEMBERS
 
-_MEMBERS = "members"
+__all__ = ["JointLatent", "joint_latents"]
 
 
 class JointLatent:
@@ -45,7 +45,7 @@ class JointLatent:
         for name, site in guide.prototype_trace.iter_stochastic_nodes():
             shape = guide._unconstrained_shapes[name]
             n = math.prod(shape)
-            members = next((f for f in guide._cond_indep_stacks[name] if f.name == _MEMBERS), None)
+            members = next((f for f in guide._cond_indep_stacks[name] if f.name == MEMBERS), None)
             if members is None:
                 global_idx.append(torch.arange(offset, offset + n))
             else:
@@ -76,7 +76,9 @@ class JointLatent:
         if isinstance(post, dist.Independent) and isinstance(post.base_dist, dist.Normal):
             return dist.Normal(post.base_dist.loc[..., idx], post.base_dist.scale[..., idx]).to_event(1)
         if isinstance(post, dist.LowRankMultivariateNormal):
-            return dist.LowRankMultivariateNormal(post.loc[..., idx], post.cov_factor[..., idx, :], post.cov_diag[..., idx])
+            return dist.LowRankMultivariateNormal(
+                post.loc[..., idx], post.cov_factor[..., idx, :], post.cov_diag[..., idx]
+            )
         if isinstance(post, dist.MultivariateNormal):
             cov = post.covariance_matrix[..., idx, :][..., idx]
             return dist.MultivariateNormal(post.loc[..., idx], covariance_matrix=cov)
@@ -95,8 +97,10 @@ class JointLatent:
         idx = self.member_idx.to(value.device)
         own = torch.cat([self.global_idx.to(value.device), idx[component]])
         points = torch.cat(
-            [value[..., self.global_idx.to(value.device)].unsqueeze(-2).expand(*value.shape[:-1], idx.shape[0], -1),
-             value[..., idx]],
+            [
+                value[..., self.global_idx.to(value.device)].unsqueeze(-2).expand(*value.shape[:-1], idx.shape[0], -1),
+                value[..., idx],
+            ],
             dim=-1,
         )  # (..., K, |G| + |M_k|)
         return self.marginal(own).log_prob(points)

@@ -61,6 +61,12 @@ Common behaviour:
 
 Use them like any Pyro ELBO: ``SVI(model, guide, optim, loss=MixtureELBO())``, or
 ``MixtureELBO().differentiable_loss(model, guide, x, y)`` with a torch optimizer.
+
+**In the training loop** every objective is stepped through one interface
+(:func:`training_objective`): ``loss_terms(model, guide, x, y)`` returns :class:`ELBOTerms`, the
+loss with, for the rank-1 objectives, its log-likelihood and KL and the logits of the model's
+categorical observation (for training accuracy), and ``annealing`` takes the KL-annealing
+factor. Any other Pyro ELBO is wrapped in :class:`PlainELBO`, whose terms hold the loss alone.
 """
 
 from __future__ import annotations
@@ -70,7 +76,6 @@ from typing import NamedTuple
 
 import pyro.distributions as dist
 import pyro.poutine as poutine
-
 import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import ELBO
@@ -86,8 +91,17 @@ from .._checks import one_of, positive_int
 from ..layers import MEMBERS
 from .joint import joint_latents
 
-
-__all__ = ["Rank1ELBO", "AveragedELBO", "MixtureELBO", "ExamplePlate", "ELBOTerms", "kl_annealing", "OBJECTIVES"]
+__all__ = [
+    "Rank1ELBO",
+    "AveragedELBO",
+    "MixtureELBO",
+    "ExamplePlate",
+    "ELBOTerms",
+    "PlainELBO",
+    "kl_annealing",
+    "training_objective",
+    "OBJECTIVES",
+]
 
 ESTIMATORS = ("member", "example")
 
@@ -139,11 +153,17 @@ def is_point_mass(fn) -> bool:
 
 
 class ELBOTerms(NamedTuple):
-    """``loss = -(log_likelihood - effective_kl_weight * kl)``; ``logits`` of the "obs" site when categorical."""
+    """One step's loss and its parts: ``loss = -(log_likelihood - effective_kl_weight * kl)``.
+
+    ``logits``: the logits of the model's observed ``Categorical`` site, whatever its name
+    (normalised: the log-probabilities, ``log_softmax`` of the network's outputs), shape
+    ``(..., K, B, C)``; ``None`` when the model observes no categorical site. The training loop
+    reads its accuracy from them. :class:`PlainELBO` reports the loss alone (the rest ``None``).
+    """
 
     loss: torch.Tensor
-    log_likelihood: torch.Tensor
-    kl: torch.Tensor
+    log_likelihood: torch.Tensor | None
+    kl: torch.Tensor | None
     logits: torch.Tensor | None
 
 
@@ -172,7 +192,12 @@ def _masked_sum(log_p: torch.Tensor, site) -> torch.Tensor:
 
 
 def _finite_number(name: str, value, upper: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= upper:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= upper
+    ):
         bound = "" if upper == math.inf else f" and <= {upper:g}"
         raise ValueError(f"{name} must be a finite number >= 0{bound}, got {value!r}")
     return float(value)
@@ -192,6 +217,9 @@ class Rank1ELBO(ELBO):
     ``annealing`` (β in [0, 1], default 1) is the KL-annealing factor a training loop sets every
     step; it never changes ``kl_weight``.
     """
+
+    #: :meth:`loss_terms` reports the log-likelihood and the KL (a :class:`PlainELBO` does not)
+    has_parts = True
 
     def __init__(
         self,
@@ -297,14 +325,21 @@ class Rank1ELBO(ELBO):
         member/global weights of the module docstring; ``joints`` are the guide's joint latents
         (:func:`~rank1_pyro.inference.joint.joint_latents`).
         """
+        return self._particle_terms(model_trace, guide_trace, joints)[:2]
+
+    def _particle_terms(self, model_trace, guide_trace, joints: dict | None = None):
+        """:meth:`elbo_terms` and the logits of the observed categorical site (``None`` if there is none)."""
         joints = joints or {}
         log_lik = kl = 0.0
+        logits = None
         analytic = set()
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site) or is_identically_zero(site["scale"]):
                 continue
             if site["is_observed"]:
                 log_lik = log_lik + self.log_likelihood(site)
+                if isinstance(site["fn"], dist.Categorical):
+                    logits = site["fn"].logits
                 continue
             guide_site = guide_trace.nodes.get(name)
             term = self.analytic_kl_term(site, guide_site)
@@ -332,23 +367,21 @@ class Rank1ELBO(ELBO):
                 if joint.global_idx.numel():
                     log_q = log_q + (1 - 1 / k) * joint.global_log_density(site["value"]).sum() * site["scale"]
             kl = kl + log_q
-        return torch.as_tensor(log_lik), torch.as_tensor(kl)
+        return torch.as_tensor(log_lik), torch.as_tensor(kl), logits
 
     # -- the ELBO interface ---------------------------------------------------------------
-    def loss_terms(self, model, guide, *args, **kwargs) -> "ELBOTerms":
-        """The loss and its parts, averaged over particles (see :class:`ELBOTerms`)."""
+    def loss_terms(self, model, guide, *args, **kwargs) -> ELBOTerms:
+        """The loss and its parts, averaged over particles (see :class:`ELBOTerms`; the logits are the
+        last particle's)."""
         log_lik = kl = 0.0
         logits = None
         joints = None
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             if joints is None:  # autoguides set up their latent layout on their first call
                 joints = joint_latents(guide)
-            particle_log_lik, particle_kl = self.elbo_terms(model_trace, guide_trace, joints)
+            particle_log_lik, particle_kl, logits = self._particle_terms(model_trace, guide_trace, joints)
             log_lik = log_lik + particle_log_lik / self.num_particles
             kl = kl + particle_kl / self.num_particles
-            obs = model_trace.nodes.get("obs")
-            if obs is not None and isinstance(obs["fn"], dist.Categorical):
-                logits = obs["fn"].logits
         loss = -(log_lik - self.effective_kl_weight * kl)
         if is_validation_enabled():  # a host read (and a backward hook): not in validation-free training steps
             warn_if_nan(loss, "loss")
@@ -384,3 +417,65 @@ class MixtureELBO(Rank1ELBO):
 
 
 OBJECTIVES = {"averaged": AveragedELBO, "mixture": MixtureELBO}
+
+
+class PlainELBO:
+    """Any other Pyro ELBO (``Trace_ELBO``, ``TraceMeanField_ELBO``, ...) behind the training loop's
+    interface: :meth:`loss_terms` is its ``differentiable_loss`` with no parts (:class:`ELBOTerms`
+    of the loss alone), and it has no KL weight to anneal (``annealing`` stays 1)."""
+
+    has_parts = False
+    effective_kl_weight = 1.0
+
+    def __init__(self, elbo):
+        self.elbo = elbo
+
+    @property
+    def annealing(self) -> float:
+        return 1.0
+
+    @annealing.setter
+    def annealing(self, value: float) -> None:
+        if value != 1.0:
+            raise ValueError(f"{type(self.elbo).__name__} has no KL weight to anneal (annealing must stay 1)")
+
+    def loss_terms(self, model, guide, *args, **kwargs) -> ELBOTerms:
+        return ELBOTerms(self.elbo.differentiable_loss(model, guide, *args, **kwargs), None, None, None)
+
+
+def check_objective(objective, kl_annealing_epochs: float = 0.0) -> None:
+    """Raise unless ``objective`` is ``None``, a name in :data:`OBJECTIVES` or a Pyro ELBO, and one
+    that has a KL weight to anneal when ``kl_annealing_epochs`` is not 0 (a rank-1 objective)."""
+    if isinstance(objective, str):
+        one_of("objective", objective, sorted(OBJECTIVES))
+    elif objective is not None and not hasattr(objective, "differentiable_loss"):
+        raise TypeError(f"objective must be a name or a Pyro ELBO, got {type(objective).__name__}")
+    if kl_annealing_epochs and not (objective is None or isinstance(objective, (str, Rank1ELBO))):
+        raise ValueError(
+            f"kl_annealing_epochs={kl_annealing_epochs!r} needs a rank-1 objective (AveragedELBO or MixtureELBO), "
+            f"which has a KL weight; {type(objective).__name__} has none (pass kl_annealing_epochs=0)"
+        )
+
+
+def training_objective(objective) -> Rank1ELBO | PlainELBO:
+    """``objective`` as the training loop steps it: ``None`` is a fresh :class:`MixtureELBO`, a name a
+    fresh objective of :data:`OBJECTIVES`, a rank-1 objective itself, any other Pyro ELBO a
+    :class:`PlainELBO` around it."""
+    check_objective(objective)
+    if objective is None:
+        return MixtureELBO()
+    if isinstance(objective, str):
+        return OBJECTIVES[objective]()
+    return objective if isinstance(objective, Rank1ELBO) else PlainELBO(objective)
+
+
+def objective_record(objective) -> dict:
+    """The plain values a checkpoint records of a training objective: its name (a key of
+    :data:`OBJECTIVES`, else its class name), ``kl_weight`` and ``estimator`` (``None`` if it has none)."""
+    elbo = objective.elbo if isinstance(objective, PlainELBO) else objective
+    name = next((key for key, cls in OBJECTIVES.items() if type(elbo) is cls), type(elbo).__name__)
+    return {
+        "objective": name,
+        "kl_weight": getattr(elbo, "kl_weight", None),
+        "estimator": getattr(elbo, "estimator", None),
+    }

@@ -21,6 +21,9 @@ uncertainty split
 .. math:: \underbrace{\mathbb H[p(y \mid x)]}_{\text{total}}
           = \underbrace{\mathbb E_\theta\, \mathbb H[p(y \mid x, \theta)]}_{\text{expected (aleatoric)}}
           + \underbrace{\mathrm I(y; \theta \mid x)}_{\text{mutual information (epistemic)}} .
+
+:func:`evaluate` scores the predictive of a model and its guide on labelled data (accuracy, NLL,
+ECE, Brier; RMSE and NLL for regression), as the training loop does on its validation data.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 from torch import nn
+from torch.utils.data import DataLoader
 
+from .. import metrics
 from .._checks import positive_int
 
-__all__ = ["Posterior", "Rank1Posterior", "Prediction", "predict", "SAMPLE_DIM"]
+__all__ = ["Posterior", "Rank1Posterior", "Prediction", "predict", "evaluate", "empty_guide", "SAMPLE_DIM"]
 
 #: the plate dim that holds posterior samples in a vectorized predictive
 SAMPLE_DIM = -3
@@ -278,7 +283,9 @@ def predict(posterior: Posterior, data, num_samples: int = 32, batch_size: int =
     moved there and results returned on the CPU.
     """
     if not isinstance(posterior, Posterior):
-        raise TypeError(f"posterior must provide likelihood and sample_predictions(x, num_samples), got {type(posterior).__name__}")
+        raise TypeError(
+            f"posterior must provide likelihood and sample_predictions(x, num_samples), got {type(posterior).__name__}"
+        )
     positive_int("num_samples", num_samples)
     positive_int("batch_size", batch_size)
     device = device or getattr(posterior, "device", None) or torch.device("cpu")
@@ -297,3 +304,53 @@ def predict(posterior: Posterior, data, num_samples: int = 32, batch_size: int =
     if log_space:
         return Prediction(out.exp(), posterior.likelihood, log_samples=out)
     return Prediction(out, posterior.likelihood)
+
+
+def empty_guide(*args, **kwargs) -> None:
+    """The guide of a model without latent variables."""
+
+
+def check_pair(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
+    """Check ``(x, y)`` tensors or numpy arrays: same number of examples, not empty, no NaN/inf;
+    return them as tensors."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        data = tuple(as_tensor(t, name) for t in data)
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data)):
+        raise TypeError(
+            f"{name} must be a DataLoader or a pair of tensors (x, y), got {type(data).__name__} "
+            "(numpy arrays are accepted as tensors)"
+        )
+    x, y = data
+    of = "" if name == "data" else f" of {name}"
+    if x.dim() == 0 or y.dim() == 0:
+        raise ValueError(f"x and y{of} need a leading example dim, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y{of} have different numbers of examples: {x.shape[0]} vs {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise ValueError(f"the data set{of} is empty")
+    for t, label in ((x, "x"), (y, "y")):
+        if t.is_floating_point() or t.is_complex():
+            bad = ~torch.isfinite(t).reshape(t.shape[0], -1).all(-1)
+            if bad.any():
+                raise ValueError(
+                    f"{label}{of} contains NaN or infinite values ({int(bad.sum())} examples, the first at index "
+                    f"{int(bad.nonzero()[0])})"
+                )
+    return x, y
+
+
+def evaluate(model, guide, data, num_samples: int = 8, batch_size: int = 512, device=None) -> dict[str, float]:
+    """Accuracy, NLL, ECE, Brier of the Monte Carlo predictive on ``(x, y)`` or a loader."""
+    guide = empty_guide if guide is None else guide
+    if isinstance(data, DataLoader):
+        xs, ys = zip(*[(b[0], b[1]) for b in data])
+        x, y = torch.cat(xs), torch.cat(ys)
+    else:
+        x, y = check_pair(data)
+    prediction = predict(Rank1Posterior(model, guide), x, num_samples=num_samples, batch_size=batch_size, device=device)
+    if prediction.likelihood == "categorical":
+        return metrics.classification_metrics(prediction.probs, y.cpu(), prediction.log_probs)
+    return {
+        "rmse": metrics.rmse(prediction.mean, y.cpu()),
+        "nll": metrics.gaussian_nll(prediction.mean, prediction.variance, y.cpu()),
+    }

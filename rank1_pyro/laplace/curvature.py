@@ -67,6 +67,7 @@ from torch import nn
 from torch.func import jacrev, jvp, vjp, vmap
 
 from .._checks import one_of, positive_int
+from .base import LIKELIHOOD_NAMES, batches, likelihood_name
 from .functional import FlatFunctional
 
 __all__ = [
@@ -87,13 +88,6 @@ __all__ = [
     "ggn",
 ]
 
-#: accepted likelihood names -> the library's name (the ``Posterior.likelihood`` values)
-LIKELIHOOD_NAMES = {
-    "classification": "categorical",
-    "categorical": "categorical",
-    "regression": "normal",
-    "normal": "normal",
-}
 JACOBIAN_MODES = ("auto", "forward", "reverse")
 #: default soft bound on the numbers held in one block of Jacobian entries
 DEFAULT_MAX_ELEMENTS = 2**25
@@ -101,35 +95,10 @@ DEFAULT_MAX_ELEMENTS = 2**25
 FALLBACK_BLOCK = 16
 
 
-def likelihood_name(likelihood: str) -> str:
-    """``"classification"``/``"categorical"`` -> ``"categorical"``; ``"regression"``/``"normal"`` -> ``"normal"``."""
-    return LIKELIHOOD_NAMES[one_of("likelihood", likelihood, LIKELIHOOD_NAMES)]
-
-
-def as_batches(data) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``(x, y or None)`` pairs from a DataLoader (any iterable of ``x`` or ``(x, y, ...)``
-    batches), a pair of tensors ``(x, y)`` (one batch), or a tensor ``x`` (one batch)."""
-    if torch.is_tensor(data):
-        data = [data]
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(d) for d in data):
-        data = [tuple(data)]
-    for batch in data:
-        if isinstance(batch, (tuple, list)):
-            if not batch:
-                raise ValueError("data: got an empty batch")
-            x, y = batch[0], (batch[1] if len(batch) > 1 else None)
-        else:
-            x, y = batch, None
-        if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] == 0:
-            raise ValueError("data: every batch must hold a non-empty tensor of inputs (B, ...)")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise ValueError("data: the inputs contain NaN or infinite values")
-        if y is not None and torch.is_tensor(y) and y.is_floating_point() and not bool(torch.isfinite(y).all()):
-            raise ValueError("data: the targets contain NaN or infinite values")
-        if y is not None and (not torch.is_tensor(y) or y.shape[:1] != x.shape[:1]):
-            raise ValueError(f"data: targets must be a tensor with {x.shape[0]} rows, got "
-                             f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
-        yield x, y
+#: ``(x, y or None)`` pairs from a DataLoader (any iterable of ``x`` or ``(x, y, ...)`` batches), a
+#: pair of tensors ``(x, y)`` (one batch), or a tensor ``x`` (one batch), checked: the library's one
+#: batch reader, :func:`rank1_pyro.laplace.base.batches`
+as_batches = batches
 
 
 def _entries(f: FlatFunctional) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,8 +149,13 @@ def _rule(module: nn.Module, attr: str) -> str | None:
         return None
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return "linear"
-    if (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward and module.groups == 1
-            and module.padding_mode == "zeros" and isinstance(module.padding, tuple)):
+    if (
+        isinstance(module, nn.Conv2d)
+        and type(module).forward is nn.Conv2d.forward
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and isinstance(module.padding, tuple)
+    ):
         return "conv2d"
     return None
 
@@ -229,8 +203,14 @@ class JacobianColumns:
     batch and kept: later batches must have the same shape apart from their size.
     """
 
-    def __init__(self, functional: FlatFunctional, mode: str = "auto", max_elements: int = DEFAULT_MAX_ELEMENTS,
-                 per_example: bool | None = None, layer_rules: bool = True):
+    def __init__(
+        self,
+        functional: FlatFunctional,
+        mode: str = "auto",
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        per_example: bool | None = None,
+        layer_rules: bool = True,
+    ):
         one_of("mode", mode, JACOBIAN_MODES)
         self.f = narrow(functional)
         self.theta = self.f.theta_map
@@ -282,8 +262,11 @@ class JacobianColumns:
         with _Hooks([(p, m) for p, (m, _) in candidates.items()]) as hooks, torch.no_grad():
             rows = f(self.theta, x2).shape[0]
         # one call per forward, on inputs whose rows are the network's output rows ...
-        candidates = {p: c for p, c in candidates.items()
-                      if hooks.calls.get(p) == 1 and hooks.inputs[p].shape[0] == rows and hooks.shapes[p][0] == rows}
+        candidates = {
+            p: c
+            for p, c in candidates.items()
+            if hooks.calls.get(p) == 1 and hooks.inputs[p].shape[0] == rows and hooks.shapes[p][0] == rows
+        }
         if candidates and rows > 1:
             # ... and whose rows do not interact: the last output row depends on no other layer row
             layers = [(p, m) for p, (m, _) in candidates.items()]
@@ -330,7 +313,7 @@ class JacobianColumns:
         K, O, M = self.members, self.outputs, self.num_columns
         step = self.rows_per_block
         for start in range(0, x.shape[0], step):
-            xb = x[start:start + step]
+            xb = x[start : start + step]
             out, J = self._forward(xb) if self.mode == "forward" else self._reverse(xb)
             yield start, out.reshape(K, -1, O), J.reshape(K, -1, O, M)
 
@@ -408,6 +391,7 @@ class JacobianColumns:
         f = self.generic
         theta = f.theta_map
         if self.per_example:
+
             def one(t, xi):
                 out = f(t, xi.unsqueeze(0))
                 return out, out
@@ -423,16 +407,26 @@ class JacobianColumns:
         return out, J
 
 
-def jacobian_blocks(functional: FlatFunctional, x: torch.Tensor, mode: str = "auto",
-                    max_elements: int = DEFAULT_MAX_ELEMENTS, per_example: bool | None = None,
-                    layer_rules: bool = True) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def jacobian_blocks(
+    functional: FlatFunctional,
+    x: torch.Tensor,
+    mode: str = "auto",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    per_example: bool | None = None,
+    layer_rules: bool = True,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """:meth:`JacobianColumns.blocks` of a one-off :class:`JacobianColumns`."""
     return JacobianColumns(functional, mode, max_elements, per_example, layer_rules).blocks(x)
 
 
-def jacobian_columns(functional: FlatFunctional, x: torch.Tensor, mode: str = "auto",
-                     max_elements: int = DEFAULT_MAX_ELEMENTS, per_example: bool | None = None,
-                     layer_rules: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def jacobian_columns(
+    functional: FlatFunctional,
+    x: torch.Tensor,
+    mode: str = "auto",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    per_example: bool | None = None,
+    layer_rules: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f(θ_*, x), J)`` with ``J`` ``(R, O, M)`` equal to ``functional.jacobian(x)``, computed
     column-restricted (see :class:`JacobianColumns`)."""
     return JacobianColumns(functional, mode, max_elements, per_example, layer_rules)(x)
@@ -483,9 +477,17 @@ class Curvature:
     num_outputs: int
 
 
-def ggn(functional: FlatFunctional, data, likelihood: str, sigma_noise: float = 1.0, diagonal: bool = False,
-        mode: str = "auto", max_elements: int = DEFAULT_MAX_ELEMENTS,
-        jacobians: JacobianColumns | None = None, dtype: torch.dtype | None = None) -> Curvature:
+def ggn(
+    functional: FlatFunctional,
+    data,
+    likelihood: str,
+    sigma_noise: float = 1.0,
+    diagonal: bool = False,
+    mode: str = "auto",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    jacobians: JacobianColumns | None = None,
+    dtype: torch.dtype | None = None,
+) -> Curvature:
     r"""The GGN :math:`H = \frac1K\sum_{n,k} J_{nk}^\top \Lambda_{nk} J_{nk}` over θ of ``functional``.
 
     Args:
@@ -524,8 +526,10 @@ def ggn(functional: FlatFunctional, data, likelihood: str, sigma_noise: float = 
                 if y is None:
                     labelled = False
                 else:
-                    yb = y[start:start + b].to(theta.device)
-                    loglik += log_likelihood(out, yb.unsqueeze(0).expand(K, *yb.shape), likelihood, sigma_noise).item() / K
+                    yb = y[start : start + b].to(theta.device)
+                    loglik += (
+                        log_likelihood(out, yb.unsqueeze(0).expand(K, *yb.shape), likelihood, sigma_noise).item() / K
+                    )
             num_data += x.shape[0]
     if num_data == 0:
         raise ValueError("data is empty")

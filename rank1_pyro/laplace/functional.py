@@ -59,8 +59,10 @@ class FlatFunctional:
             if indices.numel() == 0:
                 raise ValueError("indices: the subnetwork is empty")
             if indices.min() < 0 or indices.max() >= self.full_map.numel():
-                raise ValueError(f"indices must lie in [0, {self.full_map.numel()}), got range "
-                                 f"[{int(indices.min())}, {int(indices.max())}]")
+                raise ValueError(
+                    f"indices must lie in [0, {self.full_map.numel()}), got range "
+                    f"[{int(indices.min())}, {int(indices.max())}]"
+                )
             if torch.unique(indices).numel() != indices.numel():
                 raise ValueError("indices must be distinct")
         self.indices = indices
@@ -75,7 +77,7 @@ class FlatFunctional:
     def num_params(self) -> int:
         return self.full_map.numel() if self.indices is None else self.indices.numel()
 
-    def restrict(self, indices: torch.Tensor) -> "FlatFunctional":
+    def restrict(self, indices: torch.Tensor) -> FlatFunctional:
         """The same network as a function of the entries ``indices`` of the full θ only."""
         return FlatFunctional(self.module, self.param_names, indices)
 
@@ -100,8 +102,9 @@ class FlatFunctional:
         order, counts, local = self._segments
         params = dict(self.fixed)
         maps = self.full_map.split(self.numels)
-        for name, shape, value, count, where, piece in zip(self.param_names, self.shapes, maps, counts, local,
-                                                           theta[..., order].split(counts, dim=-1)):
+        for name, shape, value, count, where, piece in zip(
+            self.param_names, self.shapes, maps, counts, local, theta[..., order].split(counts, dim=-1)
+        ):
             params[name] = (value.index_put((where,), piece) if count else value).view(shape)
         return params
 
@@ -165,5 +168,7 @@ class Rank1PointNetwork(nn.Module):
 def rank1_point_network(model: nn.Module, guide: nn.Module) -> Rank1PointNetwork:
     """See :class:`Rank1PointNetwork`; ``guide`` must have ``median()`` (the rank-1 guides do)."""
     if not hasattr(guide, "median"):
-        raise TypeError(f"guide must provide median() (MixtureGuide, DeltaGuide, CauchyGuide), got {type(guide).__name__}")
+        raise TypeError(
+            f"guide must provide median() (MixtureGuide, DeltaGuide, CauchyGuide), got {type(guide).__name__}"
+        )
     return Rank1PointNetwork(model, guide)

@@ -60,6 +60,15 @@ evidence in this limit: with :math:`r = P - \operatorname{tr}\mathcal P` infinit
 .. math:: \alpha = \frac{P - \operatorname{tr}\mathcal P}{\lVert\theta_*\rVert^2},
           \qquad\text{i.e. the prior variance } \alpha^{-1} = \frac{\lVert\theta_*\rVert^2}{P - \operatorname{tr}\mathcal P}.
 
+**Draws and files.** The draws behind :meth:`~ProjectedPosterior.sample_predictions` are kept as
+:math:`\mathcal P\varepsilon` (:mod:`~rank1_pyro.laplace.base`), each the result of one projection;
+α scales them when used. :meth:`~rank1_pyro.laplace.base.PostHocPosterior.state_dict` holds the
+settings, α's ingredients (:math:`\operatorname{tr}\mathcal P` and its standard error), the
+convergence record, those projected draws and, unless ``micro_batches=False``, every micro-batch's
+inputs, loss weights and Gram eigenpairs (so a loaded posterior projects exactly as the fitted one,
+but the file holds the training inputs). Without them a loaded posterior predicts with its saved
+draws only: :attr:`~ProjectedPosterior.max_samples` of them.
+
 Cost: per sample and sweep, one JVP and one VJP per training example (linear in P) plus two
 (S·O)×k matmuls per micro-batch (quadratic in O; S×k for ``kind="loss"``); memory: the cached
 eigenvectors, :math:`\le (S\cdot O)^2` per micro-batch, the micro-batches' inputs, and
@@ -77,7 +86,8 @@ from torch import nn
 from torch.func import vjp, vmap
 
 from .._checks import one_of, positive_int
-from .curvature import check_labels, likelihood_name
+from .base import PostHocPosterior, batches
+from .curvature import check_labels
 from .functional import FlatFunctional, Rank1PointNetwork
 
 __all__ = ["ProjectedPosterior", "KINDS", "PREDICTIVES", "SOLVERS", "LOSSES"]
@@ -106,16 +116,7 @@ class _Block:
     inv_eigvals: torch.Tensor | None = None  # (k,)
 
 
-def _as_xy(batch):
-    """``x`` or ``(x, y, ...)`` -> ``(x, y or None)``."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("train_data: got an empty batch")
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    return batch, None
-
-
-class ProjectedPosterior:
+class ProjectedPosterior(PostHocPosterior):
     r"""The projected posterior :math:`\mathcal N(\theta_*, \alpha^{-1}\mathcal P)` of a trained network.
 
     Args:
@@ -157,8 +158,12 @@ class ProjectedPosterior:
 
     The S draws behind :meth:`sample_predictions` are cached, so every batch of one
     :func:`~rank1_pyro.inference.predict` call sees the same S posterior samples;
-    :meth:`clear_samples` draws afresh.
+    :meth:`clear_samples` draws afresh. ``post.save(path)`` writes the fitted posterior and
+    ``ProjectedPosterior.load(path, net)`` reads it back onto the same network.
     """
+
+    KIND = "projected"
+    PREDICTIVES = PREDICTIVES
 
     def __init__(
         self,
@@ -180,9 +185,8 @@ class ProjectedPosterior:
         noise_scale: float | None = None,
         chunk_size: int = 64,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        likelihood = likelihood_name(likelihood)
+        self._init_common(model, likelihood, predictive, chunk_size)
+        likelihood = self.likelihood
         one_of("kind", kind, KINDS)
         if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a positive number or None, got {alpha!r}")
@@ -192,20 +196,15 @@ class ProjectedPosterior:
             raise ValueError(f"tol must be > 0 or None, got {tol!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        self.model = model
-        self.likelihood = likelihood
         self.kind = kind
-        self.predictive = predictive
         self.num_iterations = positive_int("num_iterations", num_iterations)
         self.micro_batch_size = positive_int("micro_batch_size", micro_batch_size)
         self.num_trace_probes = positive_int("num_trace_probes", num_trace_probes)
-        self.chunk_size = positive_int("chunk_size", chunk_size)
         self.solver = one_of("solver", solver, SOLVERS)
         self.over_relaxation = bool(over_relaxation)
         self.eig_rtol = eig_rtol
         self.tol = tol
         self.loss_fn = loss_fn or LOSSES[likelihood]
-        self.ensemble_size = model.ensemble_size if isinstance(model, Rank1PointNetwork) else 1
         if likelihood == "normal" and noise_scale is None:
             if not isinstance(model, Rank1PointNetwork):
                 raise ValueError("noise_scale is required for likelihood='normal' (the network has no noise model)")
@@ -220,7 +219,7 @@ class ProjectedPosterior:
         self.convergence: torch.Tensor | None = None
         self._blocks: list[_Block] | None = None
         self._monitor: list[_Block] | None = None
-        self._bank: torch.Tensor | None = None  # cached projected noise 𝒫ε behind sample_predictions
+        # self._bank (base): the cached projected noise 𝒫ε behind sample_predictions
 
     # -- basic properties ------------------------------------------------------------------
     @property
@@ -236,13 +235,12 @@ class ProjectedPosterior:
         return self._theta.clone()
 
     @property
-    def predictive(self) -> str:
-        """``"linearized"`` or ``"nn"``; may be switched after fitting (the draws are kept)."""
-        return self._predictive
-
-    @predictive.setter
-    def predictive(self, value: str) -> None:
-        self._predictive = one_of("predictive", value, PREDICTIVES)
+    def max_samples(self) -> int | None:
+        """The most samples :meth:`sample_predictions` can use: ``None`` (any number) for a fitted
+        posterior, the number of saved draws for one loaded without its micro-batches."""
+        if self._blocks is None and self._bank is not None:
+            return self._bank.shape[0]
+        return None
 
     @property
     def alpha(self) -> float:
@@ -287,8 +285,6 @@ class ProjectedPosterior:
         return vmap(lambda u: pullback(u)[0])(U)
 
     def _make_block(self, x, y, gram: bool) -> _Block:
-        if not torch.is_tensor(x):
-            raise TypeError(f"train_data: inputs must be tensors, got {type(x).__name__}")
         x = x.to(self.device)
         out = self._forward(x)
         block = _Block(x=x, rows=out.shape[0])
@@ -324,22 +320,12 @@ class ProjectedPosterior:
         return block
 
     def _micro_batches(self, data):
-        if torch.is_tensor(data):
-            data = [data]
-        elif isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(d) for d in data):
-            data = [data]  # one (x, y) pair; a list is an iterable of batches
-        for batch in data:
-            x, y = _as_xy(batch)
-            if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] == 0:
-                raise ValueError("train_data: every batch must hold a non-empty tensor of inputs (B, ...)")
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                raise ValueError("train_data: the inputs contain NaN or infinite values")
-            ys = [None] * math.ceil(x.shape[0] / self.micro_batch_size) if y is None else y.split(self.micro_batch_size)
-            yield from zip(x.split(self.micro_batch_size), ys)
+        # one (x, y) pair is a tuple; a list is an iterable of batches
+        return batches(data, name="train_data", size=self.micro_batch_size, pairs=(tuple,))
 
     # -- fitting ---------------------------------------------------------------------------
     @torch.no_grad()
-    def fit(self, train_data, monitor=None) -> "ProjectedPosterior":
+    def fit(self, train_data, monitor=None) -> ProjectedPosterior:
         """Cache the Gram pseudo-inverses of all training micro-batches; set α unless given.
 
         Args:
@@ -364,6 +350,11 @@ class ProjectedPosterior:
 
     def _check_fitted(self) -> None:
         if self._blocks is None:
+            if self._bank is not None:
+                raise RuntimeError(
+                    f"this projected posterior was loaded without its micro-batches: it predicts with its "
+                    f"{self._bank.shape[0]} saved draws and cannot project; call fit(train_data) to project again"
+                )
             raise RuntimeError("call fit(train_data) first")
 
     # -- alternating projections -----------------------------------------------------------
@@ -397,13 +388,16 @@ class ProjectedPosterior:
         self._check_fitted()
         iterations = self.num_iterations if num_iterations is None else positive_int("num_iterations", num_iterations)
         if not torch.is_tensor(vectors) or vectors.shape[-1:] != (self.num_params,) or vectors.dim() > 2:
-            raise ValueError(f"vectors must have shape (P,) or (n, P) with P = {self.num_params}, got "
-                             f"{tuple(vectors.shape) if torch.is_tensor(vectors) else type(vectors).__name__}")
+            raise ValueError(
+                f"vectors must have shape (P,) or (n, P) with P = {self.num_params}, got "
+                f"{tuple(vectors.shape) if torch.is_tensor(vectors) else type(vectors).__name__}"
+            )
         single = vectors.dim() == 1
         V = vectors.reshape(-1, self.num_params).to(device=self.device, dtype=self._theta.dtype)
         solve = self._conjugate_gradients if self.solver == "cg" else self._alternating
         history = [self._residual(V)]
-        for V in solve(V, iterations):
+        for V_next in solve(V, iterations):
+            V = V_next
             history.append(self._residual(V))
             if self.tol is not None and history[-1] <= self.tol:
                 break
@@ -479,11 +473,7 @@ class ProjectedPosterior:
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         r"""Fresh draws :math:`\theta_* + \alpha^{-1/2}\mathcal P\varepsilon`: ``(num_samples, P)``."""
         positive_int("num_samples", num_samples)
-        return self._theta + self.alpha ** -0.5 * self.project(self._noise(num_samples, generator))
-
-    def clear_samples(self) -> None:
-        """Forget the cached draws behind :meth:`sample_predictions`."""
-        self._bank = None
+        return self._theta + self.alpha**-0.5 * self.project(self._noise(num_samples, generator))
 
     @torch.no_grad()
     def draws(self, num_samples: int) -> torch.Tensor:
@@ -491,50 +481,109 @@ class ProjectedPosterior:
         positive_int("num_samples", num_samples)
         return self._theta + self._deltas(num_samples)
 
-    def _deltas(self, num_samples: int) -> torch.Tensor:
-        """:math:`\\theta_s - \\theta_*` for the first ``num_samples`` cached draws (drawing more if needed)."""
+    def _new_noise(self, n: int) -> torch.Tensor:
+        r"""``n`` more projected draws :math:`\mathcal P\varepsilon` for the cache."""
+        if self.max_samples is not None:
+            raise RuntimeError(
+                f"this projected posterior holds {self.max_samples} saved draws and no micro-batches to project "
+                f"more: ask for at most {self.max_samples} samples, or call fit(train_data) again"
+            )
         self._check_fitted()
-        have = 0 if self._bank is None else self._bank.shape[0]
-        if num_samples > have:
-            new = self.project(self._noise(num_samples - have))
-            self._bank = new if self._bank is None else torch.cat([self._bank, new])
-        return self.alpha ** -0.5 * self._bank[:num_samples]
+        return self.project(self._noise(n))
 
-    @torch.no_grad()
-    def sample_outputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-        """Network outputs of ``num_samples`` posterior draws: ``(S, K, B, O)``."""
-        positive_int("num_samples", num_samples)
-        if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] == 0:
-            raise ValueError("x must be a non-empty batch (B, ...)")
-        x = x.to(self.device)
-        deltas = self._deltas(num_samples)
-        outs = []
-        for D in deltas.split(self.chunk_size):
-            if self.predictive == "linearized":
-                out, jd = vmap(lambda d: self.functional.jvp(x, d, self._theta))(D)
-                outs.append(out + jd)
-            else:
-                outs.append(vmap(lambda d: self.functional(self._theta + d, x))(D))
-        out = torch.cat(outs)
-        return out.reshape(num_samples, self.ensemble_size, -1, out.shape[-1])
+    def _noise_to_deltas(self, bank: torch.Tensor) -> torch.Tensor:
+        return self.alpha**-0.5 * bank
 
-    def sample_predictions(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-        """Probabilities ``(S, K, B, C)`` or Gaussian (mean, variance) pairs ``(S, K, B, 2)``."""
-        out = self.sample_outputs(x, num_samples)
-        if self.likelihood == "categorical":
-            return torch.softmax(out, dim=-1)
-        if out.shape[-1] != 1:
-            raise ValueError(f"likelihood='normal' needs one output per example, got output shape {tuple(out.shape)}")
+    def _functional(self) -> tuple[FlatFunctional, torch.Tensor]:
+        return self.functional, self._theta
+
+    def _noise_variance(self, out: torch.Tensor) -> torch.Tensor:
         if self.noise_scale is not None:
             scale = torch.as_tensor(self.noise_scale, dtype=out.dtype, device=out.device)
         else:
             with torch.no_grad():
                 scale = self.model.model.noise_scale().to(out)
-        mean = out.squeeze(-1)
-        return torch.stack([mean, (scale**2).expand_as(mean)], dim=-1)
+        return scale**2
+
+    # -- files -----------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        return {
+            "likelihood": self.likelihood,
+            "param_names": list(self.functional.param_names),
+            "alpha": self._alpha,
+            "kind": self.kind,
+            "predictive": self.predictive,
+            "num_iterations": self.num_iterations,
+            "micro_batch_size": self.micro_batch_size,
+            "solver": self.solver,
+            "over_relaxation": self.over_relaxation,
+            "eig_rtol": self.eig_rtol,
+            "num_trace_probes": self.num_trace_probes,
+            "tol": self.tol,
+            "noise_scale": None if self.noise_scale is None else float(self.noise_scale),
+            "chunk_size": self.chunk_size,
+        }
+
+    def _check_savable(self) -> None:
+        if self._blocks is None and self._bank is None:
+            self._check_fitted()
+
+    def _fitted_state(self, micro_batches: bool = True) -> dict:
+        """``micro_batches=False`` leaves out the micro-batches (inputs, loss weights, Gram
+        eigenpairs): a small file that predicts with its saved draws only."""
+        keep = micro_batches and self._blocks is not None
+
+        def block(b: _Block, gram: bool = True) -> dict:
+            out = {"x": b.x, "rows": b.rows, "weights": b.weights}
+            if gram:
+                out.update(eigvecs=b.eigvecs, inv_eigvals=b.inv_eigvals)
+            return out
+
+        first = self._monitor is not None and len(self._monitor) == 1 and self._monitor[0] is self._blocks[0]
+        return {
+            "trace_estimate": self.trace_estimate,
+            "trace_stderr": self.trace_stderr,
+            "convergence": self.convergence,
+            "custom_loss_fn": self.loss_fn is not LOSSES[self.likelihood],
+            "micro_batches": [block(b) for b in self._blocks] if keep else None,
+            "monitor": None if not keep else ("first" if first else [block(b, gram=False) for b in self._monitor]),
+        }
+
+    def _load_fitted_state(self, state: dict) -> None:
+        def block(d: dict) -> _Block:
+            def dev(t):
+                return None if t is None else t.to(self.device)
+
+            return _Block(
+                x=dev(d["x"]),
+                rows=int(d["rows"]),
+                weights=dev(d["weights"]),
+                eigvecs=dev(d.get("eigvecs")),
+                inv_eigvals=dev(d.get("inv_eigvals")),
+            )
+
+        self.trace_estimate, self.trace_stderr = state["trace_estimate"], state["trace_stderr"]
+        self.convergence = state["convergence"]
+        if state["micro_batches"] is None:
+            self._blocks = self._monitor = None
+        else:
+            self._blocks = [block(d) for d in state["micro_batches"]]
+            monitor = state["monitor"]
+            self._monitor = self._blocks[:1] if monitor == "first" else [block(d) for d in monitor]
+        self._bank = None
+
+    @classmethod
+    def from_state_dict(cls, model: nn.Module, state: dict, **overrides) -> ProjectedPosterior:
+        if isinstance(state, dict) and state.get("state", {}).get("custom_loss_fn") and "loss_fn" not in overrides:
+            raise ValueError("this projected posterior was fitted with a custom loss_fn: pass loss_fn= to load it")
+        return super().from_state_dict(model, state, **overrides)
 
     def __repr__(self) -> str:
         fitted = "unfitted" if self._blocks is None else f"{len(self._blocks)} micro-batches"
-        return (f"{type(self).__name__}(num_params={self.num_params}, likelihood={self.likelihood!r}, "
-                f"kind={self.kind!r}, solver={self.solver!r}, predictive={self.predictive!r}, "
-                f"num_iterations={self.num_iterations}, micro_batch_size={self.micro_batch_size}, {fitted})")
+        if self.max_samples is not None:
+            fitted = f"{self.max_samples} saved draws"
+        return (
+            f"{type(self).__name__}(num_params={self.num_params}, likelihood={self.likelihood!r}, "
+            f"kind={self.kind!r}, solver={self.solver!r}, predictive={self.predictive!r}, "
+            f"num_iterations={self.num_iterations}, micro_batch_size={self.micro_batch_size}, {fitted})"
+        )

@@ -11,21 +11,11 @@ H the GGN of the data's negative log-likelihood over :math:`\theta_S`, computed 
 subnetwork's Jacobian columns only (:mod:`rank1_pyro.laplace.curvature`), and δ the precision of
 the prior :math:`\mathcal N(\mu_0, \delta^{-1} I)` on :math:`\theta_S`.
 
-**Choosing the subnetwork** (:data:`SUBNETWORK_STRATEGIES`; every strategy returns a sorted
-``LongTensor`` of indices into the flat θ of a :class:`~rank1_pyro.laplace.functional.FlatFunctional`,
-the order of ``torch.nn.utils.parameters_to_vector`` for the default θ; a size is a count or a
-fraction of P):
-
-* ``"largest-variance"``: the M largest marginal variances :math:`1/(\operatorname{diag} H_{\rm full} + \delta)`
-  of a diagonal Laplace over all P weights (the paper's choice); the exact GGN diagonal costs O
-  backward passes per example and P numbers of memory.
-* ``"largest-swag-variance"``: the M largest variances of diagonal SWAG, i.e. of the iterates of
-  a short SGD run started at :math:`\theta_*` (see :func:`largest_swag_variance`; needs the
-  training data and a few epochs).
-* ``"largest-magnitude"``, ``"random"`` (seeded), ``"by-name"`` (``fnmatch`` patterns over
-  parameter names), ``"last-layer"``, and ``"rank1-factors"``: the factor means ``factors.*`` of a
-  :class:`~rank1_pyro.laplace.functional.Rank1PointNetwork` -- a full-covariance Laplace over all
-  rank-1 factors.
+**Choosing the subnetwork**: a strategy name of :data:`~rank1_pyro.laplace.selection.SUBNETWORK_STRATEGIES`
+(the M largest marginal variances of a diagonal Laplace, skipping weights without curvature, or of
+diagonal SWAG; largest magnitudes; random; by name; the last layer; all rank-1 factors), applied in
+:meth:`SubnetLaplace.fit` (see :mod:`rank1_pyro.laplace.selection` for their definitions), or the
+indices themselves, into the flat θ of a :class:`~rank1_pyro.laplace.functional.FlatFunctional`.
 
 **Prior precision.** The Laplace approximation of the log evidence, restricted to the subnetwork, is
 
@@ -56,35 +46,42 @@ and :mod:`rank1_pyro.metrics` apply unchanged:
 * ``"glm-mc"``: :math:`f_{\rm lin}` at S draws of :math:`\theta_S` (one JVP each).
 * ``"nn"``: the network itself re-run at S draws.
 
-The draws behind ``sample_predictions`` are cached (as standard-normal noise; :meth:`SubnetLaplace.clear_samples`
-redraws), so every batch of one :func:`~rank1_pyro.inference.predict` call sees the same S
-posterior samples. For a rank-1 point network (outputs ``(K·B, C)``, member-major), the K members
-stay a mixture: predictions have shape ``(S, K, B, C)`` with K = ``ensemble_size``, and the GGN and
-log-likelihood average the members (see :mod:`~rank1_pyro.laplace.curvature`).
+The draws behind ``sample_predictions`` are cached (as standard-normal noise ε, each draw
+:math:`\theta_{S*} + L^{-\top}\varepsilon`; :meth:`SubnetLaplace.clear_samples` redraws), so every
+batch of one :func:`~rank1_pyro.inference.predict` call sees the same S posterior samples
+(:mod:`~rank1_pyro.laplace.base`). For a rank-1 point network (outputs ``(K·B, C)``, member-major),
+the K members stay a mixture: predictions have shape ``(S, K, B, C)`` with K = ``ensemble_size``,
+and the GGN and log-likelihood average the members (see :mod:`~rank1_pyro.laplace.curvature`).
+
+**Saving.** :meth:`~rank1_pyro.laplace.base.PostHocPosterior.state_dict` holds the subnetwork's
+indices, H, δ, the log-likelihood, N, the settings and the cached ε; the Cholesky factor and the
+eigenvalues are recomputed from H when first needed, so a loaded posterior predicts exactly as the
+saved one (:meth:`~rank1_pyro.laplace.base.PostHocPosterior.save`, :meth:`~rank1_pyro.laplace.base.PostHocPosterior.load`).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import inspect
 import math
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import jvp, vmap
 
 from .._checks import one_of, positive_int
-from .curvature import (
-    DEFAULT_MAX_ELEMENTS,
-    JACOBIAN_MODES,
-    JacobianColumns,
-    as_batches,
-    ggn,
-    likelihood_name,
-)
+from .base import PostHocPosterior, batches
+from .curvature import DEFAULT_MAX_ELEMENTS, JACOBIAN_MODES, JacobianColumns, ggn
 from .functional import FlatFunctional, Rank1PointNetwork
+from .selection import (
+    SUBNETWORK_STRATEGIES,
+    by_name,
+    largest_magnitude,
+    largest_swag_variance,
+    largest_variance,
+    last_layer,
+    random_subnetwork,
+    rank1_factors,
+    select_subnetwork,
+    subnetwork_size,
+)
 
 __all__ = [
     "SubnetLaplace",
@@ -103,186 +100,6 @@ __all__ = [
 
 PREDICTIVES = ("glm", "glm-mc", "nn")
 _PRIOR_METHODS = ("marglik", "gridsearch")
-
-
-# ----------------------------------------------------------------------------- subnetwork selection
-
-
-def subnetwork_size(size, total: int) -> int:
-    """A count ``1 <= size <= total``, or a fraction in (0, 1] of ``total`` (rounded, at least 1)."""
-    if isinstance(size, bool) or not isinstance(size, (int, float)):
-        raise TypeError(f"size must be an int count or a float fraction, got {type(size).__name__}")
-    if isinstance(size, float):
-        if not 0.0 < size <= 1.0:
-            raise ValueError(f"size: a fraction must lie in (0, 1], got {size!r}")
-        return max(1, round(size * total))
-    if not 1 <= size <= total:
-        raise ValueError(f"size must lie in [1, {total}] (the number of parameters), got {size}")
-    return size
-
-
-def _top(scores: torch.Tensor, size) -> torch.Tensor:
-    k = subnetwork_size(size, scores.numel())
-    return torch.topk(scores, k, sorted=False).indices.sort().values.cpu()
-
-
-def _tensor_indices(functional: FlatFunctional, names: list[str], size, strategy: str) -> torch.Tensor:
-    """All entries of the parameter tensors ``names``, in θ's order."""
-    if not names:
-        raise ValueError(f"{strategy}: no parameter selected; the parameters are {functional.param_names}")
-    starts = [0]
-    for n in functional.numels:
-        starts.append(starts[-1] + n)
-    chosen = set(names)
-    idx = torch.cat([torch.arange(starts[i], starts[i + 1]) for i, n in enumerate(functional.param_names) if n in chosen])
-    if size is not None and subnetwork_size(size, functional.full_map.numel()) != idx.numel():
-        raise ValueError(f"{strategy} selects all {idx.numel()} entries of {names}; leave the size unset")
-    return idx
-
-
-def largest_variance(functional: FlatFunctional, size, *, data, likelihood: str = "categorical",
-                     sigma_noise: float = 1.0, prior_precision: float = 1.0,
-                     max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
-    r"""The ``size`` entries of θ with the largest variance :math:`1/(\operatorname{diag} H + \delta)`
-    under a diagonal Laplace (exact GGN diagonal over all of θ on ``data``, δ = ``prior_precision``).
-
-    Entries with zero curvature (:math:`\operatorname{diag} H \le 10^{-12} \max \operatorname{diag} H`,
-    e.g. the weights of an input that is constant zero in the data) come last, whatever their
-    variance: the data says nothing about them, so their posterior is the prior and a Laplace over
-    them equals the MAP (and the marginal likelihood has no optimum). They are chosen only when
-    ``size`` exceeds the entries with curvature.
-    """
-    if not prior_precision > 0:
-        raise ValueError(f"prior_precision must be > 0, got {prior_precision!r}")
-    diag = ggn(functional.restrict(None) if functional.indices is not None else functional, data, likelihood,
-               sigma_noise, diagonal=True, max_elements=max_elements).matrix
-    variance = 1.0 / (diag + prior_precision)
-    flat = diag <= 1e-12 * diag.max().clamp_min(torch.finfo(diag.dtype).tiny)
-    return _top(torch.where(flat, variance - variance.max() - 1.0, variance), size)
-
-
-def largest_swag_variance(functional: FlatFunctional, size, *, data, likelihood: str = "categorical",
-                          sigma_noise: float = 1.0, epochs: int = 2, lr: float = 1e-2, momentum: float = 0.9,
-                          weight_decay: float = 0.0) -> torch.Tensor:
-    r"""The ``size`` entries of θ with the largest variance under diagonal SWAG (Maddox et al., 2019).
-
-    SWAG here is a short run of SGD (``lr``, ``momentum``, ``weight_decay``; constant learning rate)
-    on the mean negative log-likelihood of ``data`` (a DataLoader re-iterated for ``epochs`` epochs,
-    or one ``(x, y)`` batch), started at :math:`\theta_*` on a copy of θ (the network is not
-    changed) with the network in eval mode. After every step the first two moments of θ are
-    updated; the variance is :math:`\overline{\theta^2} - \bar\theta^2`. Rows of a K-member network
-    are averaged as in the GGN.
-    """
-    positive_int("epochs", epochs)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    likelihood = likelihood_name(likelihood)
-    f = functional.restrict(None) if functional.indices is not None else functional
-    theta = f.theta_map.requires_grad_(True)
-    opt = torch.optim.SGD([theta], lr=lr, momentum=momentum, weight_decay=weight_decay)
-    first = torch.zeros_like(theta, dtype=torch.float64)
-    second = torch.zeros_like(first)
-    steps = 0
-    with torch.enable_grad():
-        for _ in range(epochs):
-            for x, y in as_batches(data):
-                if y is None:
-                    raise ValueError("largest-swag-variance needs targets: pass (x, y) batches")
-                x, y = x.to(theta.device), y.to(theta.device)
-                out = f(theta, x)
-                y = y.repeat(out.shape[0] // x.shape[0], *([1] * (y.dim() - 1)))  # member-major rows
-                if likelihood == "categorical":
-                    loss = F.cross_entropy(out, y)
-                else:
-                    loss = 0.5 * ((out - y.reshape(out.shape)) ** 2).sum(-1).mean() / sigma_noise**2
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                t = theta.detach().double()
-                first += t
-                second += t * t
-                steps += 1
-    if steps == 0:
-        raise ValueError("data is empty")
-    mean = first / steps
-    return _top((second / steps - mean * mean).clamp_min(0.0), size)
-
-
-def largest_magnitude(functional: FlatFunctional, size) -> torch.Tensor:
-    r"""The ``size`` entries of θ with the largest :math:`|\theta_*|`."""
-    return _top(functional.full_map.abs(), size)
-
-
-def random_subnetwork(functional: FlatFunctional, size, *, seed: int = 0) -> torch.Tensor:
-    """``size`` entries of θ drawn uniformly without replacement (``seed`` fixes them)."""
-    total = functional.full_map.numel()
-    k = subnetwork_size(size, total)
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    return perm[:k].sort().values
-
-
-def by_name(functional: FlatFunctional, size=None, *, pattern) -> torch.Tensor:
-    """All entries of the parameters whose names match ``pattern`` (a ``fnmatch`` pattern, e.g.
-    ``"2.*"`` for module ``2``, ``"*.bias"``, or a list of patterns)."""
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"pattern must be a string or a list of strings, got {pattern!r}")
-    names = [n for n in functional.param_names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    return _tensor_indices(functional, names, size, f"by-name {patterns}")
-
-
-def last_layer(functional: FlatFunctional, size=None) -> torch.Tensor:
-    """All entries of the last module (in registration order) that owns parameters of θ directly
-    (parameter containers such as a rank-1 point network's ``factors`` do not count)."""
-    owners = {}
-    for mod_name, module in functional.module.named_modules():
-        if isinstance(module, (nn.ParameterDict, nn.ParameterList)):
-            continue
-        for p_name, _ in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if full in functional.param_names:
-                owners.setdefault(mod_name, []).append(full)
-    if not owners:
-        raise ValueError(f"last-layer: no module owns the parameters {functional.param_names}")
-    return _tensor_indices(functional, owners[list(owners)[-1]], size, "last-layer")
-
-
-def rank1_factors(functional: FlatFunctional, size=None) -> torch.Tensor:
-    """All factor means (parameters ``factors.*``) of a rank-1 point network."""
-    names = [n for n in functional.param_names if n.startswith("factors.")]
-    if not names:
-        raise ValueError("rank1-factors: θ has no 'factors.*' parameters (use rank1_point_network(model, guide))")
-    return _tensor_indices(functional, names, size, "rank1-factors")
-
-
-#: strategy name -> ``fn(functional, size, **options) -> sorted LongTensor`` (on the CPU)
-SUBNETWORK_STRATEGIES: dict[str, Callable[..., torch.Tensor]] = {
-    "largest-variance": largest_variance,
-    "largest-swag-variance": largest_swag_variance,
-    "largest-magnitude": largest_magnitude,
-    "random": random_subnetwork,
-    "by-name": by_name,
-    "last-layer": last_layer,
-    "rank1-factors": rank1_factors,
-}
-
-
-def select_subnetwork(strategy: str, functional: FlatFunctional, size=None, context: dict | None = None,
-                      **options) -> torch.Tensor:
-    """Indices chosen by the strategy named ``strategy`` (see :data:`SUBNETWORK_STRATEGIES`).
-
-    ``options`` go to the strategy; ``context`` holds keyword arguments that are passed only to
-    strategies that accept them (``data``, ``likelihood``, ``sigma_noise``, ``prior_precision``,
-    ``max_elements``), so a caller can offer them all.
-    """
-    if strategy not in SUBNETWORK_STRATEGIES:
-        raise ValueError(f"subnetwork: unknown strategy {strategy!r}; valid: {list(SUBNETWORK_STRATEGIES)}")
-    fn = SUBNETWORK_STRATEGIES[strategy]
-    accepted = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in (context or {}).items() if k in accepted and k not in options}
-    if "data" in accepted and kwargs.get("data", options.get("data")) is None:
-        raise ValueError(f"subnetwork strategy {strategy!r} needs the training data")
-    return fn(functional, size, **kwargs, **options)
 
 
 # ----------------------------------------------------------------------------- the posterior
@@ -330,7 +147,8 @@ def _cholesky_into(out: torch.Tensor, H: torch.Tensor, delta: float) -> torch.Te
     if int(info) != 0:
         raise torch.linalg.LinAlgError(
             f"H + {delta:.3g} I is not positive definite in {out.dtype} (leading minor {int(info)}): "
-            f"use dtype=torch.float64 or a larger prior_precision")
+            f"use dtype=torch.float64 or a larger prior_precision"
+        )
     return L
 
 
@@ -340,7 +158,7 @@ def _positive(name: str, value) -> float:
     return float(value)
 
 
-class SubnetLaplace:
+class SubnetLaplace(PostHocPosterior):
     r"""Full-covariance linearized Laplace over a subnetwork of a trained network.
 
     Args:
@@ -380,7 +198,11 @@ class SubnetLaplace:
 
         la = SubnetLaplace(net, "classification", "largest-variance", subnetwork_size=1000).fit(train_loader)
         pred = predict(la, x_test)           # rank1_pyro.inference.predict
+        la.save("laplace.pt")                # later: SubnetLaplace.load("laplace.pt", net)
     """
+
+    KIND = "laplace"
+    PREDICTIVES = PREDICTIVES
 
     def __init__(
         self,
@@ -400,23 +222,17 @@ class SubnetLaplace:
         chunk_size: int = 32,
         dtype: torch.dtype = torch.float64,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.model = model
-        self.likelihood = likelihood_name(likelihood)
-        self.ensemble_size = model.ensemble_size if isinstance(model, Rank1PointNetwork) else 1
+        self._init_common(model, likelihood, predictive, chunk_size)
         if self.likelihood == "categorical":
             if sigma_noise not in (None, 1, 1.0):
                 raise ValueError(f"sigma_noise must be 1 for classification, got {sigma_noise!r}")
             sigma_noise = 1.0
         elif sigma_noise is None:
-            sigma_noise = float(model.model.noise_scale()) if isinstance(model, Rank1PointNetwork) else 1.0
+            sigma_noise = float(model.model.noise_scale().detach()) if isinstance(model, Rank1PointNetwork) else 1.0
         self.sigma_noise = _positive("sigma_noise", sigma_noise)
         self._prior_precision = None if prior_precision is None else _positive("prior_precision", prior_precision)
-        self.predictive = predictive
         self.jacobian_mode = one_of("jacobian_mode", jacobian_mode, JACOBIAN_MODES)
         self.max_block_elements = positive_int("max_block_elements", max_block_elements)
-        self.chunk_size = positive_int("chunk_size", chunk_size)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
         self.dtype = dtype
@@ -450,7 +266,9 @@ class SubnetLaplace:
 
     def _set_subnetwork(self, indices: torch.Tensor) -> None:
         if indices.dtype not in (torch.int64, torch.int32) or indices.dim() != 1:
-            raise ValueError(f"subnetwork indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}")
+            raise ValueError(
+                f"subnetwork indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}"
+            )
         self._jac = JacobianColumns(self.full.restrict(indices), self.jacobian_mode, self.max_block_elements)
         self._sub = self._jac.f
         self._indices = indices.to(torch.long).cpu()
@@ -484,17 +302,11 @@ class SubnetLaplace:
         if mean.dim() == 1 and mean.numel() == self.full.num_params:
             return mean[self._indices.to(self.device)]
         if mean.dim() > 1 or (mean.dim() == 1 and mean.numel() != self.num_params):
-            raise ValueError(f"prior_mean must be a number, a ({self.num_params},) tensor over the subnetwork or a "
-                             f"({self.full.num_params},) tensor over all of theta, got shape {tuple(mean.shape)}")
+            raise ValueError(
+                f"prior_mean must be a number, a ({self.num_params},) tensor over the subnetwork or a "
+                f"({self.full.num_params},) tensor over all of theta, got shape {tuple(mean.shape)}"
+            )
         return mean.expand(self.num_params)
-
-    @property
-    def predictive(self) -> str:
-        return self._predictive
-
-    @predictive.setter
-    def predictive(self, value: str) -> None:
-        self._predictive = one_of("predictive", value, PREDICTIVES)
 
     @property
     def prior_precision(self) -> float:
@@ -516,7 +328,7 @@ class SubnetLaplace:
             raise RuntimeError("call fit(train_loader) first")
 
     # -- fitting ---------------------------------------------------------------------------
-    def fit(self, train_loader) -> "SubnetLaplace":
+    def fit(self, train_loader) -> SubnetLaplace:
         """Choose the subnetwork (for a strategy), compute H and the log-likelihood on the
         training data (a DataLoader of ``(x, y)`` batches, or ``(x, y)`` tensors) and, unless δ
         was given, set δ by the marginal likelihood."""
@@ -528,14 +340,18 @@ class SubnetLaplace:
                 "prior_precision": self._prior_precision or 1.0,
                 "max_elements": self.max_block_elements,
             }
-            indices = select_subnetwork(self.strategy, self.full, self.subnetwork_size, context, **self.selection_options)
+            indices = select_subnetwork(
+                self.strategy, self.full, self.subnetwork_size, context, **self.selection_options
+            )
             self._set_subnetwork(indices)
         self._reset_fit()
         curv = ggn(self._sub, train_loader, self.likelihood, self.sigma_noise, jacobians=self._jac, dtype=self.dtype)
         if curv.log_likelihood is None:
             raise ValueError("train_loader must yield (x, y) batches: the marginal likelihood needs targets")
         if curv.num_members != self.ensemble_size:
-            raise ValueError(f"the network gives {curv.num_members} output rows per input, expected {self.ensemble_size}")
+            raise ValueError(
+                f"the network gives {curv.num_members} output rows per input, expected {self.ensemble_size}"
+            )
         self.H, self.log_likelihood, self.num_data = curv.matrix, curv.log_likelihood, curv.num_data
         del curv
         if self._prior_precision is None:
@@ -554,8 +370,12 @@ class SubnetLaplace:
         if not bool(((delta > 0) & torch.isfinite(delta)).all()):
             raise ValueError(f"prior_precision must be > 0 and finite, got {delta.tolist()}")
         diff = (self.theta_map - self.prior_mean).double()
-        return (self.log_likelihood - 0.5 * delta * diff.pow(2).sum() + 0.5 * self.num_params * delta.log()
-                - 0.5 * torch.log(self._eigenvalues().to(self.device) + delta.unsqueeze(-1)).sum(-1))
+        return (
+            self.log_likelihood
+            - 0.5 * delta * diff.pow(2).sum()
+            + 0.5 * self.num_params * delta.log()
+            - 0.5 * torch.log(self._eigenvalues().to(self.device) + delta.unsqueeze(-1)).sum(-1)
+        )
 
     def _eigenvalues(self) -> torch.Tensor:
         """The eigenvalues of H (float64, computed once per fit). Their transient copy of H takes
@@ -577,7 +397,11 @@ class SubnetLaplace:
         else:
             if val_loader is None:
                 raise ValueError("method='gridsearch' needs val_loader")
-            grid = torch.logspace(-4, 4, 41, dtype=torch.float64) if grid is None else torch.as_tensor(grid, dtype=torch.float64)
+            grid = (
+                torch.logspace(-4, 4, 41, dtype=torch.float64)
+                if grid is None
+                else torch.as_tensor(grid, dtype=torch.float64)
+            )
             if grid.dim() != 1 or grid.numel() == 0 or not bool((grid > 0).all()):
                 raise ValueError("grid must be a non-empty 1-D sequence of positive numbers")
             nll = self._grid_nll(val_loader, grid)
@@ -613,16 +437,16 @@ class SubnetLaplace:
         """Summed NLL of the closed-form GLM predictive for every δ of ``grid``: one Cholesky
         factor of H + δI per δ, in the factor's buffer. The validation Jacobian blocks are
         computed once and kept while they hold at most M²/4 numbers, else recomputed per δ."""
-        batches = []
-        for x, y in as_batches(data):
+        val = []
+        for x, y in batches(data):
             if y is None:
                 raise ValueError("val_loader must yield (x, y) batches")
-            batches.append((x.to(self.device), y.to(self.device)))
+            val.append((x.to(self.device), y.to(self.device)))
 
         def blocks():
-            for x, y in batches:
+            for x, y in val:
                 for start, out, J in self._jac.blocks(x):
-                    yield out, J, y[start:start + out.shape[1]]
+                    yield out, J, y[start : start + out.shape[1]]
 
         cache, kept, budget = [], 0, self.num_params**2 // 4
         for block in blocks():
@@ -634,7 +458,7 @@ class SubnetLaplace:
         total = torch.zeros(grid.numel(), dtype=torch.float64)
         for g, delta in enumerate(grid.tolist()):
             L = self._factor(delta)
-            for out, J, yb in (cache if cache is not None else blocks()):
+            for out, J, yb in cache if cache is not None else blocks():
                 total[g] -= self._closed_form_loglik(out.double(), self._variance(J, L).double(), yb).cpu()
         return total
 
@@ -691,8 +515,10 @@ class SubnetLaplace:
         ``J`` ``(..., M)`` -> ``(...)``; in chunks of at most M/16 rows of J, so the temporaries
         stay below an eighth of an ``(M, M)`` matrix whatever the batch."""
         rows = J.reshape(-1, J.shape[-1])
-        out = [torch.linalg.solve_triangular(L, chunk.to(L.dtype).T, upper=False).square_().sum(0)
-               for chunk in rows.split(max(1, rows.shape[-1] // 16))]
+        out = [
+            torch.linalg.solve_triangular(L, chunk.to(L.dtype).T, upper=False).square_().sum(0)
+            for chunk in rows.split(max(1, rows.shape[-1] // 16))
+        ]
         return torch.cat(out).reshape(J.shape[:-1])
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -701,22 +527,20 @@ class SubnetLaplace:
         eps = torch.randn(num_samples, self.num_params, generator=generator, dtype=self.dtype, device=self.device)
         return self.theta_map + self._solve_draws(eps).to(self.theta_map.dtype)
 
-    def clear_samples(self) -> None:
-        """Forget the cached draws behind :meth:`sample_predictions`."""
-        self._bank = None
+    def _new_noise(self, n: int) -> torch.Tensor:
+        """``n`` more rows of ε for the cache behind :meth:`sample_predictions` (standard normals)."""
+        return torch.randn(n, self.num_params, dtype=self.dtype, device=self.device)
 
-    def _deltas(self, num_samples: int) -> torch.Tensor:
-        have = 0 if self._bank is None else self._bank.shape[0]
-        if num_samples > have:
-            new = torch.randn(num_samples - have, self.num_params, dtype=self.dtype, device=self.device)
-            self._bank = new if self._bank is None else torch.cat([self._bank, new])
-        return self._solve_draws(self._bank[:num_samples]).to(self.theta_map.dtype)
+    def _noise_to_deltas(self, bank: torch.Tensor) -> torch.Tensor:
+        return self._solve_draws(bank).to(self.theta_map.dtype)
 
     # -- predictives -----------------------------------------------------------------------
-    def _check_x(self, x) -> torch.Tensor:
-        if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] == 0:
-            raise ValueError("x must be a non-empty batch (B, ...)")
-        return x.to(self.device)
+    def _functional(self) -> tuple[FlatFunctional, torch.Tensor]:
+        self._check_subnetwork()
+        return self._sub, self.theta_map
+
+    def _noise_variance(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(self.sigma_noise**2, dtype=out.dtype, device=out.device)
 
     @torch.no_grad()
     def glm_mean_variance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -730,25 +554,6 @@ class SubnetLaplace:
             variances.append(self._variance(J, L).to(out.dtype))
         return torch.cat(means, dim=1), torch.cat(variances, dim=1)
 
-    @torch.no_grad()
-    def sample_outputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-        """Outputs at ``num_samples`` cached posterior draws, ``(S, K, B, O)``: the linearized
-        network (``"glm-mc"``) or the network itself (``"nn"``)."""
-        positive_int("num_samples", num_samples)
-        x = self._check_x(x)
-        deltas = self._deltas(num_samples)
-        theta = self.theta_map
-        f = self._sub
-        outs = []
-        for D in deltas.split(self.chunk_size):
-            if self.predictive == "nn":
-                outs.append(vmap(lambda d: f(theta + d, x))(D))
-            else:
-                out, jd = vmap(lambda d: jvp(lambda t: f(t, x), (theta,), (d,)))(D)
-                outs.append(out + jd)
-        out = torch.cat(outs)
-        return out.reshape(num_samples, self.ensemble_size, x.shape[0], out.shape[-1])
-
     def sample_predictions(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
         """Probabilities ``(S, K, B, C)`` or Gaussian (mean, variance) pairs ``(S, K, B, 2)``;
         ``S = 1`` for the closed-form ``"glm"`` predictive."""
@@ -757,22 +562,57 @@ class SubnetLaplace:
             mean, var = self.glm_mean_variance(x)
             if self.likelihood == "categorical":
                 return self._probit(mean, var).unsqueeze(0)
-            self._check_one_output(mean)
-            return torch.stack([mean.squeeze(-1), var.squeeze(-1) + self.sigma_noise**2], dim=-1).unsqueeze(0)
-        out = self.sample_outputs(x, num_samples)
-        if self.likelihood == "categorical":
-            return torch.softmax(out, dim=-1)
-        self._check_one_output(out)
-        mean = out.squeeze(-1)
-        return torch.stack([mean, torch.full_like(mean, self.sigma_noise**2)], dim=-1)
+            return self._predictions(mean.unsqueeze(0), variance=var.unsqueeze(0))
+        return super().sample_predictions(x, num_samples)
 
-    @staticmethod
-    def _check_one_output(out: torch.Tensor) -> None:
-        if out.shape[-1] != 1:
-            raise ValueError(f"likelihood='normal' predictions need one output per example, got {out.shape[-1]}")
+    # -- files -----------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        prior_mean = self._prior_mean_arg
+        if not isinstance(prior_mean, (int, float)):
+            prior_mean = torch.as_tensor(prior_mean)
+        return {
+            "likelihood": self.likelihood,
+            "subnetwork": self.subnetwork_indices,
+            "prior_precision": self._prior_precision,
+            "sigma_noise": self.sigma_noise,
+            "prior_mean": prior_mean,
+            "param_names": list(self.full.param_names),
+            "predictive": self.predictive,
+            "jacobian_mode": self.jacobian_mode,
+            "max_block_elements": self.max_block_elements,
+            "chunk_size": self.chunk_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def _fitted_state(self) -> dict:
+        return {
+            "H": self.H,
+            "log_likelihood": self.log_likelihood,
+            "num_data": self.num_data,
+            "strategy": self.strategy,  # how the subnetwork was chosen (for the record: loaded, it is fixed)
+        }
+
+    def _load_fitted_state(self, state: dict) -> None:
+        H = state["H"]
+        if not torch.is_tensor(H) or H.shape != (self.num_params, self.num_params):
+            raise ValueError(f"saved H must be a ({self.num_params}, {self.num_params}) tensor")
+        self._reset_fit()
+        self.H = H.to(device=self.device, dtype=self.dtype)
+        self.log_likelihood, self.num_data = state["log_likelihood"], state["num_data"]
+
+    @classmethod
+    def _from_settings(cls, model: nn.Module, settings: dict) -> SubnetLaplace:
+        dtype = settings.get("dtype", "float64")
+        if isinstance(dtype, str):
+            if dtype not in ("float32", "float64"):
+                raise ValueError(f"saved dtype must be 'float32' or 'float64', got {dtype!r}")
+            dtype = getattr(torch, dtype)
+        return cls(model, **{**settings, "dtype": dtype})
 
     def __repr__(self) -> str:
         sub = f"strategy={self.strategy!r}" if self._sub is None else f"num_params={self.num_params}"
         prior = "unset" if self._prior_precision is None else f"{self._prior_precision:.4g}"
-        return (f"{type(self).__name__}({sub}, likelihood={self.likelihood!r}, prior_precision={prior}, "
-                f"predictive={self.predictive!r}, {'unfitted' if self.H is None else f'fitted on {self.num_data}'})")
+        return (
+            f"{type(self).__name__}({sub}, likelihood={self.likelihood!r}, prior_precision={prior}, "
+            f"predictive={self.predictive!r}, {'unfitted' if self.H is None else f'fitted on {self.num_data}'})"
+        )

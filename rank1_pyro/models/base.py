@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
-from pyro.poutine.indep_messenger import IndepMessenger
-from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.runtime import get_plates
 from torch import nn
 
 from .._checks import one_of, positive_int
@@ -42,13 +41,10 @@ LIKELIHOODS = ("categorical", "normal")
 def _sample_plate_shape() -> tuple[int, ...]:
     """Sizes of the active plates left of the member dim (particles, predictive samples).
 
-    Read from Pyro's handler stack, so a flat-batch model tiles its input over exactly the
-    sample dims its factors will carry.
+    Read from the enclosing plates (:func:`pyro.poutine.runtime.get_plates`), so a flat-batch model
+    tiles its input over exactly the sample dims its factors will carry.
     """
-    sizes = {}
-    for handler in _PYRO_STACK:
-        if isinstance(handler, IndepMessenger) and handler.dim is not None and handler.dim < MEMBER_DIM:
-            sizes[handler.dim] = handler.size
+    sizes = {frame.dim: frame.size for frame in get_plates() if frame.dim is not None and frame.dim < MEMBER_DIM}
     if not sizes:
         return ()
     n = -min(sizes) + MEMBER_DIM

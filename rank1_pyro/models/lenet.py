@@ -1,14 +1,12 @@
-"""LeNet-5 (LeCun et al., 1998): deterministic and rank-1."""
+"""LeNet-5 (LeCun et al., 1998); its rank-1 model is ``rank1_network("lenet5", ...)`` (:mod:`.zoo`)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from .._checks import positive_int
-from .. import convert
-from .base import Rank1Model
 
-__all__ = ["lenet5", "lenet5_net"]
+__all__ = ["lenet5_net"]
 
 
 def lenet5_net(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
@@ -33,18 +31,4 @@ def lenet5_net(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
         nn.Linear(120, 84),
         nn.ReLU(),
         nn.Linear(84, num_classes),
-    )
-
-
-def lenet5(
-    num_classes: int = 10,
-    in_channels: int = 1,
-    ensemble_size: int = 4,
-    prior=None,
-    likelihood: str = "categorical",
-    num_data: int | None = None,
-) -> Rank1Model:
-    """Rank-1 LeNet-5: :func:`lenet5_net` with both convolutions and all three dense layers rank-1."""
-    return convert.rank1ize(
-        lenet5_net(num_classes, in_channels), ensemble_size, prior, likelihood=likelihood, num_data=num_data
     )

@@ -3,7 +3,7 @@ r"""LSTM sequence classifiers (the rank-1 paper's EHR task family), deterministi
 An :class:`LSTMClassifier` reads a batch of sequences ``(B, T, input_size)`` with a one-layer
 batch-first :class:`torch.nn.LSTM`, takes the last hidden state :math:`h_T` and maps it through
 a dense head (:func:`~rank1_pyro.models.mlp`, optional hidden layers with ReLU) to the class
-logits. The rank-1 version converts the LSTM (factors on both kernels, one draw per sequence
+logits. The rank-1 version (``rank1_network("lstm", ...)``) converts the LSTM (factors on both kernels, one draw per sequence
 reused at every step) and every dense layer.
 """
 
@@ -15,11 +15,9 @@ import torch
 from torch import nn
 
 from .._checks import positive_int
-from .. import convert
-from .base import Rank1Model
 from .mlp import mlp
 
-__all__ = ["LSTMClassifier", "lstm_net", "lstm_classifier"]
+__all__ = ["LSTMClassifier", "lstm_net"]
 
 
 class LSTMClassifier(nn.Module):
@@ -41,17 +39,3 @@ class LSTMClassifier(nn.Module):
 def lstm_net(input_size: int, hidden_size: int, num_classes: int, dense_hidden: Sequence[int] = ()) -> LSTMClassifier:
     """The deterministic :class:`LSTMClassifier`."""
     return LSTMClassifier(input_size, hidden_size, num_classes, dense_hidden)
-
-
-def lstm_classifier(
-    input_size: int,
-    hidden_size: int,
-    num_classes: int,
-    dense_hidden: Sequence[int] = (),
-    ensemble_size: int = 4,
-    prior=None,
-    num_data: int | None = None,
-) -> Rank1Model:
-    """Rank-1 :class:`LSTMClassifier`: sites ``net.lstm.{r_ih, s_ih, r_hh, s_hh}`` and ``net.head.<i>.{r, s}``."""
-    net = lstm_net(input_size, hidden_size, num_classes, dense_hidden)
-    return convert.rank1ize(net, ensemble_size, prior, num_data=num_data)

@@ -28,36 +28,19 @@ The counts come from the converted model itself (:func:`~rank1_pyro.convert.rank
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 from torch import nn
 
 from .. import convert
 from ..layers import factor_sites
-from .lenet import lenet5_net
-from .lstm import lstm_net
-from .resnet import resnet18_cifar_net, resnet20_cifar_net, resnet50_net
-from .wide_resnet import wide_resnet_net
 
-__all__ = ["ParameterCounts", "parameter_counts", "parameter_table", "NETWORKS", "build_network"]
-
-#: deterministic networks by CLI name: (builder taking num_classes, default number of classes)
-NETWORKS = {
-    "lenet5": (lenet5_net, 10),
-    "resnet18_cifar": (resnet18_cifar_net, 10),
-    "resnet20_cifar": (resnet20_cifar_net, 10),
-    "wrn28_10": (partial(wide_resnet_net, 28, 10), 10),
-    "resnet50": (resnet50_net, 1000),
-    "lstm": (partial(lstm_net, 64, 128), 2),  # 64 input features, 128 hidden units
-}
+__all__ = ["ParameterCounts", "parameter_counts", "parameter_table", "count_parameters"]
 
 
-def build_network(name: str, num_classes: int | None = None) -> nn.Module:
-    """The deterministic network ``name`` (a key of :data:`NETWORKS`)."""
-    if name not in NETWORKS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(NETWORKS)}")
-    builder, default = NETWORKS[name]
-    return builder(num_classes=default if num_classes is None else num_classes)
+def count_parameters(model: nn.Module, guide=None) -> int:
+    """Trainable parameters of a model and its guide (W, biases, factor means and scales)."""
+    modules = [model] + ([guide] if isinstance(guide, nn.Module) else [])
+    return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
 
 
 def _numel(module: nn.Module) -> int:

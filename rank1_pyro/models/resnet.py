@@ -1,9 +1,10 @@
-r"""Residual networks: CIFAR ResNet-18/20 and ImageNet ResNet-50, deterministic and rank-1.
+r"""Residual networks: CIFAR ResNet-18/20 and ImageNet ResNet-50, deterministic (their rank-1
+models: ``rank1_network(name, ...)`` of :mod:`.zoo`).
 
 The CIFAR networks (He et al., 2016) use a 3x3 stride-1 stem without max pooling, stages of
 torchvision's :class:`~torchvision.models.resnet.BasicBlock`, global average pooling and one
 dense layer; a block that changes resolution or width has a projection shortcut (1x1
-convolution + BatchNorm). ResNet-50 is torchvision's. The rank-1 builders convert *every*
+convolution + BatchNorm). ResNet-50 is torchvision's. The rank-1 models convert *every*
 convolution (stem and 1x1 shortcuts included) and the dense layer, as the reference does;
 BatchNorm stays deterministic (shared over members by default).
 """
@@ -18,17 +19,12 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from .._checks import positive_int
-from .. import convert
-from .base import Rank1Model
 
 __all__ = [
     "CifarResNet",
     "resnet18_cifar_net",
     "resnet20_cifar_net",
     "resnet50_net",
-    "resnet18_cifar",
-    "resnet20_cifar",
-    "resnet50_imagenet",
 ]
 
 
@@ -64,7 +60,9 @@ class CifarResNet(nn.Module):
             for j in range(n):
                 downsample = None
                 if j == 0 and (stride != 1 or planes != width):
-                    downsample = nn.Sequential(nn.Conv2d(planes, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+                    downsample = nn.Sequential(
+                        nn.Conv2d(planes, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width)
+                    )
                 blocks.append(BasicBlock(planes, width, stride if j == 0 else 1, downsample))
                 planes = width
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
@@ -99,43 +97,3 @@ def resnet50_net(num_classes: int = 1000) -> nn.Module:
     """torchvision's ResNet-50, randomly initialised (``weights=None``; nothing is downloaded)."""
     positive_int("num_classes", num_classes)
     return torchvision.models.resnet50(weights=None, num_classes=num_classes)
-
-
-def resnet18_cifar(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    ensemble_size: int = 4,
-    prior=None,
-    batchnorm: str = "shared",
-    num_data: int | None = None,
-) -> Rank1Model:
-    """Rank-1 CIFAR ResNet-18 (every convolution and the dense layer rank-1)."""
-    net = resnet18_cifar_net(num_classes, in_channels)
-    return convert.rank1ize(net, ensemble_size, prior, batchnorm=batchnorm, num_data=num_data)
-
-
-def resnet20_cifar(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    ensemble_size: int = 4,
-    prior=None,
-    batchnorm: str = "shared",
-    num_data: int | None = None,
-) -> Rank1Model:
-    """Rank-1 CIFAR ResNet-20 (every convolution and the dense layer rank-1)."""
-    net = resnet20_cifar_net(num_classes, in_channels)
-    return convert.rank1ize(net, ensemble_size, prior, batchnorm=batchnorm, num_data=num_data)
-
-
-def resnet50_imagenet(
-    num_classes: int = 1000,
-    ensemble_size: int = 4,
-    prior=None,
-    batchnorm: str = "shared",
-    num_data: int | None = None,
-) -> Rank1Model:
-    """Rank-1 ResNet-50: torchvision's ``resnet50(weights=None)`` through :func:`~rank1_pyro.convert.rank1ize`.
-
-    The reference ImageNet prior is N(1, 0.05²): pass ``prior=Gaussian(1.0, 0.05)``.
-    """
-    return convert.rank1ize(resnet50_net(num_classes), ensemble_size, prior, batchnorm=batchnorm, num_data=num_data)

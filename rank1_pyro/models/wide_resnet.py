@@ -1,4 +1,4 @@
-r"""Wide residual networks (Zagoruyko & Komodakis, 2016): WRN-28-10, deterministic and rank-1.
+r"""Wide residual networks (Zagoruyko & Komodakis, 2016): WRN-28-10 (rank-1: ``rank1_network("wrn28_10", ...)``).
 
 WRN-d-w has a 3x3 stem of 16 channels, three groups of :math:`n = (d - 4) / 6` pre-activation
 blocks (BN-ReLU-conv3x3-BN-ReLU-conv3x3) of widths 16w, 32w, 64w (strides 1, 2, 2), a final
@@ -15,10 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import positive_int
-from .. import convert
-from .base import Rank1Model
 
-__all__ = ["WideBasicBlock", "WideResNet", "wide_resnet_net", "wide_resnet28_10"]
+__all__ = ["WideBasicBlock", "WideResNet", "wide_resnet_net"]
 
 
 class WideBasicBlock(nn.Module):
@@ -77,18 +75,3 @@ class WideResNet(nn.Module):
 def wide_resnet_net(depth: int = 28, width: int = 10, num_classes: int = 10, in_channels: int = 3) -> WideResNet:
     """Deterministic WRN-``depth``-``width`` (WRN-10-1 is a tiny one for tests)."""
     return WideResNet(depth, width, num_classes, in_channels)
-
-
-def wide_resnet28_10(
-    num_classes: int = 10,
-    ensemble_size: int = 4,
-    prior=None,
-    depth: int = 28,
-    width: int = 10,
-    in_channels: int = 3,
-    batchnorm: str = "shared",
-    num_data: int | None = None,
-) -> Rank1Model:
-    """Rank-1 WRN-28-10 (other sizes by ``depth`` / ``width``); every conv and the dense layer rank-1."""
-    net = wide_resnet_net(depth, width, num_classes, in_channels)
-    return convert.rank1ize(net, ensemble_size, prior, batchnorm=batchnorm, num_data=num_data)

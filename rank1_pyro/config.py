@@ -1,4 +1,4 @@
-r"""Ready configurations of the rank-1 paper's runs, and their data.
+r"""Run configurations: one experiment declaratively, and the paper's runs ready to use.
 
 A :class:`RunConfig` is a declarative description of one experiment (data set, network, prior,
 guide, objective, optimisation schedule). The paper's runs ship as TOML files under
@@ -15,50 +15,41 @@ so every step reads ``per_core_batch_size // ensemble_size × num_cores`` new ex
 (CIFAR: 64 / 4 × 8 = 128; ImageNet: 128 / 4 × 32 = 1024) and the learning rate is
 ``base_learning_rate × batch_size / lr_reference_batch``. The reference L2 term is
 ``l2 · Σ w²`` over W, biases and BatchNorm (never the factors), i.e. SGD weight decay ``2 · l2``
-on the model's parameters (:meth:`RunConfig.train_kwargs`).
+on the model's parameters (:meth:`RunConfig.train_config`).
 
 ::
 
     cfg = load_config("cifar10_wrn28_10")
     model, guide = cfg.build(num_data=50_000)
     train_set, test_set = cfg.datasets("~/data")       # never downloads
-    history = train(model, guide, DataLoader(train_set, cfg.batch_size, shuffle=True), **cfg.train_kwargs())
+    history = train(model, guide, DataLoader(train_set, cfg.batch_size, shuffle=True), cfg.train_config())
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
-from torch import nn
 
-from .._checks import one_of
-from .. import convert  # a module reference: convert imports models (and so this module) itself
-from ..inference.guides import CauchyGuide, DeltaGuide, MixtureGuide
-from ..inference.objectives import ESTIMATORS, OBJECTIVES
-from ..inference.train import PRECISIONS
-from ..priors import FactorPrior, make_prior
-from .base import Rank1Model
-from .lenet import lenet5
-from .mlp import rank1_mlp
-from .resnet import resnet18_cifar, resnet20_cifar, resnet50_imagenet
-from .wide_resnet import wide_resnet28_10
+from . import convert
+from ._checks import number, one_of, positive_int
+from .inference.guides import CauchyGuide, DeltaGuide, MixtureGuide
+from .inference.objectives import ESTIMATORS, OBJECTIVES
+from .inference.train_config import PRECISIONS, TrainConfig
+from .models.base import Rank1Model
+from .models.zoo import ZOO, rank1_network
+from .priors import FactorPrior, make_prior
 
 __all__ = [
     "RunConfig",
     "load_config",
-    "cifar_datasets",
-    "imagenet_datasets",
     "CONFIGS",
     "OFFLINE_DATASETS",
     "CONFIG_DIR",
     "DATASETS",
-    "MODELS",
     "GUIDES",
     "FILE_DATASETS",
     "LIKELIHOODS",
@@ -66,30 +57,9 @@ __all__ = [
     "defaults_table",
 ]
 
-def _mlp(num_classes, ensemble_size, prior, batchnorm, num_data, input_shape, hidden=(128, 128)):
-    """A rank-1 MLP on flattened inputs (``batchnorm`` does not apply: it has none)."""
-    in_features = math.prod(input_shape)
-    layers = rank1_mlp(in_features, list(hidden), num_classes, ensemble_size=ensemble_size, prior=prior).net
-    net = nn.Sequential(nn.Flatten(start_dim=-len(input_shape)), *layers)
-    return Rank1Model(net, ensemble_size, num_data=num_data)
-
-
-def _lenet5(num_classes, ensemble_size, prior, batchnorm, num_data, input_shape):
-    """Rank-1 LeNet-5 on ``(C, H, W)`` images."""
-    return lenet5(num_classes, input_shape[0], ensemble_size, prior, num_data=num_data)
-
 
 #: the directory of the shipped TOML configurations
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-#: rank-1 builders a config may name; each takes num_classes, ensemble_size, prior, batchnorm, num_data
-MODELS = {
-    "mlp": _mlp,
-    "lenet5": _lenet5,
-    "wrn28_10": wide_resnet28_10,
-    "resnet50": resnet50_imagenet,
-    "resnet18_cifar": resnet18_cifar,
-    "resnet20_cifar": resnet20_cifar,
-}
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: Pyro autoguides a config may name (they run on the same model: the factors are ordinary sites)
 AUTOGUIDES = {"autonormal": AutoNormal, "autolowrank": AutoLowRankMultivariateNormal}
 GUIDES = {"mixture": MixtureGuide, "delta": DeltaGuide, "cauchy": CauchyGuide, **AUTOGUIDES}
@@ -108,7 +78,7 @@ _PRIOR_KEYS = ("family", "loc", "scale")
 CONFIG_HELP = {
     "name": "the run's name (the default run directory is `runs/<name>-<time>`)",
     "dataset": "digits, fashion_mnist, mnist1d, cifar10, cifar100, imagenet, or your files: csv, parquet, npz, npy, image_folder",
-    "model": "mlp, lenet5, resnet18_cifar, resnet20_cifar, wrn28_10, resnet50",
+    "model": "a network of the model zoo: " + ", ".join(ZOO),
     "num_classes": "number of classes (1 for regression)",
     "model_args": "extra arguments of the model builder, e.g. `{ hidden = [128, 128] }` for mlp",
     "likelihood": "categorical (classification) or normal (regression, your own files only)",
@@ -216,23 +186,28 @@ class RunConfig:
     @classmethod
     def defaults(cls) -> dict:
         """Every key's default (``dataclasses.MISSING`` for the required keys)."""
-        return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cls)}
+        return {
+            f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)
+        }
 
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict) -> "RunConfig":
+    def from_dict(cls, values: dict) -> RunConfig:
         """A config from plain values; unknown keys raise :class:`ValueError` listing the valid ones."""
         if not isinstance(values, dict):
             raise ValueError(f"a config must be a table of keys, got {type(values).__name__}")
         unknown = sorted(set(values) - set(cls.keys()))
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown}; valid keys: {cls.keys()}")
-        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING and f.name not in values]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values
+        ]
         if missing:
             raise ValueError(f"missing config key(s) {missing}; valid keys: {cls.keys()}")
         values = dict(values)
@@ -240,7 +215,7 @@ class RunConfig:
             values["decay_epochs"] = tuple(values["decay_epochs"])
         return cls(**values)
 
-    def replace(self, **changes) -> "RunConfig":
+    def replace(self, **changes) -> RunConfig:
         """A copy with some fields changed (validated like :meth:`from_dict`)."""
         return type(self).from_dict({**dataclasses.asdict(self), **changes})
 
@@ -248,36 +223,31 @@ class RunConfig:
         def choice(name, options):
             one_of(name, getattr(self, name), sorted(options))
 
-        def positive(name, integer=False):
-            value = getattr(self, name)
-            kinds = int if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
-                raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
-
-        def non_negative(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
         one_of("dataset", self.dataset, sorted(DATASETS) + list(FILE_DATASETS))
         choice("likelihood", LIKELIHOODS)
-        choice("model", MODELS)
+        choice("model", ZOO)
         choice("guide", GUIDES)
         choice("objective", OBJECTIVES)
         choice("estimator", ESTIMATORS)
         choice("precision", PRECISIONS)
         choice("batchnorm", convert.BATCHNORM_MODES)
         choice("optimizer", ("sgd", "adam"))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("num_classes", "ensemble_size", "epochs", "per_core_batch_size", "num_cores", "lr_reference_batch"):
-            positive(name, integer=True)
+        number("seed", self.seed, integer=True)
+        for name in (
+            "num_classes",
+            "ensemble_size",
+            "epochs",
+            "per_core_batch_size",
+            "num_cores",
+            "lr_reference_batch",
+        ):
+            positive_int(name, getattr(self, name))
         for name in ("init_scale", "base_learning_rate", "decay_rate"):
-            positive(name)
+            number(name, getattr(self, name), strict=True)
         for name in ("momentum", "warmup_epochs", "kl_annealing_epochs", "l2", "kl_weight"):
-            non_negative(name)
+            number(name, getattr(self, name))
         if not isinstance(self.nesterov, bool):
             raise ValueError(f"nesterov must be true or false, got {self.nesterov!r}")
         if self.init_sign_prob is not None and not (
@@ -289,19 +259,29 @@ class RunConfig:
                 f"per_core_batch_size ({self.per_core_batch_size}) counts tiled rows and must be >= "
                 f"ensemble_size ({self.ensemble_size})"
             )
-        from ..files import check_data_table
+        from .files import check_data_table
 
         check_data_table(self.dataset, self.data)
         if self.likelihood == "normal":
             if self.dataset not in FILE_DATASETS or self.dataset == "image_folder":
-                raise ValueError(f"likelihood 'normal' (regression) needs a table or arrays of your own "
-                                 f"(dataset one of {list(FILE_DATASETS[:4])}); {self.dataset!r} is classification")
+                raise ValueError(
+                    f"likelihood 'normal' (regression) needs a table or arrays of your own "
+                    f"(dataset one of {list(FILE_DATASETS[:4])}); {self.dataset!r} is classification"
+                )
             if self.num_classes != 1:
-                raise ValueError(f"likelihood 'normal' (regression) has one output: num_classes must be 1, got {self.num_classes}")
-        elif self.dataset in DATASETS and self.dataset != "imagenet" and self.num_classes != DATASETS[self.dataset]:  # ImageNet folders may be subsets
+                raise ValueError(
+                    f"likelihood 'normal' (regression) has one output: num_classes must be 1, got {self.num_classes}"
+                )
+        elif (
+            self.dataset in DATASETS and self.dataset != "imagenet" and self.num_classes != DATASETS[self.dataset]
+        ):  # ImageNet folders may be subsets
             raise ValueError(f"num_classes={self.num_classes} but {self.dataset} has {DATASETS[self.dataset]} classes")
         epochs = list(self.decay_epochs) if isinstance(self.decay_epochs, (tuple, list)) else None
-        if epochs is None or any(isinstance(e, bool) or not isinstance(e, (int, float)) or e < 0 for e in epochs) or epochs != sorted(epochs):
+        if (
+            epochs is None
+            or any(isinstance(e, bool) or not isinstance(e, (int, float)) or e < 0 for e in epochs)
+            or epochs != sorted(epochs)
+        ):
             raise ValueError(f"decay_epochs must be an increasing list of epochs, got {self.decay_epochs!r}")
         if not isinstance(self.model_args, dict):
             raise ValueError(f"model_args must be a table, got {self.model_args!r}")
@@ -331,27 +311,24 @@ class RunConfig:
         ``input_shape`` (one example's shape) is needed by models sized by their data (``mlp``,
         ``lenet5``'s input channels).
         """
-        builder = MODELS[self.model]
-        extra = {}
-        if "input_shape" in inspect.signature(builder).parameters:
-            if input_shape is None:
-                raise ValueError(f"model {self.model!r} needs the input shape of the data (input_shape=...)")
-            extra["input_shape"] = tuple(input_shape)
-        try:
-            model = builder(
-                num_classes=self.num_classes,
-                ensemble_size=self.ensemble_size,
-                prior=self.prior_spec(),
-                batchnorm=self.batchnorm,
-                num_data=num_data,
-                **extra,
-                **self.model_args,
-            )
-        except TypeError as e:
-            raise ValueError(f"model_args {self.model_args!r} do not fit model {self.model!r}: {e}") from None
+        model = rank1_network(
+            self.model,
+            self.num_classes,
+            self.ensemble_size,
+            self.prior_spec(),
+            input_shape=input_shape,
+            batchnorm=self.batchnorm,
+            num_data=num_data,
+            **self.model_args,
+        )
         if self.likelihood != model.likelihood:  # regression: the same network, a Gaussian observation (noise learned)
-            model = Rank1Model(model.net, model.ensemble_size, likelihood=self.likelihood, num_data=num_data,
-                               flat_batch=model.flat_batch)
+            model = Rank1Model(
+                model.net,
+                model.ensemble_size,
+                likelihood=self.likelihood,
+                num_data=num_data,
+                flat_batch=model.flat_batch,
+            )
         return model
 
     def build_guide(self, model: Rank1Model, input_shape: tuple[int, ...] | None = None):
@@ -395,9 +372,11 @@ class RunConfig:
         ``estimator``; ``kwargs`` go to its constructor and take precedence."""
         return OBJECTIVES[self.objective](**{"kl_weight": self.kl_weight, "estimator": self.estimator, **kwargs})
 
-    def train_kwargs(self) -> dict:
-        """Keyword arguments of :func:`rank1_pyro.inference.train.train` for this schedule."""
-        return dict(
+    def train_config(self, **changes) -> TrainConfig:
+        """How :func:`~rank1_pyro.inference.train.train` trains this config: the optimiser and
+        schedule as a :class:`~rank1_pyro.inference.train_config.TrainConfig` (the seed included),
+        with ``changes`` (other :class:`TrainConfig` fields: device, checkpoints, progress, ...)."""
+        settings = dict(
             objective=self.build_objective(),
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -411,7 +390,9 @@ class RunConfig:
             decay_rate=self.decay_rate,
             kl_annealing_epochs=self.kl_annealing_epochs,
             precision=self.precision,
+            seed=self.seed,
         )
+        return TrainConfig(**{**settings, **changes})
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, root=None):
@@ -419,7 +400,7 @@ class RunConfig:
         (:data:`FILE_DATASETS`), their :class:`~rank1_pyro.files.Preprocessing` (training-split
         statistics, class names; ``None`` for the built-in data sets)."""
         if self.dataset in FILE_DATASETS:
-            from ..files import load_file_data
+            from .files import load_file_data
 
             return load_file_data(self, root)
         return (*self.datasets(root), None)
@@ -438,11 +419,13 @@ class RunConfig:
         if self.dataset in OFFLINE_DATASETS:
             from torch.utils.data import TensorDataset
 
-            from ..data import load_dataset
+            from .data import load_dataset
 
             kwargs = {"root": root} if self.dataset == "fashion_mnist" else {}
             split = load_dataset(self.dataset, **kwargs)
             return TensorDataset(split.x_train, split.y_train), TensorDataset(split.x_test, split.y_test)
+        from .data import cifar_datasets, imagenet_datasets
+
         if self.dataset == "imagenet":
             return imagenet_datasets(root)
         return cifar_datasets(self.dataset, root)
@@ -474,91 +457,3 @@ def load_config(name_or_path) -> RunConfig:
         return RunConfig.from_dict(values)
     except ValueError as e:
         raise ValueError(f"config {path}: {e}") from None
-
-
-# ------------------------------------------------------------------------------------------
-# Data: torchvision data sets the user already has (nothing is ever downloaded)
-# ------------------------------------------------------------------------------------------
-#: torchvision's CIFAR layout: folder under the root and the files it must hold
-_CIFAR_FILES = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
-    "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
-}
-#: per-channel mean and stddev of the CIFAR training images
-_CIFAR_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-
-
-def _root(root) -> Path:
-    if root is None:
-        raise ValueError("a data root is needed: the directory that holds the data set (nothing is downloaded)")
-    return Path(root).expanduser()
-
-
-def cifar_datasets(name: str, root):
-    """CIFAR-10/100 ``(train, test)`` through torchvision (``download=False``).
-
-    ``root`` is the directory holding torchvision's ``cifar-10-batches-py`` (``cifar-100-python``)
-    folder, or that folder itself. Training images get the standard augmentation (random crop
-    with 4 pixels of padding, horizontal flip); all images are standardised per channel.
-    """
-    import torchvision
-    from torchvision import transforms as T
-
-    folder, files = _CIFAR_FILES[one_of("cifar data set", name, sorted(_CIFAR_FILES))]
-    root = _root(root)
-    candidates = [root / folder] + ([root] if root.name == folder else [])
-    checked = []
-    for candidate in candidates:
-        missing = [f for f in files if not (candidate / f).is_file()]
-        if not missing:
-            break
-        checked.append(f"{candidate} (missing: {', '.join(missing)})")
-    else:
-        raise FileNotFoundError(
-            f"{name} not found; checked {'; '.join(checked)}. Put torchvision's {folder!r} folder "
-            f"(files {', '.join(files)}) under the root; this library never downloads data."
-        )
-    mean, std = _CIFAR_STATS[name]
-    normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalize])
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    tv_root = str(candidate.parent)
-    return (
-        cls(tv_root, train=True, transform=train_tf, download=False),
-        cls(tv_root, train=False, transform=T.Compose(normalize), download=False),
-    )
-
-
-def imagenet_datasets(root, image_size: int = 224):
-    """ImageNet ``(train, val)`` as torchvision ``ImageFolder`` s of ``root/train`` and ``root/val``.
-
-    Each split folder holds one sub-folder of images per class. Training images get a random
-    resized crop to ``image_size`` and a horizontal flip, validation images a resize to
-    ``image_size × 8/7`` and a center crop; pixels are scaled to [0, 1] (the reference ResNet-50
-    does not standardise its input).
-    """
-    import torchvision
-    from torchvision import transforms as T
-
-    root = _root(root)
-    problems = []
-    for split in ("train", "val"):
-        path = root / split
-        if not path.is_dir():
-            problems.append(f"{path} (no such directory)")
-        elif not any(p.is_dir() for p in path.iterdir()):
-            problems.append(f"{path} (no class sub-directories)")
-    if problems:
-        raise FileNotFoundError(
-            f"imagenet not found; checked {'; '.join(problems)}. Expected ImageFolder layout "
-            "root/train/<class>/*.JPEG and root/val/<class>/*.JPEG; this library never downloads data."
-        )
-    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()])
-    val_tf = T.Compose([T.Resize(image_size * 8 // 7), T.CenterCrop(image_size), T.ToTensor()])
-    return (
-        torchvision.datasets.ImageFolder(str(root / "train"), transform=train_tf),
-        torchvision.datasets.ImageFolder(str(root / "val"), transform=val_tf),
-    )

@@ -1,0 +1,194 @@
+"""Mutation testing of one module with its own tests (mutmut 3), and the score that proves it.
+
+    python tools/mutants.py rank1_pyro/metrics.py             # one module (make mutants MODULE=...)
+    python tools/mutants.py --changed                         # the modules changed since main (make mutants-changed)
+    python tools/mutants.py --table                           # docs/testing.md's table from the kept results
+
+mutmut changes the module one small edit at a time (a ``<`` becomes ``<=``, a constant moves, an
+argument is dropped, ...) and runs the tests that exercise the changed function; a *killed* mutant
+made a test fail, a *surviving* one did not. Each module runs in a scratch copy
+``.mutants/<module>/`` whose ``pyproject.toml`` carries the shared ``[tool.mutmut]`` settings of
+this project's pyproject with ``only_mutate`` set to the module and the test selection set to the
+module's tests (``[tool.rank1_pyro.mutation-tests]``), so a run costs minutes, not the whole suite
+per mutant.
+
+A surviving mutant is either a missing test (write one that compares against an independent
+computation) or *equivalent* (the change cannot alter behaviour): list those in
+``tests/mutants/equivalent.toml`` with a one-line reason, so the next run does not re-triage them.
+The result of each run is kept in ``docs/results/mutants/<module>.json``:
+generated, killed, equivalent, surviving (their names), and the score
+``killed / (generated - equivalent)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRATCH = ROOT / ".mutants"
+RESULTS = ROOT / "docs" / "results" / "mutants"
+EQUIVALENT = ROOT / "tests" / "mutants" / "equivalent.toml"
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def module_tests(module: str) -> list[str]:
+    """The test files of ``module`` (``[tool.rank1_pyro.mutation-tests]``, else ``tests/test_<name>.py``)."""
+    table = _pyproject().get("tool", {}).get("rank1_pyro", {}).get("mutation-tests", {})
+    if module in table:
+        return list(table[module])
+    guess = ROOT / "tests" / f"test_{Path(module).stem}.py"
+    if not guess.exists():
+        raise SystemExit(f"no tests known for {module}: add it to [tool.rank1_pyro.mutation-tests] in pyproject.toml")
+    return [str(guess.relative_to(ROOT))]
+
+
+def equivalent(module: str) -> dict[str, str]:
+    """Mutant name -> reason, for the listed equivalent mutants of ``module``."""
+    if not EQUIVALENT.exists():
+        return {}
+    return dict(tomllib.loads(EQUIVALENT.read_text()).get(module, {}))
+
+
+def _toml_list(values) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def _scratch(module: str, tests: list[str]) -> Path:
+    """A copy of the package and the tests with a pyproject that mutates ``module`` only."""
+    work = SCRATCH / Path(module).with_suffix("").as_posix().replace("/", ".")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "rank1_pyro", work / "rank1_pyro", ignore=ignore)
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=ignore)
+    base = _pyproject().get("tool", {}).get("mutmut", {})
+    lines = ["[tool.mutmut]"]
+    for key, value in base.items():
+        if key not in ("only_mutate", "pytest_add_cli_args_test_selection"):
+            lines.append(f"{key} = {json.dumps(value) if not isinstance(value, list) else _toml_list(value)}")
+    lines.append(f"only_mutate = {_toml_list([module])}")
+    lines.append(f"pytest_add_cli_args_test_selection = {_toml_list(tests)}")
+    pytest_opts = _pyproject()["tool"]["pytest"]["ini_options"]
+    lines += ["", "[tool.pytest.ini_options]", f"testpaths = {_toml_list(tests)}"]
+    lines += [f"markers = {_toml_list(pytest_opts.get('markers', []))}"]
+    lines += [f"filterwarnings = {_toml_list(pytest_opts.get('filterwarnings', []))}"]
+    (work / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return work
+
+
+def _names(output: str, status: str) -> list[str]:
+    return sorted(set(re.findall(rf"^\s*(\S+): {status}\s*$", output, flags=re.M)))
+
+
+def run_module(module: str, max_children: int) -> dict:
+    """Run mutmut on ``module`` in its scratch copy; returns (and keeps) the counts."""
+    if not (ROOT / module).is_file():
+        raise SystemExit(f"no such module: {module}")
+    tests = module_tests(module)
+    work = _scratch(module, tests)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    mutmut = [sys.executable, "-m", "mutmut"]
+    print(f"{module}: mutating with {', '.join(tests)} in {work.relative_to(ROOT)}", flush=True)
+    with open(work / "mutmut.log", "w") as log:  # mutmut's progress display, kept out of the terminal
+        subprocess.run(
+            [*mutmut, "run", "--max-children", str(max_children)],
+            cwd=work,
+            env=env,
+            check=False,
+            stdout=log,
+            stderr=log,
+        )
+    subprocess.run([*mutmut, "export-cicd-stats"], cwd=work, env=env, check=False, capture_output=True)
+    stats = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
+    listing = subprocess.run(
+        [*mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True
+    ).stdout
+    survived = _names(listing, "survived")
+    uncovered = _names(listing, "no tests")
+    known = equivalent(module)
+    real = [m for m in survived + uncovered if m not in known]
+    generated = int(stats.get("total", 0))
+    killed = int(stats.get("killed", 0)) + int(stats.get("timeout", 0))
+    counted = generated - len([m for m in known if m in survived + uncovered])
+    result = {
+        "module": module,
+        "tests": tests,
+        "generated": generated,
+        "killed": killed,
+        "equivalent": sorted(m for m in known if m in survived + uncovered),
+        "surviving": real,
+        "no_tests": uncovered,
+        "score": killed / counted if counted else 1.0,
+        "mutmut": stats,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{Path(module).with_suffix('').as_posix().replace('/', '.')}.json").write_text(
+        json.dumps(result, indent=1) + "\n"
+    )
+    print(
+        f"{module}: {generated} mutants, {killed} killed, {len(result['equivalent'])} equivalent, "
+        f"{len(real)} surviving -> score {result['score']:.1%}"
+    )
+    for name in real:
+        print(f"  surviving: {name}   (inspect: cd {work.relative_to(ROOT)} && python -m mutmut show {name})")
+    return result
+
+
+def changed_modules() -> list[str]:
+    """Library modules that differ from the ``main`` branch (committed or not) or are new."""
+    out = subprocess.run(
+        ["git", "diff", "--name-only", "main", "--", "rank1_pyro"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    new = subprocess.run(
+        ["git", "ls-files", "--others", "--exclude-standard", "rank1_pyro"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    return sorted({p for p in out + new if p.endswith(".py") and (ROOT / p).exists() and not p.endswith("__init__.py")})
+
+
+def table() -> str:
+    """Markdown table of every kept result (docs/testing.md)."""
+    rows = [
+        "| module | tests | mutants | killed | equivalent | surviving | score |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for path in sorted(RESULTS.glob("*.json")):
+        r = json.loads(path.read_text())
+        rows.append(
+            f"| `{r['module']}` | {', '.join(Path(t).name for t in r['tests'])} | {r['generated']} | {r['killed']} | "
+            f"{len(r['equivalent'])} | {len(r['surviving'])} | {r['score']:.1%} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help="library modules, e.g. rank1_pyro/metrics.py")
+    parser.add_argument("--changed", action="store_true", help="the modules changed since the main branch")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of the kept results")
+    parser.add_argument("--max-children", type=int, default=2, help="parallel mutant runs (default 2)")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table())
+        return 0
+    modules = args.modules + (changed_modules() if args.changed else [])
+    if not modules:
+        print("nothing to mutate" + (" (no module changed since main)" if args.changed else ": name a module"))
+        return 0
+    results = [run_module(m, args.max_children) for m in modules]
+    return 0 if all(r["score"] >= 0.9 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
