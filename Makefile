@@ -28,10 +28,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# ruff's linter and formatter, configured in pyproject.toml ([tool.ruff]); `make format` applies both
+# ruff's linter and formatter, configured in pyproject.toml ([tool.ruff]), and no import cycle in the package
+# (tools/import_graph.py); `make format` applies ruff's fixes
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) tools/import_graph.py
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
@@ -81,4 +83,4 @@ mutants-changed: $(STAMP)
 coverage: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m coverage run --branch --source=rank1_pyro -m pytest -q
-	$(PY) -m coverage report --skip-covered --show-missing
+	$(PY) tools/coverage_table.py .coverage

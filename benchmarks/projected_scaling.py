@@ -37,7 +37,7 @@ from torch.func import vmap
 
 from rank1_pyro import mlp
 from rank1_pyro.inference import predict
-from rank1_pyro.inference.train import resolve_device
+from rank1_pyro.inference.distributed import resolve_device
 from rank1_pyro.laplace import FlatFunctional, ProjectedPosterior
 from rank1_pyro.metrics import accuracy, nll, ood_auroc
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from rank1_pyro import MixtureELBO, MixtureGuide, rank1_mlp
 from rank1_pyro.inference import Rank1Posterior
-from rank1_pyro.inference.train import resolve_device
+from rank1_pyro.inference.distributed import resolve_device
 
 
 def timeit(fn, repeats: int, blocks: int = 5, device=None) -> float:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from rank1_pyro import AveragedELBO, DeltaGuide, MixtureGuide, members, rank1_mlp
 from rank1_pyro.inference import Rank1Posterior
-from rank1_pyro.inference.train import resolve_device
+from rank1_pyro.inference.distributed import resolve_device
 from rank1_pyro.layers import FACTOR_CLIP, Rank1Layer
 from rank1_pyro.models import lenet5_net, mlp, rank1_network, resnet20_cifar_net
 

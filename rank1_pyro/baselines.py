@@ -39,8 +39,8 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from ._checks import one_of, positive_int
-from .inference.predictive import Rank1Posterior, _device_of, _module_mode
-from .inference.train import History, empty_guide, train
+from .inference.predictive import Rank1Posterior, _device_of, _module_mode, empty_guide
+from .inference.train import History, train
 from .models import Rank1Model, lenet5_net
 from .models.base import LIKELIHOODS
 

@@ -23,6 +23,8 @@ on the model's parameters (:meth:`RunConfig.train_config`).
     model, guide = cfg.build(num_data=50_000)
     train_set, test_set = cfg.datasets("~/data")       # never downloads
     history = train(model, guide, DataLoader(train_set, cfg.batch_size, shuffle=True), cfg.train_config())
+
+One concept, one module (hence over 400 lines): one experiment's declarative description (:class:`RunConfig`: its keys, their validation and defaults table, and how it builds model, guide, objective, schedule and data).
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ feature, per channel for images), and regression targets likewise; class labels 
 ``0 .. C-1`` in sorted order. These statistics are a :class:`Preprocessing`, saved as
 ``data.json`` in the run directory, so :meth:`Preprocessing.inputs` turns new raw inputs into
 what the network saw, and predictions are mapped back to the target's units.
+
+One concept, one module (hence over 400 lines): the user's own data files: reading tables, arrays and image folders, and the preprocessing stored with a run.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ any number of leading sample dims (vectorized ELBO particles, a Monte Carlo pred
 plate at dim -3). A hierarchical prior adds one global site ``"<path>.r_scale"`` sampled
 outside the member plate. Guides and objectives see nothing but these sites, so any guide
 (including Pyro's autoguides) and any ELBO apply.
+
+One concept, one module (hence over 400 lines): the rank-1 layers and the members plate they share.
 """
 
 from __future__ import annotations

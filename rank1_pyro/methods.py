@@ -44,7 +44,8 @@ from torch import nn
 
 from .baselines import DeepEnsemble, MCDropout, insert_dropout
 from .inference import DeltaGuide, MixtureGuide, Rank1Posterior
-from .inference.train import empty_guide, train
+from .inference.predictive import empty_guide
+from .inference.train import train
 from .inference.train_config import TrainConfig
 from .laplace import ProjectedPosterior, SubnetLaplace, rank1_point_network
 from .models import Rank1Model

@@ -37,6 +37,8 @@ A run directory is a unit:
     run = load_run("runs/houses")
     table = run.predict("new_houses.csv")     # a RunPrediction: .columns(), .to_csv(), .to_json()
     table = run.predict("new_houses.csv", posterior="laplace")   # after `rank1-pyro laplace runs/houses`
+
+One concept, one module (hence over 400 lines): run directories: their files, locks, staging, manifests, and loading a run back.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from rank1_pyro.baselines import DeepEnsemble, MCDropout, insert_dropout, lenet5
 from rank1_pyro.data import Split, load_digits
 from rank1_pyro.experiments import markdown_table, plan_jobs, run_job, run_jobs, shift_sets, summarize
 from rank1_pyro.inference import MixtureGuide, Posterior, Rank1Posterior, predict
-from rank1_pyro.inference.train import empty_guide, train
+from rank1_pyro.inference.predictive import empty_guide
+from rank1_pyro.inference.train import train
 from rank1_pyro.inference.train_config import TrainConfig
 from rank1_pyro.methods import METHODS, Architecture, MethodSettings, check_methods, fit_method
 from rank1_pyro.models import Rank1Model, lenet5_net, mlp, rank1_network

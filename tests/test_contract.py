@@ -399,7 +399,7 @@ def test_predictive_nll_is_computed_in_log_space_and_never_clamped():
     and above float32's smallest probability; the library reports it exactly."""
     from rank1_pyro import metrics
     from rank1_pyro.inference import Rank1Posterior, predict
-    from rank1_pyro.inference.train import evaluate
+    from rank1_pyro.inference.predictive import evaluate
 
     model = rank1_mlp(2, [8], 3, ensemble_size=2)
     guide = DeltaGuide(model, init_loc_std=0.0)  # r = s = 1: every member is the deterministic network

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from rank1_pyro import MixtureGuide, rank1_mlp
 from rank1_pyro.inference import distributed as D
-from rank1_pyro.inference.train import _training_loader, train
+from rank1_pyro.inference.distributed import training_loader as _training_loader
+from rank1_pyro.inference.train import train
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"

@@ -173,3 +173,14 @@ def test_base_class_has_no_component():
     guide = Rank1Guide(mlp())
     with pytest.raises(NotImplementedError):
         guide.component("net.0.r")
+
+
+def test_defaults_and_keyword_arguments_reach_the_base_guide():
+    guide = MixtureGuide(mlp())  # the reference's initial stddev ≈ 0.0316 (raw ≈ -3.44)
+    torch.testing.assert_close(F.softplus(guide.raw_scale["net__0__r"]), torch.full((K, 1, 3), 0.0316))
+    assert guide.raw_scale["net__0__r"][0, 0, 0].item() == pytest.approx(-3.44, abs=0.01)
+    delta = DeltaGuide(mlp(Gaussian(1.0, HalfCauchy(0.2))), init_sign_prob=0.0, init_loc_std=0.0, init_scale=0.2)
+    assert all(torch.all(p == -1.0) for p in delta.loc.values())  # init_sign_prob reaches the base class
+    assert F.softplus(delta.hyper_raw_scale["net__0__r"]).item() == pytest.approx(0.2, rel=1e-5)  # so do kwargs
+    with pytest.raises(ValueError, match="init_scale must be > 0"):
+        DeltaGuide(mlp(), init_scale=0.0)

@@ -10,7 +10,7 @@ from torch import nn
 
 from rank1_pyro import Cauchy, Gaussian, HalfCauchy, PriorMap, Rank1Conv2d, Rank1Linear, Rank1LSTM, members
 from rank1_pyro import layers as layers_module
-from rank1_pyro.layers import FACTOR_CLIP, factor_sites, member_plate
+from rank1_pyro.layers import FACTOR_CLIP, Rank1Layer, factor_sites, member_plate
 
 K, B = 3, 5
 
@@ -224,6 +224,19 @@ def test_conv_sample_draws_broadcast_against_the_input(fold):
             torch.testing.assert_close(out[i, k], expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fold", [True, False])
+def test_conv_input_with_two_sample_dims(fold):
+    layer = Rank1Conv2d(2, 3, 3, padding=1, ensemble_size=2)
+    layer.fold = fold
+    values = factors(layer, 2, 1)
+    x = torch.randn(2, 3, 2, B, 2, 4, 4)  # (S1, S2, K, B, C, H, W): the factors broadcast over both
+    out = run(layer, x, values)
+    assert out.shape == (2, 3, 2, B, 3, 4, 4)
+    for i, j, k in ((0, 0, 0), (1, 2, 1), (0, 2, 1), (1, 1, 0)):
+        expected = dense_conv(x[i, j, k], layer.weight, values["r"][k, 0], values["s"][k, 0], layer.bias[k], padding=1)
+        torch.testing.assert_close(out[i, j, k], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_conv_per_example_factors_scale_each_example():
     layer = Rank1Conv2d(2, 3, 3, padding=1, ensemble_size=2)
     layer.fold = True  # per-example factors have no per-member kernel: scaled anyway
@@ -333,6 +346,7 @@ def test_linear_flat_layout_equals_structured_layout(fold):
     values = factors(layer, 3, 1)
     x = torch.randn(3, B, 4)
     structured = run(layer, x, values)
+    assert (structured.grad_fn.name() == "MulBackward0") == (not fold)  # scaled (no bias) unless folded
     flat = run(layer, x.reshape(3 * B, 4), values)
     assert flat.shape == (3 * B, 6)
     torch.testing.assert_close(flat, structured.reshape(3 * B, 6))
@@ -367,14 +381,16 @@ def test_lstm_sample_draws_and_per_example_factors_equal_hand_loops():
                 torch.testing.assert_close(out[i, k, b], o)
                 torch.testing.assert_close(h_n[i, k, b], h)
                 torch.testing.assert_close(c_n[i, k, b], c)
-    values = factors(layer, 2, B)  # per-example factors (K, B, n)
-    out, (h_n, c_n) = run(layer, x, values)
-    for k in range(2):
-        for b in range(B):
-            f = {n: v[k, b] for n, v in values.items()} | {"bias": layer.bias[k]}
-            o, h, c = lstm_by_hand(x[k, b], layer, f, 5)
-            torch.testing.assert_close(out[k, b], o)
-            torch.testing.assert_close(c_n[k, b], c)
+    values = factors(layer, S, 2, B)  # per-example factors (S, K, B, n)
+    with pyro.plate("samples", S, dim=-3):
+        out, (h_n, c_n) = run(layer, x, values)
+    for i in range(S):
+        for k in range(2):
+            for b in range(B):
+                f = {n: v[i, k, b] for n, v in values.items()} | {"bias": layer.bias[k]}
+                o, h, c = lstm_by_hand(x[k, b], layer, f, 5)
+                torch.testing.assert_close(out[i, k, b], o)
+                torch.testing.assert_close(c_n[i, k, b], c)
 
 
 def test_lstm_flat_layout_and_no_bias():
@@ -422,6 +438,7 @@ def test_initialisation_and_defaults_follow_the_torch_layers():
     assert (conv.stride, conv.padding, conv.dilation) == (ref.stride, ref.padding, ref.dilation)
     assert Rank1Conv2d(2, 3, 3, padding=1).padding == nn.Conv2d(2, 3, 3, padding=1).padding == (1, 1)
     assert Rank1Linear(2, 3).ensemble_size == Rank1Conv2d(2, 3, 1).ensemble_size == Rank1LSTM(2, 3).ensemble_size == 4
+    assert Rank1Layer().ensemble_size == 4 and Rank1Layer().prior.default == Gaussian()
     assert Rank1Conv2d(2, 4, 1, bias=False).bias is None
 
 

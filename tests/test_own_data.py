@@ -409,7 +409,7 @@ def test_static_cli_choices_match_the_library():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_index_is_reported_as_requested():
-    from rank1_pyro.inference.train import resolve_device
+    from rank1_pyro.inference.distributed import resolve_device
 
     with pytest.raises(ValueError, match="device='cuda:1' was requested"):
         resolve_device("cuda:1")

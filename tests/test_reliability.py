@@ -33,8 +33,8 @@ import rank1_pyro.runs as runs
 from rank1_pyro import MixtureGuide, metrics, rank1_mlp
 from rank1_pyro.cli import main
 from rank1_pyro.inference.checkpoint import CheckpointError
-from rank1_pyro.inference.predictive import Rank1Posterior, predict
-from rank1_pyro.inference.train import evaluate, train
+from rank1_pyro.inference.predictive import Rank1Posterior, evaluate, predict
+from rank1_pyro.inference.train import train
 
 MANIFEST_FILE = "run.json"
 
@@ -652,7 +652,7 @@ def _interrupt_in(module_name, attr, nth=1):
 
 def _interrupt_csv_log(nth):
     def patch(monkeypatch):
-        from rank1_pyro.inference.train import CsvLog
+        from rank1_pyro.inference.progress import CsvLog
 
         original, calls = CsvLog.write, []
 
@@ -672,8 +672,8 @@ PHASES = [
     ("before-first-checkpoint", _interrupt_at_step(3), []),
     ("mid-epoch", _interrupt_at_step(8), ["--checkpoint-every", "5"]),
     ("after-an-epoch", _interrupt_at_step(15), []),
-    ("while-writing-the-first-checkpoint", _interrupt_in("rank1_pyro.inference.train", "atomic_save"), []),
-    ("while-writing-a-later-checkpoint", _interrupt_in("rank1_pyro.inference.train", "atomic_save", 2), []),
+    ("while-writing-the-first-checkpoint", _interrupt_in("rank1_pyro.inference.checkpoint", "atomic_save"), []),
+    ("while-writing-a-later-checkpoint", _interrupt_in("rank1_pyro.inference.checkpoint", "atomic_save", 2), []),
     ("while-writing-the-config", _interrupt_in("rank1_pyro.runs", "write_json", 1), []),
     # write_json: 1 config.json, 2 data.json, 3 and 4 metrics.json after epochs 1 and 2, 5 the final metrics.json
     ("while-writing-the-data-description", _interrupt_in("rank1_pyro.runs", "write_json", 2), []),
@@ -769,7 +769,7 @@ def test_history_is_written_after_every_epoch_and_survives_an_interruption(
 
 
 def test_a_history_that_disagrees_with_the_checkpoint_is_rewritten(tmp_path):
-    from rank1_pyro.inference.train import CsvLog
+    from rank1_pyro.inference.progress import CsvLog
 
     path = tmp_path / "h.csv"
     log = CsvLog(path)

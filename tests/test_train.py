@@ -5,7 +5,9 @@ import torch
 from faulty_objectives import FailingELBO, StopAt
 
 from rank1_pyro import MixtureGuide, Rank1Model, mlp, rank1_mlp
-from rank1_pyro.inference.train import NonFiniteLossError, TrainConfig, evaluate, resolve_device, train
+from rank1_pyro.inference.distributed import resolve_device
+from rank1_pyro.inference.predictive import evaluate
+from rank1_pyro.inference.train import NonFiniteLossError, TrainConfig, train
 
 
 def separable(n=300, seed=0):
@@ -125,7 +127,7 @@ def test_without_a_terminal_progress_is_one_line_per_epoch_on_stderr(capsys):
 def test_the_progress_bar_shows_loss_accuracy_and_kl_and_reads_the_device_every_few_steps(capsys):
     from test_host_sync import count_host_reads
 
-    from rank1_pyro.inference.train import refresh_every
+    from rank1_pyro.inference.progress import refresh_every
 
     assert [refresh_every(n) for n in (1, 4, 10, 24, 200, 1000)] == [1, 4, 10, 10, 10, 50]
     reads = {}

@@ -63,7 +63,7 @@ def run(args) -> int:
     from ..cli import UsageError
     from ..data import as_tensors
     from ..diagnostics import MIN_PARETO_DRAWS
-    from ..inference.train import resolve_device
+    from ..inference.distributed import resolve_device
     from ..runs import load_run
 
     if args.samples < 1:

@@ -45,7 +45,8 @@ def run(args) -> int:
     import pyro
 
     from ..data import as_tensors, rotate
-    from ..inference.train import evaluate, resolve_device
+    from ..inference.distributed import resolve_device
+    from ..inference.predictive import evaluate
     from ..runs import load_run
 
     if args.samples < 1:

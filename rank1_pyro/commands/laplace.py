@@ -280,7 +280,7 @@ def run(args) -> int:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from ..inference.train import resolve_device
+    from ..inference.distributed import resolve_device
 
     check_args(args)
     if args.subnetwork == "by-name" and not args.pattern:

@@ -85,7 +85,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import pyro
 
-    from ..inference.train import resolve_device
+    from ..inference.distributed import resolve_device
     from ..runs import load_run
 
     if args.samples < 1:

@@ -66,7 +66,7 @@ def run(args) -> int:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from ..inference.train import resolve_device
+    from ..inference.distributed import resolve_device
     from ..laplace import ProjectedPosterior
     from .laplace import check_args, compare, load_point_network, print_table, save_report
 

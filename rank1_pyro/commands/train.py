@@ -92,8 +92,7 @@ def _check_resume(cfg, saved_cfg, out: Path, model, guide, train_set) -> None:
 def run(args) -> int:
     from ..cli import UsageError
     from ..config import load_config
-    from ..inference.distributed import torchrun_env
-    from ..inference.train import resolve_device
+    from ..inference.distributed import resolve_device, torchrun_env
     from ..runs import check_run_path, lock_run, read_config, run_state
 
     # -- arguments and paths: checked before any work ------------------------------------------
@@ -157,7 +156,8 @@ def _train_into(args, cfg, out, state, train_set, test_set, main_process, stack)
     import torch
 
     from ..inference.checkpoint import CHECKPOINT_NAME, data_fingerprint
-    from ..inference.train import evaluate, train
+    from ..inference.predictive import evaluate
+    from ..inference.train import train
     from ..runs import (
         CONFIG_FILE,
         HISTORY_FILE,

@@ -35,6 +35,8 @@ changed.
 state at the end of every epoch and every ``checkpoint_every`` steps, only while every parameter
 and buffer is finite (so the file on disk is always a good state), and resumes only a run of the
 same data and batch layout (:func:`check_resumable`).
+
+One concept, one module (hence over 400 lines): training checkpoints: writing, checking, resuming (the whole state of a run, bit-exact).
 """
 
 from __future__ import annotations

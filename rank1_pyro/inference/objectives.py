@@ -67,6 +67,8 @@ Use them like any Pyro ELBO: ``SVI(model, guide, optim, loss=MixtureELBO())``, o
 loss with, for the rank-1 objectives, its log-likelihood and KL and the logits of the model's
 categorical observation (for training accuracy), and ``annealing`` takes the KL-annealing
 factor. Any other Pyro ELBO is wrapped in :class:`PlainELBO`, whose terms hold the loss alone.
+
+One concept, one module (hence over 400 lines): the rank-1 ELBOs: one estimator for every guide, with its KL weighting and annealing.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ random state, so ``val_data`` never changes the training trajectory.
 
 A deterministic network is the special case of a model without factors and ``guide=None``
 (maximum a posteriori training with weight decay).
+
+One concept, one module (hence over 400 lines): the training loop.
 """
 
 from __future__ import annotations
@@ -51,15 +53,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import distributed as dist_utils
-from .checkpoint import Checkpointer, atomic_save, data_fingerprint
-from .distributed import resolve_device  # noqa: F401  (re-exported: its old home)
-from .distributed import training_loader as _training_loader  # noqa: F401
+from .checkpoint import Checkpointer, data_fingerprint
+from .distributed import resolve_device
 from .objectives import training_objective
 from .predictive import check_pair, empty_guide, evaluate, floating_dtype
-from .progress import CsvLog, Progress, add_step, epoch_parts, on_host, refresh_every, zero_totals  # noqa: F401
-from .train_config import PRECISIONS, TrainConfig, unknown_names  # noqa: F401  (PRECISIONS: its old home)
+from .progress import Progress, add_step, epoch_parts, on_host, zero_totals
+from .train_config import TrainConfig, unknown_names
 
-__all__ = ["train", "TrainConfig", "History", "NonFiniteLossError", "resolve_device", "empty_guide"]
+__all__ = ["train", "TrainConfig", "History", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -312,8 +313,7 @@ def train(
     fingerprint = data_fingerprint(loader.dataset) if config.checkpoint_dir is not None else None
     batch_size = data.batch_size if isinstance(data, DataLoader) else config.batch_size
     record = config.record(objective, batch_size, num_data, steps_per_epoch, ctx.world_size, fingerprint)
-    # atomic_save is looked up here: tests interrupt a write through this module's name
-    checkpointer = Checkpointer(config.checkpoint_dir, model, guide, opt, sched, record, ctx, device, atomic_save)
+    checkpointer = Checkpointer(config.checkpoint_dir, model, guide, opt, sched, record, ctx, device)
     history, totals = History(), zero_totals()
     step, start_epoch, start_batch, seconds_before = 0, 0, 0, 0.0
     resumed = checkpointer.start(config.resume, ordered=sampler is not None)

@@ -53,6 +53,8 @@ k on example b, as :class:`~rank1_pyro.laplace.functional.Rank1PointNetwork`), i
 members with the member-*averaged* log-likelihood :math:`\frac1K \sum_k \log p(y_n \mid f_k(x_n))`
 (the likelihood term of the averaged ELBO at point-estimate factors): every row carries weight
 1/K in :math:`H` and in the log-likelihood. Blocks are returned as ``(K, b, ...)``.
+
+One concept, one module (hence over 400 lines): Jacobians and generalized Gauss-Newton curvature of a (sub)network, in memory-bounded blocks.
 """
 
 from __future__ import annotations

@@ -73,6 +73,8 @@ Cost: per sample and sweep, one JVP and one VJP per training example (linear in 
 (S·O)×k matmuls per micro-batch (quadratic in O; S×k for ``kind="loss"``); memory: the cached
 eigenvectors, :math:`\le (S\cdot O)^2` per micro-batch, the micro-batches' inputs, and
 ``chunk_size`` × P per vmapped VJP.
+
+One concept, one module (hence over 400 lines): the null-space projected posterior: the projection, its solvers, and its fit.
 """
 
 from __future__ import annotations

@@ -57,6 +57,8 @@ and the GGN and log-likelihood average the members (see :mod:`~rank1_pyro.laplac
 indices, H, δ, the log-likelihood, N, the settings and the cached ε; the Cholesky factor and the
 eigenvalues are recomputed from H when first needed, so a loaded posterior predicts exactly as the
 saved one (:meth:`~rank1_pyro.laplace.base.PostHocPosterior.save`, :meth:`~rank1_pyro.laplace.base.PostHocPosterior.load`).
+
+One concept, one module (hence over 400 lines): the subnetwork linearized Laplace: its fit, marginal likelihood and predictives.
 """
 
 from __future__ import annotations
