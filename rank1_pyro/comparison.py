@@ -567,7 +567,7 @@ def plot_std_ratios(comparison: Comparison, path, *, methods=None) -> Path:
     per approximation; point masses (σ = 0) are left out and named in the legend."""
     plt = _pyplot()
     methods = list(comparison.samples) if methods is None else list(methods)
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     logs = {}
     for name in methods:
         ratios = np.concatenate(
@@ -589,6 +589,6 @@ def plot_std_ratios(comparison: Comparison, path, *, methods=None) -> Path:
     ax.set_xlabel("log₂(std of the approximation / std of HMC), per factor entry")
     ax.set_ylabel("factor entries")
     ax.set_title("Marginal standard deviations of the rank-1 factors relative to HMC")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     return _save(fig, path)

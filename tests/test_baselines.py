@@ -311,3 +311,108 @@ def test_experiment_jobs_resume_and_rerun_changed_ones(tmp_path, monkeypatch):
         jobs = plan_jobs(methods, (0,))
         key = {"settings": repr(replace(SETTINGS, train=SETTINGS.train.replace(epochs=2)))}
         experiments.run_jobs(jobs, lambda *job: experiments.run_job(arch, SETTINGS, data, *job), key, jobs_dir)
+
+
+# ----------------------------------------------------------------------------- mutation-tested behaviour (issue #21)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (
+            lambda: MCDropout(insert_dropout(mlp(2, [4], 2)), likelihood="poisson"),
+            ValueError,
+            r"^likelihood: unknown name",
+        ),
+        (
+            lambda: DeepEnsemble([mlp(2, [], 2)], likelihood="poisson"),
+            ValueError,
+            r"^likelihood: unknown name 'poisson'",
+        ),
+        (lambda: MCDropout("net"), TypeError, r"^expected an nn.Module, got str$"),
+        (lambda: DeepEnsemble(5), ValueError, r"^members must be a non-empty sequence of networks, got int$"),
+        (lambda: DeepEnsemble(m for m in [mlp(2, [], 2)]), ValueError, r"^members must be a non-empty sequence"),
+        (
+            lambda: DeepEnsemble([Rank1Model(mlp(2, [], 1), ensemble_size=1, likelihood="normal", flat_batch=True)]),
+            ValueError,
+            r"^every member must have likelihood 'categorical'$",
+        ),
+        (
+            lambda: DeepEnsemble.from_builder(5),
+            TypeError,
+            r"^build must be a function returning a new network, got int$",
+        ),
+        (lambda: member_seeds(True, 2), ValueError, r"^seed must be an integer >= 0, got True$"),
+        (lambda: member_seeds(1.5, 2), ValueError, r"^seed must be an integer >= 0, got 1.5$"),
+        (lambda: member_seeds(0, 0), ValueError, r"^ensemble_size must be an integer >= 1, got 0$"),
+        (lambda: insert_dropout(nn.Linear(2, 2)), TypeError, r"^insert_dropout needs an nn.Sequential, got Linear$"),
+        (
+            lambda: insert_dropout(nn.Sequential(nn.ReLU()), 0.1),
+            ValueError,
+            r"^insert_dropout: the network has no Linear or Conv layer$",
+        ),
+        (
+            lambda: insert_dropout(mlp(2, [4], 2), False),
+            ValueError,
+            r"^p must be a dropout probability in \[0, 1\), got False$",
+        ),
+        (lambda: insert_dropout(mlp(2, [4], 2), "0.1"), ValueError, r"^p must be a dropout probability"),
+        (
+            lambda: MCDropout(mlp(2, [4], 2)),
+            ValueError,
+            r"^MCDropout: the network has no dropout layer \(torch.nn.Dropout, Dropout2d, ...\)$",
+        ),
+    ],
+)
+def test_baseline_argument_errors_are_exact(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_member_seeds_use_all_31_bits():
+    seeds = member_seeds(0, 64)
+    assert max(seeds) < 2**31 and max(seeds) >= 2**30  # 64 draws all below 2**30 would have probability 2**-64
+
+
+def test_insert_dropout_defaults_copy_and_lenet5_arguments():
+    net = mlp(4, [8, 8], 3)
+    dropped = insert_dropout(net)
+    assert [m.p for m in dropped if isinstance(m, nn.Dropout)] == [0.1, 0.1]
+    first = next(m for m in dropped if isinstance(m, nn.Linear))
+    assert first is not net[0] and first.weight.data_ptr() != net[0].weight.data_ptr()  # a deep copy
+    lenet = lenet5_dropout_net(num_classes=7, in_channels=3, p=0.3)
+    assert lenet[0].in_channels == 3 and lenet[-1].out_features == 7
+    assert [m.p for m in lenet if isinstance(m, nn.Dropout)] == [0.3] * 4
+    assert [m.p for m in lenet5_dropout_net() if isinstance(m, nn.Dropout)] == [0.1] * 4
+
+
+def test_mc_dropout_max_rows_default_and_argument():
+    net = insert_dropout(mlp(4, [8], 3))
+    assert MCDropout(net).max_rows == Rank1Posterior(Rank1Model(mlp(4, [8], 3), ensemble_size=1), empty_guide).max_rows
+    assert MCDropout(net, max_rows=7).max_rows == 7
+
+
+def test_deep_ensemble_defaults_config_and_no_guide():
+    x, y = _data(n=16)
+    build = lambda: mlp(4, [6], 3)  # noqa: E731
+    default = DeepEnsemble.from_builder(build)
+    assert default.ensemble_size == 4
+    torch.testing.assert_close(_flat_params(default), _flat_params(DeepEnsemble.from_builder(build, seed=0)))
+    a = DeepEnsemble.from_builder(build, ensemble_size=2)
+    b = DeepEnsemble.from_builder(build, ensemble_size=2)
+    config = TrainConfig(epochs=2, batch_size=8, lr=1e-2, progress=False)
+    histories = a.fit((x, y), config)  # default seed 0, positional config
+    assert [len(h.epochs) for h in histories] == [2, 2]
+    b.fit((x, y), config, seed=0)
+    torch.testing.assert_close(_flat_params(a), _flat_params(b))
+    with pytest.raises(TypeError, match=r"^DeepEnsemble.fit: the members are deterministic and take no guide$"):
+        a.fit((x, y), guide=None)
+
+
+def test_mc_dropout_fit_passes_config_and_overrides():
+    x, y = _data(n=16)
+    mc = MCDropout(insert_dropout(mlp(4, [8], 3), 0.1))
+    assert len(mc.fit((x, y), TrainConfig(epochs=2, batch_size=8, progress=False)).epochs) == 2
+    assert len(mc.fit((x, y), epochs=3, batch_size=8, progress=False).epochs) == 3
+    with pytest.raises(TypeError, match=r"^MCDropout.fit: the network is deterministic and takes no guide$"):
+        mc.fit((x, y), guide=None)

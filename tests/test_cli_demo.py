@@ -20,7 +20,7 @@ def test_demo_runs_and_writes_its_run_directory(tmp_path, capsys, monkeypatch):
     report = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(report["results"]) == {"deterministic", "batchensemble", "rank1-gaussian", "rank1-cauchy"}
     row = report["results"]["rank1-gaussian"]
-    assert 0.0 <= row["shifted_ece"] <= 1.0 and row["parameters"] > report["results"]["deterministic"]["parameters"]
+    assert 0.0 <= row["rotation_ece"] <= 1.0 and row["parameters"] > report["results"]["deterministic"]["parameters"]
     monkeypatch.undo()
     (fig,) = figures  # the reliability diagram: titled with the data it shows, one panel per method
     assert fig._suptitle.get_text().startswith(

@@ -310,3 +310,143 @@ def test_prior_and_argument_errors():
     # a bare layer is a network too
     single = rank1ize(nn.Linear(3, 2), ensemble_size=2)
     assert isinstance(single.net, Rank1Layer) and [s.name for s in factor_sites(single)] == ["net.r", "net.s"]
+
+
+# --------------------------------------------------------------------------------------
+# Mutation-tested behaviour (issue #21): exact messages, edge patterns, model arguments
+# --------------------------------------------------------------------------------------
+class Offenders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.lazy = nn.LazyLinear(2)
+        self.bi = nn.LSTM(3, 4, bidirectional=True)
+        self.emb = nn.Embedding(3, 2)
+        self.fc = nn.Linear(2, 2)
+
+
+def test_unsupported_message_is_exact():
+    expected = (
+        "rank1ize: 4 layer(s) or parameter(s) have no rank-1 counterpart: "
+        "scale (a parameter of Offenders: no rank-1 counterpart); "
+        "lazy (LazyLinear: uninitialized lazy module (run one forward pass first)); "
+        "bi (LSTM: batch_first=False, bidirectional=True (Rank1LSTM: one layer, batch_first=True, unidirectional)); "
+        "emb (Embedding: no rank-1 counterpart). "
+        "Keep them deterministic with exclude=[...] (or convert them yourself)."
+    )
+    with pytest.raises(ValueError) as info:
+        conversion_plan(Offenders())
+    assert str(info.value) == expected
+    with pytest.raises(ValueError) as info:
+        rank1ize(nn.Embedding(3, 2))  # the root itself
+    assert "no rank-1 counterpart: <root> (Embedding: no rank-1 counterpart). Keep" in str(info.value)
+
+
+class OwnLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class OwnConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class OwnLSTM(nn.LSTM):
+    def forward(self, x, hx=None):
+        return super().forward(x, hx)
+
+
+def test_subclasses_with_their_own_forward_are_not_converted():
+    """A subclass that overrides forward may compute anything: its parameters are reported, never swapped."""
+    net = nn.Sequential(OwnLinear(2, 2), OwnConv(1, 1, 1), OwnLSTM(3, 3, batch_first=True), nn.Linear(2, 2))
+    with pytest.raises(ValueError) as info:
+        conversion_plan(net)
+    message = str(info.value)
+    assert "0.weight (a parameter of OwnLinear" in message and "1.bias (a parameter of OwnConv" in message
+    assert "2.weight_ih_l0 (a parameter of OwnLSTM" in message
+    assert conversion_plan(net, exclude=["0", "1", "2"]) == {"3": "linear"}
+
+
+class Gated(nn.Linear):
+    """A Linear (its own forward) holding a submodule: converted whole, its inside never visited."""
+
+    def __init__(self):
+        super().__init__(3, 3)
+        self.gate = nn.Linear(3, 3)
+
+
+def test_the_inside_of_a_converted_module_is_not_visited():
+    assert conversion_plan(nn.Sequential(Gated(), nn.ReLU(), nn.Linear(3, 2))) == {"0": "linear", "2": "linear"}
+    assert conversion_plan(Gated()) == {"": "linear"}
+
+
+def test_per_member_batchnorm_is_planned_and_needs_a_weight_layer():
+    net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    assert conversion_plan(net, batchnorm="per_member") == {"0": "linear", "1": "batchnorm", "2": "linear"}
+    assert conversion_plan(net) == {"0": "linear", "2": "linear"}  # shared: BatchNorm unchanged
+    with pytest.raises(ValueError, match=r"^rank1ize: no Linear, Conv2d or LSTM layer selected in Sequential; check"):
+        rank1ize(net, include="1", batchnorm="per_member")
+
+
+def test_the_root_module_matches_the_empty_pattern():
+    assert conversion_plan(nn.Linear(3, 2), include="") == {"": "linear"}
+    assert conversion_plan(nn.Linear(3, 2), exclude="") == {}
+
+
+@pytest.mark.parametrize("children, shown", [(30, "0, ..., 29"), (31, "0, ..., 29, ... (1 more)")])
+def test_unmatched_pattern_lists_at_most_30_module_paths(children, shown):
+    net = nn.Sequential(*[nn.Linear(2, 2) for _ in range(children)])
+    listing = ", ".join(str(i) for i in range(30)) + (", ... (1 more)" if children == 31 else "")
+    with pytest.raises(ValueError) as info:
+        conversion_plan(net, include="fc*")
+    assert str(info.value) == f"include pattern 'fc*' matches no module; module paths are: {listing}"
+    with pytest.raises(ValueError, match=r"^exclude pattern 'x' matches no module; module paths are: <root>$"):
+        conversion_plan(nn.Linear(2, 2), exclude="x")
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: conversion_plan("net"), TypeError, r"^module must be a torch.nn.Module, got str$"),
+        (lambda: conversion_plan(nn.Linear(2, 2), include=[3]), ValueError, r"^include must be a name pattern"),
+        (lambda: conversion_plan(nn.Linear(2, 2), exclude=[3]), ValueError, r"^exclude must be a name pattern \(str\)"),
+        (lambda: rank1ize(nn.Linear(2, 2), ensemble_size=0), ValueError, r"^ensemble_size must be an integer >= 1"),
+        (
+            lambda: MemberBatchNorm(nn.LayerNorm(3), 2),
+            TypeError,
+            r"^MemberBatchNorm: expected a BatchNorm layer, got LayerNorm$",
+        ),
+        (lambda: MemberBatchNorm(nn.BatchNorm1d(3), 0), ValueError, r"^ensemble_size must be an integer >= 1, got 0$"),
+        (
+            lambda: MemberBatchNorm(nn.BatchNorm1d(4), 2)(torch.randn(5, 4)),
+            ValueError,
+            r"^MemberBatchNorm: expected a flat batch \(N, C, ...\) with N a multiple of 2 \(samples x K members\), "
+            r"got shape \(5, 4\)$",
+        ),
+    ],
+)
+def test_argument_errors_are_exact(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_lstm_drop_in_refuses_packed_sequences_and_initial_states():
+    layer = rank1ize(nn.Sequential(nn.LSTM(3, 4, batch_first=True)), ensemble_size=2).net[0]
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(2, 5, 3), [5, 3], batch_first=True)
+    with pytest.raises(TypeError, match=r"^Rank1LSTMDropIn: PackedSequence input is not supported; pad the sequences$"):
+        layer(packed)
+    with pytest.raises(ValueError, match=r"^Rank1LSTMDropIn: an initial state hx is not supported \(the state starts"):
+        layer(torch.randn(2, 5, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)))
+
+
+def test_model_arguments_and_dtype_follow_the_network():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    model = rank1ize(net, likelihood="normal", num_data=50)
+    assert model.ensemble_size == 4 and model.likelihood == "normal" and model.num_data == 50
+    assert model.net[0].weight.dtype == torch.float64 and model.net[0].bias.dtype == torch.float64
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        out = poutine.condition(model.outputs, data=identity_factors(model))(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, net(x).expand(4, -1, -1))

@@ -81,3 +81,15 @@ def test_the_docs_theme_fits_wide_tables_and_numbers_never_wrap():
     rule = css.split("white-space: nowrap")[0].rsplit("}", 1)[-1]  # the selectors of the nowrap rule
     assert "td.text-right" in rule  # MyST's class of right-aligned (`---:`) cells: the benchmark numbers
     assert "---:" in (ROOT / "docs" / "benchmarks.md").read_text()  # ... which the benchmark tables use
+
+
+def test_the_mutation_table_is_the_kept_results():
+    """docs/testing.md's table is generated from docs/results/mutants/*.json (tools/mutants.py --table --write)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mutants_tool", ROOT / "tools" / "mutants.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    page = (ROOT / "docs" / "testing.md").read_text()
+    block = page.split("<!-- mutants:start -->\n", 1)[1].split("\n<!-- mutants:end -->", 1)[0]
+    assert block == tool.table(), "regenerate with: python tools/mutants.py --table --write"

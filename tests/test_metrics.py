@@ -157,7 +157,7 @@ def test_ece_matches_torchmetrics_on_calibrated_predictions(num_bins):
     n_bins = num_bins or 15
     expected = multiclass_calibration_error(probs, labels, num_classes=4, n_bins=n_bins, norm="l1").item()
     got = metrics.ece(probs, labels) if num_bins is None else metrics.ece(probs, labels, num_bins)
-    assert got == pytest.approx(expected, rel=1e-9)
+    assert got == pytest.approx(expected, rel=1e-5)  # torchmetrics works in float32
     other = multiclass_calibration_error(probs, labels, num_classes=4, n_bins=n_bins + 1, norm="l1").item()
     assert abs(other - expected) > 1e-4  # the data tell the number of bins apart
 
@@ -196,9 +196,18 @@ def test_classification_metrics_by_hand():
     assert out["accuracy"] == pytest.approx((probs.argmax(1) == labels).double().mean().item())
     assert out["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-9)
     tm = multiclass_calibration_error(probs, labels, num_classes=3, n_bins=15, norm="l1").item()
-    assert out["ece"] == pytest.approx(tm, rel=1e-9)
+    assert out["ece"] == pytest.approx(tm, rel=1e-5)
     onehot = torch.eye(3, dtype=torch.float64)[labels]
     assert out["brier"] == pytest.approx(((probs - onehot) ** 2).sum(1).mean().item(), rel=1e-12)
+    # the NLL comes from log_probs where given: finite where a float32 probability underflows to 0
+    logits = torch.tensor([[0.0, -200.0], [1.0, 0.0]], dtype=torch.float64)
+    small = torch.softmax(logits, -1).float()
+    assert small[0, 1] == 0
+    underflow = metrics.classification_metrics(small, torch.tensor([1, 0]), torch.log_softmax(logits, -1))
+    assert underflow["nll"] == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0])).item(), rel=1e-12
+    )
+    assert metrics.classification_metrics(small, torch.tensor([1, 0]))["nll"] == float("inf")
 
 
 def test_diversity_by_hand_with_more_inputs_than_classes():
@@ -360,6 +369,9 @@ def _selective_data():
     probs = torch.softmax(torch.randn(40, 3, generator=g, dtype=torch.float64), -1)
     probs[10:20] = probs[5]  # ties in confidence, with different labels
     labels = torch.randint(0, 3, (40,), generator=g)
+    pred = probs.argmax(-1)
+    first, second = (-probs.max(-1).values).argsort(stable=True)[:2].tolist()
+    labels[first], labels[second] = pred[first], (pred[second] + 1) % 3  # a hit, then an error
     return probs, labels
 
 
@@ -391,7 +403,8 @@ def test_selective_accuracy_by_hand(coverage):
         else metrics.selective_accuracy(probs, labels, coverage)
     )
     assert got == pytest.approx(expected, rel=1e-12)
-    assert 1.0 - np.mean(errors[: k + 1]) != pytest.approx(expected)  # the data tell k from k + 1
+    if k < 40:
+        assert 1.0 - np.mean(errors[: k + 1]) != pytest.approx(expected)  # the data tell k from k + 1
     if k > 1:
         assert 1.0 - np.mean(errors[: k - 1]) != pytest.approx(expected)
 

@@ -172,15 +172,30 @@ def table() -> str:
     return "\n".join(rows)
 
 
+PAGE = ROOT / "docs" / "testing.md"
+MARKS = ("<!-- mutants:start -->", "<!-- mutants:end -->")
+
+
+def write_table(page: Path) -> None:
+    """Put :func:`table` between the page's markers (a test checks the page against the results)."""
+    text = page.read_text()
+    head, rest = text.split(MARKS[0], 1)
+    _, tail = rest.split(MARKS[1], 1)
+    page.write_text(f"{head}{MARKS[0]}\n{table()}\n{MARKS[1]}{tail}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", help="library modules, e.g. rank1_pyro/metrics.py")
     parser.add_argument("--changed", action="store_true", help="the modules changed since the main branch")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the kept results")
+    parser.add_argument("--write", action="store_true", help="with --table: write it into docs/testing.md")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant runs (default 2)")
     args = parser.parse_args(argv)
     if args.table:
         print(table())
+        if args.write:
+            write_table(PAGE)
         return 0
     modules = args.modules + (changed_modules() if args.changed else [])
     if not modules:
