@@ -3,22 +3,20 @@ r"""The methods registry: every method the library compares, built and fitted on
 A *method* turns a network architecture and training data into a posterior that
 :func:`~rank1_pyro.inference.predict` accepts:
 
-==========================  ==============================================================================
-``deterministic``           the network, maximum a posteriori (L2 weight decay)
-``mc-dropout``              the network with dropout (p = ``dropout``) in front of every hidden weight layer,
-                            dropout on at prediction (:class:`~rank1_pyro.baselines.MCDropout`)
-``deep-ensemble``           K independently initialised and trained networks
-                            (:class:`~rank1_pyro.baselines.DeepEnsemble`)
-``batchensemble``           the rank-1 network with point-estimate factors (:class:`DeltaGuide`)
-``rank1-{gaussian,cauchy}`` the rank-1 BNN: prior N(1, σ²) or Cauchy(1, σ) on the factors, the mixture of
-``[-{avg,mix}]``            K mean-field Gaussians as the guide (factor means at random signs with
-                            P(+1) = ``init_sign_prob``), trained with the averaged (``-avg``) or the mixture
-                            (``-mix``) ELBO; without the suffix, with ``settings.objective``
-``subnet-laplace``          subnetwork linearized Laplace around the trained ``deterministic`` network
-``projected``               the null-space projected posterior of the trained ``deterministic`` network
-``rank1-laplace``           full-covariance Laplace over all factors of a trained rank-1 model
-                            (``rank1-gaussian-avg``) under the rank-1 prior, predicting by sampling
-==========================  ==============================================================================
+* ``deterministic``: the network, maximum a posteriori (L2 weight decay);
+* ``mc-dropout``: the network with dropout (p = ``dropout``) in front of every hidden weight layer,
+  dropout on at prediction (:class:`~rank1_pyro.baselines.MCDropout`);
+* ``deep-ensemble``: K independently initialised and trained networks
+  (:class:`~rank1_pyro.baselines.DeepEnsemble`);
+* ``batchensemble``: the rank-1 network with point-estimate factors (:class:`DeltaGuide`);
+* ``rank1-{gaussian,cauchy}[-{avg,mix}]``: the rank-1 BNN, prior N(1, σ²) or Cauchy(1, σ) on the
+  factors, the mixture of K mean-field Gaussians as the guide (factor means at random signs with
+  P(+1) = ``init_sign_prob``), trained with the averaged (``-avg``) or the mixture (``-mix``) ELBO;
+  without the suffix, with ``settings.train.objective``;
+* ``subnet-laplace``: subnetwork linearized Laplace around the trained ``deterministic`` network;
+* ``projected``: the null-space projected posterior of the trained ``deterministic`` network;
+* ``rank1-laplace``: full-covariance Laplace over all factors of a trained rank-1 model
+  (``rank1-gaussian-avg``) under the rank-1 prior, predicting by sampling.
 
 The last three are *post-hoc*: :data:`POSTHOC_BASE` names the trained method each starts from.
 Every method is built from an :class:`Architecture` (the deterministic network and its rank-1
