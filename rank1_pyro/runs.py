@@ -320,21 +320,18 @@ def check_run_dir(run_dir) -> Path:
     return run_dir
 
 
-def check_run_or_stand_in(run_dir, stand_in: bool, holds_run: str, missing_hint: str | None = None) -> Path:
-    """RUN_DIR of a command that reads a run, or, with its explicit stand-in flag (``stand_in``), a
-    directory holding no run. ``holds_run`` completes the refusal of a stand-in over a run
-    (``"<run_dir> holds a run...``"); ``missing_hint`` is appended when a run is missing."""
+#: the command that makes a run, named by every command that needs one
+TRAIN_HINT = "rank1-pyro train --config digits_mlp --out {run_dir}"
+
+
+def require_run(run_dir) -> Path:
+    """RUN_DIR when it holds a run; else a :class:`RunError` naming what is missing and the
+    ``rank1-pyro train`` command that makes a run there (no command trains a stand-in)."""
     check_run_path(run_dir)
-    if stand_in:
-        if run_state(run_dir) != "missing":
-            raise RunError(f"{run_dir} {holds_run}")
-        return Path(run_dir)
     try:
-        return check_run_dir(run_dir)  # names what is missing; nothing is trained in its place
+        return check_run_dir(run_dir)
     except RunError as e:
-        if missing_hint is None:
-            raise
-        raise RunError(f"{e} ({missing_hint})") from None
+        raise RunError(f"{e}; train one first: {TRAIN_HINT.format(run_dir=run_dir)}") from None
 
 
 class _Splits(Sequence):

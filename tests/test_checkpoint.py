@@ -2,10 +2,12 @@
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +350,368 @@ def test_load_weights_accepts_a_plain_state_dict_and_refuses_anything_else(tmp_p
         torch.save(obj, tmp_path / name)
         with pytest.raises(CheckpointError, match=rf"{name} is not a rank1-pyro checkpoint.*or a plain state_dict"):
             load_weights(tmp_path / name, model)
+
+
+# ------------------------------------------------------------------------------------------
+# Mutation-testing pass (issue #21): the pieces on their own, against hand-built states
+# ------------------------------------------------------------------------------------------
+RECORD = {"num_data": 48, "batch_size": 8, "steps_per_epoch": 6, "optimizer": "adam", "data_fingerprint": "abc"}
+
+
+def _parts(hidden=4, lr=0.1):
+    model, guide = fresh(hidden)
+    guide(torch.zeros(1, 2))  # the guide's parameters exist
+    optimizer = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    return model, guide, optimizer, scheduler
+
+
+def _step(model, guide, optimizer, scheduler):
+    optimizer.zero_grad()
+    loss = sum((p**2).sum() for p in [*model.parameters(), *guide.parameters()])
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def _state(model, guide, optimizer, scheduler, **overrides):
+    args = dict(step=7, epoch=1, batch=3, data_seed=11, config=dict(RECORD), history={"epochs": [{"loss": 1.5}]})
+    args.update(overrides)
+    return C.training_state(model=model, guide=guide, optimizer=optimizer, scheduler=scheduler, **args)
+
+
+def test_training_state_holds_everything_in_plain_values(tmp_path):
+    model, guide, opt, sched = _parts()
+    _step(model, guide, opt, sched)
+    config = dict(RECORD)
+    state = _state(
+        model, guide, opt, sched, step=np.int64(7), epoch=torch.tensor(1), data_seed=np.int32(11), config=config
+    )
+    assert list(state) == ["format", "version", *C._REQUIRED]
+    assert state["format"] == "rank1-pyro-checkpoint" and state["version"] == 1
+    assert state["position"] == {"step": 7, "epoch": 1, "batch": 3}
+    assert all(type(v) is int for v in state["position"].values()) and type(state["data_seed"]) is int
+    assert state["config"] == RECORD and state["config"] is not config  # a copy
+    assert state["history"] == {"epochs": [{"loss": 1.5}]}
+    assert state["guide"].keys() == guide.state_dict().keys() and state["model"].keys() == model.state_dict().keys()
+    assert state["scheduler"]["last_epoch"] == 1 and len(state["optimizer"]["state"]) == len(
+        opt.param_groups[0]["params"]
+    )
+    assert set(state["rng"]) == {"torch", "random", "numpy"}  # no CUDA state for a CPU run
+    assert _state(model, lambda *a: None, opt, sched)["guide"] is None  # a guide function has no state
+    path = C.atomic_save(state, tmp_path / "c.pt")
+    assert path == tmp_path / "c.pt" and read_checkpoint(path)["position"] == state["position"]
+
+
+def test_restore_training_puts_back_modules_optimizer_scheduler_and_rngs(tmp_path):
+    model, guide, opt, sched = _parts()
+    _step(model, guide, opt, sched)
+    state = _state(model, guide, opt, sched)
+    expected_draw = torch.rand(3)  # the torch RNG right after the state was taken
+    path = C.atomic_save(state, tmp_path / "c.pt")
+    ckpt = read_checkpoint(path)
+    model2, guide2, opt2, sched2 = _parts()
+    C.restore_training(path, ckpt, model=model2, guide=guide2, optimizer=opt2, scheduler=sched2)
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert all(torch.equal(a, b) for a, b in zip(params(model, guide), params(model2, guide2), strict=True))
+    assert sched2.last_epoch == 1 and opt2.param_groups[0]["lr"] == pytest.approx(0.05)
+    for p, p2 in zip(opt.param_groups[0]["params"], opt2.param_groups[0]["params"]):
+        assert torch.equal(opt.state[p]["exp_avg"], opt2.state[p2]["exp_avg"])
+    # an optimizer over other parameters is refused before anything changes
+    model3, guide3, _, _ = _parts()
+    before = params(model3, guide3)
+    opt3 = torch.optim.Adam(list(model3.parameters()), lr=0.1)
+    n_ckpt, n_here = len(opt.param_groups[0]["params"]), len(list(model3.parameters()))
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(
+            f"{path}: the optimizer state does not fit this optimizer: parameter groups of sizes [{n_ckpt}] in the "
+            f"checkpoint vs [{n_here}] here"
+        ),
+    ):
+        C.restore_training(path, ckpt, model=model3, guide=guide3, optimizer=opt3, scheduler=sched2)
+    assert all(torch.equal(a, b) for a, b in zip(before, params(model3, guide3)))
+    with pytest.raises(CheckpointError, match="parameter groups of sizes None in the checkpoint"):
+        C._check_optimizer(path, opt3, ["not a state dict"])
+
+
+def test_guide_state_must_match_the_guide_given(tmp_path):
+    model, guide, opt, sched = _parts()
+    with_guide = C.atomic_save(_state(model, guide, opt, sched), tmp_path / "with.pt")
+    without = C.atomic_save(_state(model, lambda *a: None, opt, sched), tmp_path / "without.pt")
+    model2, guide2, opt2, sched2 = _parts()
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"{without} has no guide state but a guide (MixtureGuide) was given")
+    ):
+        load_weights(without, model2, guide2)
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"{with_guide} holds a guide's state but no guide module was given")
+    ):
+        C.restore_training(
+            with_guide, read_checkpoint(with_guide), model=model2, guide=None, optimizer=opt2, scheduler=sched2
+        )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    C.atomic_save(_state(model, guide, opt, sched), with_guide)
+    assert load_weights(with_guide, model2)["format"] == C.FORMAT  # for prediction the guide may be left out
+    assert all(torch.equal(a, b) for a, b in zip(params(model), params(model2)))
+    # a guide of another architecture: nothing is loaded, the model included
+    model3, _ = fresh()
+    other_guide = fresh(hidden=8)[1]
+    other_guide(torch.zeros(1, 2))
+    before = params(model3)
+    with pytest.raises(CheckpointError, match=re.escape(f"{with_guide} does not match the guide's architecture")):
+        load_weights(with_guide, model3, other_guide)
+    assert all(torch.equal(a, b) for a, b in zip(before, params(model3)))
+
+
+class _Two(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(3))
+        self.b = torch.nn.Parameter(torch.zeros(2, 2))
+
+
+def test_check_state_dict_names_every_key_that_does_not_fit():
+    module = _Two()
+    C.check_state_dict("f.pt", "model", module, {"a": torch.ones(3), "b": torch.ones(2, 2)})  # fits
+    cases = [
+        ({"a": torch.ones(3)}, "missing keys ['b']"),
+        ({"a": torch.ones(3), "b": torch.ones(2, 2), "c": torch.ones(1)}, "unexpected keys ['c']"),
+        ({"a": torch.ones(2), "b": torch.ones(2, 2)}, "shape mismatches a: checkpoint (2,) vs model (3,)"),
+        (
+            {"a": torch.ones(2), "c": 1},
+            "missing keys ['b']; unexpected keys ['c']; shape mismatches a: checkpoint (2,) vs model (3,)",
+        ),
+        (
+            {"a": torch.ones(4), "b": torch.ones(1)},
+            "shape mismatches a: checkpoint (4,) vs model (3,); b: checkpoint (1,) vs model (2, 2)",
+        ),
+    ]
+    for saved, detail in cases:
+        with pytest.raises(
+            CheckpointError, match="^" + re.escape(f"f.pt does not match the model's architecture: {detail}") + "$"
+        ):
+            C.check_state_dict("f.pt", "model", module, saved)
+
+
+@pytest.mark.parametrize(
+    "content, detail",
+    [
+        ([1, 2], "(no 'rank1-pyro-checkpoint' marker; it holds a list)"),
+        (
+            {k: 0 for k in "jihgfedcba"},
+            "(no 'rank1-pyro-checkpoint' marker; it holds a dict with keys ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h'])",
+        ),
+        ({"format": "other", 3: 0}, "(no 'rank1-pyro-checkpoint' marker; it holds a dict with keys ['3', 'format'])"),
+    ],
+)
+def test_foreign_files_say_what_they_hold(tmp_path, content, detail):
+    path = tmp_path / "f.pt"
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{path} is not a rank1-pyro checkpoint {detail}") + "$"):
+        read_checkpoint(path)
+
+
+def test_version_and_completeness_are_checked(tmp_path):
+    path = tmp_path / "c.pt"
+    base = {"format": C.FORMAT, "version": C.VERSION, **{k: {} for k in C._REQUIRED}}
+    for version, shown in [(2, "2"), (None, "None"), ("1", "'1'")]:
+        torch.save({**base, "version": version}, path)
+        with pytest.raises(
+            CheckpointError,
+            match="^" + re.escape(f"{path}: checkpoint version {shown} is not supported (expected 1)") + "$",
+        ):
+            read_checkpoint(path)
+    torch.save({k: v for k, v in base.items() if k not in ("scheduler", "rng")}, path)
+    with pytest.raises(
+        CheckpointError,
+        match="^" + re.escape(f"{path} is not a complete rank1-pyro checkpoint: missing ['scheduler', 'rng']") + "$",
+    ):
+        read_checkpoint(path)
+    torch.save(base, path)
+    assert read_checkpoint(path) == base
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(f"no checkpoint file at {tmp_path}") + "$"):
+        read_checkpoint(tmp_path)  # a directory is no checkpoint file
+
+
+def test_rng_state_round_trip_with_cached_gaussians():
+    random.gauss(0, 1)  # python caches the second normal of a pair
+    np.random.seed(3)
+    np.random.randn()  # so does numpy's legacy generator
+    state = torch.load(_saved(C.rng_state()), weights_only=True)
+    assert state["numpy"]["has_gauss"] == 1 and state["random"]["gauss_next"] is not None
+    assert state["numpy"]["keys"].dtype == torch.int64 and state["numpy"]["name"] == "MT19937"
+    first = (random.gauss(0, 1), np.random.randn(), random.random(), np.random.rand())
+    C.set_rng_state(state)
+    assert (random.gauss(0, 1), np.random.randn(), random.random(), np.random.rand()) == first
+    # a CPU device keeps (and restores) no CUDA state; a stored CUDA state is ignored off CUDA
+    assert "cuda" not in C.rng_state("cpu") and "cuda" not in C.rng_state(torch.device("cpu"))
+    C.set_rng_state({**state, "cuda": torch.zeros(8, dtype=torch.uint8)}, "cpu")
+    C.set_rng_state({**state, "cuda": torch.zeros(8, dtype=torch.uint8)})
+    assert (random.gauss(0, 1), np.random.randn()) == first[:2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rng_state_of_a_cuda_device_round_trips():
+    state = C.rng_state("cuda")
+    first = torch.rand(3, device="cuda")
+    C.set_rng_state(state, "cuda")
+    assert torch.equal(torch.rand(3, device="cuda"), first)
+
+
+def test_data_fingerprint_depends_on_the_contents_only():
+    from torch.utils.data import Subset
+
+    x, y = data()
+    fp = C.data_fingerprint((x, y))
+    assert len(fp) == 64 and fp == C.data_fingerprint([x.clone(), y.clone()])
+    assert fp == C.data_fingerprint(TensorDataset(x, y)) == C.data_fingerprint(DataLoader(TensorDataset(x, y)))
+    changed = x.clone()
+    changed[17, 1] += 1e-6
+    assert C.data_fingerprint((changed, y)) != fp
+    assert C.data_fingerprint((x.double(), y)) != fp  # the dtype counts
+    assert C.data_fingerprint((x.reshape(2, 24, 2), y)) != fp  # and the shape, for the same bytes
+    assert C.data_fingerprint((x[:0], y[:0])) != C.data_fingerprint((x[:0].double(), y[:0]))  # empty, typed
+
+    class Arrays:  # torchvision's layout: data and targets (numpy or tensors)
+        def __init__(self, data, targets):
+            self.data, self.targets = data, targets
+
+    assert C.data_fingerprint(Arrays(x, y)) == fp
+    assert C.data_fingerprint(Arrays(x.numpy(), y.numpy())) == fp  # arrays are hashed as tensors
+    assert C.data_fingerprint(Arrays(["a", "b"], [0, 1])) is None  # not tensor-like: not checked
+
+    class Folder:  # ImageFolder's layout: (path, label) samples
+        def __init__(self, samples):
+            self.samples = samples
+
+    a = C.data_fingerprint(Folder([("a.png", 0), ("b.png", 1)]))
+    assert a == C.data_fingerprint(Folder([("a.png", 0), ("b.png", 1)]))
+    assert a != C.data_fingerprint(Folder([("a.png", 0), ("b.png", 0)])) and a != fp
+    sub = C.data_fingerprint(Subset(TensorDataset(x, y), [0, 2, 4]))
+    assert sub not in (None, fp) and sub == C.data_fingerprint(Subset(TensorDataset(x, y), [0, 2, 4]))
+    assert sub != C.data_fingerprint(Subset(TensorDataset(x, y), [0, 2, 5]))
+    assert C.data_fingerprint(Subset(list(range(5)), [0])) is None and C.data_fingerprint(object()) is None
+    assert C.data_fingerprint(()) is None and C.data_fingerprint([x, "y"]) is None
+
+
+def test_check_resumable_names_every_difference():
+    C.check_resumable("c.pt", dict(RECORD), dict(RECORD, lr=0.5))  # other settings may change
+    C.check_resumable("c.pt", dict(RECORD, data_fingerprint=None), dict(RECORD, data_fingerprint="x"))  # unknown
+    C.check_resumable("c.pt", dict(RECORD), dict(RECORD, data_fingerprint=None))
+    now = dict(RECORD, num_data=50, batch_size=16, steps_per_epoch=4, optimizer="sgd", data_fingerprint="xyz")
+    message = (
+        "c.pt cannot resume this run: num_data: checkpoint 48 vs now 50; batch_size: checkpoint 8 vs now 16; "
+        "steps_per_epoch: checkpoint 6 vs now 4; optimizer: checkpoint 'adam' vs now 'sgd'; training data: the "
+        "checkpoint was trained on other data of the same size (contents differ)"
+    )
+    with pytest.raises(CheckpointError, match="^" + re.escape(message) + "$"):
+        C.check_resumable("c.pt", dict(RECORD), now)
+    with pytest.raises(
+        CheckpointError, match=re.escape("c.pt cannot resume this run: num_data: checkpoint None vs now 48")
+    ):
+        C.check_resumable("c.pt", {k: v for k, v in RECORD.items() if k != "num_data"}, dict(RECORD))
+
+
+def test_remove_stale_temporaries_removes_only_this_files_temporaries(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    stale = [tmp_path / ".checkpoint.pt.b2.tmp", tmp_path / ".checkpoint.pt.a1.tmp"]
+    keep = [tmp_path / ".other.pt.a1.tmp", tmp_path / "checkpoint.pt.tmp", tmp_path / "notes.txt"]
+    for f in stale + keep:
+        f.write_text("x")
+    assert C.remove_stale_temporaries(target) == sorted(stale)
+    assert all(f.exists() for f in keep) and not any(f.exists() for f in stale)
+    assert C.remove_stale_temporaries(tmp_path / "missing" / "checkpoint.pt") == []
+
+
+class _Buffered(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))
+        self.frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+        self.register_buffer("stat", torch.zeros(2))
+
+
+def _checkpointer(tmp_path, model, guide=None, ctx=None, write=None, record=None):
+    from rank1_pyro.inference.distributed import DistributedContext
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    ckpt_dir = None if tmp_path is None else tmp_path
+    ctx = ctx or DistributedContext()
+    return C.Checkpointer(ckpt_dir, model, guide, opt, sched, record or dict(RECORD), ctx, "cpu", write)
+
+
+def test_checkpointer_writes_only_finite_states_and_only_on_the_main_process(tmp_path):
+    from rank1_pyro.inference.distributed import DistributedContext
+
+    model = _Buffered()
+    ck = _checkpointer(tmp_path, model)
+    assert ck.path == tmp_path / "checkpoint.pt"
+    totals = {"loss": torch.tensor(2.5), "n": 4}
+    assert ck.save(step=3, epoch=0, batch=3, data_seed=5, epochs=[], totals=totals, seconds=1.25) is True
+    saved = read_checkpoint(ck.path)
+    assert saved["history"] == {"epochs": [], "totals": {"loss": 2.5, "n": 4}, "seconds": 1.25}
+    assert saved["position"] == {"step": 3, "epoch": 0, "batch": 3} and saved["config"] == RECORD
+    for name in ("stat", "frozen", "w"):  # a buffer, a frozen parameter... any tensor the run restores
+        model = _Buffered()
+        getattr(model, name).data[0] = float("nan") if name != "stat" else float("inf")
+        ck = _checkpointer(tmp_path / name, model)
+        expected = name == "frozen"  # a frozen parameter is not trained: it is not checked
+        assert ck.save(step=1, epoch=0, batch=1, data_seed=5, epochs=[], totals={}, seconds=0.0) is expected
+        assert ck.path.exists() is expected
+    other = _checkpointer(tmp_path / "rank1", _Buffered(), ctx=DistributedContext(world_size=1, rank=1))
+    assert other.save(step=1, epoch=0, batch=1, data_seed=5, epochs=[], totals={}, seconds=0.0) is True
+    assert not (tmp_path / "rank1" / "checkpoint.pt").exists()
+    nothing = _checkpointer(None, _Buffered())
+    assert nothing.path is None and nothing.start(resume=True) is None
+    assert nothing.save(step=1, epoch=0, batch=1, data_seed=5, epochs=[], totals={}, seconds=0.0) is True
+    written = []
+    custom = _checkpointer(tmp_path / "custom", _Buffered(), write=lambda state, path: written.append((state, path)))
+    custom.save(step=2, epoch=0, batch=2, data_seed=5, epochs=[], totals={}, seconds=0.0)
+    assert written[0][1] == tmp_path / "custom" / "checkpoint.pt" and written[0][0]["position"]["step"] == 2
+    assert not written[0][1].exists()
+    assert C._all_finite([]) is True
+
+
+def test_checkpointer_start_resumes_the_saved_position(tmp_path):
+    from rank1_pyro.inference.distributed import DistributedContext
+
+    ck = _checkpointer(tmp_path, _Buffered())
+    epochs = [{"epoch": 0, "loss": 1.0}]
+    ck.save(step=9, epoch=1, batch=3, data_seed=7, epochs=epochs, totals={"loss": 0.5}, seconds=2.0)
+    model = _Buffered()
+    fresh_start = _checkpointer(tmp_path, model)
+    assert fresh_start.start(resume=False) is None
+    resumed = _checkpointer(tmp_path, model).start(resume=True)
+    assert resumed == C.Resumed(step=9, epoch=1, batch=3, data_seed=7, epochs=epochs, totals={"loss": 0.5}, seconds=2.0)
+    assert type(resumed.seconds) is float
+    other = _checkpointer(tmp_path, _Buffered(), ctx=DistributedContext(world_size=1, rank=1)).start(resume=True)
+    assert other.totals is None and other.step == 9  # the sums are counted once, on the main process
+    with pytest.warns(
+        UserWarning, match=re.escape(f"resuming mid-epoch from {tmp_path / 'checkpoint.pt'} with a DataLoader")
+    ):
+        _checkpointer(tmp_path, _Buffered()).start(resume=True, ordered=False)
+    ck.save(step=12, epoch=2, batch=0, data_seed=7, epochs=epochs, totals={}, seconds=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # at an epoch boundary nothing is skipped: no warning
+        assert _checkpointer(tmp_path, _Buffered()).start(resume=True, ordered=False).epoch == 2
+    with pytest.raises(CheckpointError, match="cannot resume this run: batch_size: checkpoint 8 vs now 4"):
+        _checkpointer(tmp_path, _Buffered(), record=dict(RECORD, batch_size=4)).start(resume=True)
+
+
+def test_check_directory(tmp_path):
+    C.Checkpointer.check_directory(None)
+    C.Checkpointer.check_directory(tmp_path)
+    C.Checkpointer.check_directory(tmp_path / "new" / "deeper")  # can be created
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="^" + re.escape(f"checkpoint_dir {f} is a file, not a directory") + "$"):
+        C.Checkpointer.check_directory(f)
+    with pytest.raises(
+        ValueError,
+        match="^" + re.escape(f"checkpoint_dir {f / 'sub'} cannot be created: {f} is a file, not a directory") + "$",
+    ):
+        C.Checkpointer.check_directory(f / "sub")

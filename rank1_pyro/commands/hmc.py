@@ -104,10 +104,10 @@ def run(args) -> int:
     from ..data import as_tensors
     from ..diagnostics import to_netcdf
     from ..inference.hmc import convergence, hmc_summary, run_hmc
-    from ..runs import check_run_or_stand_in, load_run, write_json
+    from ..runs import load_run, require_run, write_json
 
     _check(args)
-    check_run_or_stand_in(args.run_dir, False, "")
+    require_run(args.run_dir)
     cfg, model, guide, (train_set, test_set) = load_run(args.run_dir, args.data_root, "cpu")
     members = args.members if args.members is not None else list(range(model.ensemble_size))
     bad = [k for k in members if not 0 <= k < model.ensemble_size]

@@ -23,7 +23,6 @@ from pathlib import Path
 
 REPORT_FILE = "laplace.json"
 #: the training command suggested when RUN_DIR holds no run
-TRAIN_HINT = "rank1-pyro train --config digits_mlp --out {run_dir}"
 
 
 def _size(text: str):
@@ -106,18 +105,6 @@ def check_args(args) -> None:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
 
 
-def require_run(run_dir) -> Path:
-    """RUN_DIR when it holds a run; else a :class:`~rank1_pyro.runs.RunError` naming what is missing
-    and the ``rank1-pyro train`` command that makes a run there."""
-    from ..runs import RunError, check_run_dir, check_run_path
-
-    check_run_path(run_dir)
-    try:
-        return check_run_dir(run_dir)
-    except RunError as e:
-        raise RunError(f"{e}; train one first: {TRAIN_HINT.format(run_dir=run_dir)}") from None
-
-
 def load_point_network(args, device):
     """The run of ``args.run_dir`` as a point network, with its training and test tensors.
 
@@ -126,7 +113,7 @@ def load_point_network(args, device):
     """
     from ..data import as_tensors, rotate
     from ..laplace import rank1_point_network
-    from ..runs import load_run
+    from ..runs import load_run, require_run
 
     require_run(args.run_dir)
     run = load_run(args.run_dir, args.data_root, device)

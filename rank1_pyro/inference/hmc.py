@@ -50,6 +50,8 @@ and ``start`` (its initial point). Chains of different members sample different 
 R-hat and ESS are computed per member (:func:`hmc_summary`, :func:`convergence`); the variational
 tree's chain k is member k's component, to be compared with the HMC chains of ``member == k``.
 :func:`chain_modes` groups the chains of each member into modes.
+
+One concept, one module (hence over 400 lines): the HMC reference over the rank-1 factors: the factor model and its member views, NUTS runs with their chains and modes, and their export to the variational posterior's DataTree layout.
 """
 
 from __future__ import annotations
