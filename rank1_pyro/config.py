@@ -92,7 +92,7 @@ CONFIG_HELP = {
     "init_scale": "initial posterior stddev of the factors",
     "objective": "averaged (mean of the members' ELBOs) or mixture (log of the mixture likelihood)",
     "kl_weight": "multiplies the KL term (1 = the ELBO)",
-    "estimator": "member (one factor draw per member and step) or example (one per example)",
+    "estimator": "member (one factor draw per member and step), example (one per example) or split (averaged objective only: each member its own batch / K examples)",
     "precision": "fp32, or bf16 autocast of the forward pass",
     "batchnorm": "shared, or per_member BatchNorm statistics",
     "epochs": "passes over the training data",
@@ -233,6 +233,11 @@ class RunConfig:
         choice("guide", GUIDES)
         choice("objective", OBJECTIVES)
         choice("estimator", ESTIMATORS)
+        if self.estimator == "split" and self.objective != "averaged":
+            raise ValueError(
+                f"estimator 'split' gives each member different examples; objective {self.objective!r} needs every "
+                "member on every example: use objective = 'averaged' with it, or another estimator"
+            )
         choice("precision", PRECISIONS)
         choice("batchnorm", convert.BATCHNORM_MODES)
         choice("optimizer", ("sgd", "adam"))

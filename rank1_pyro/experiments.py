@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from .atomic import atomic_write
 from .data import Split, channel_stats, corrupt, rotate, standardize
 from .inference import predict
 from .methods import POSTHOC_BASE, TRAINED, Architecture, MethodSettings, check_methods, fit_method
@@ -61,15 +62,17 @@ class EvalSets:
     x_eval: torch.Tensor
     sets: dict[str, tuple[slice, torch.Tensor | None]] = field(default_factory=dict)
     name: str = ""
+    val: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def from_parts(cls, x_train, y_train, parts, name: str = "") -> EvalSets:
-        """From ``parts = [(set name, x, y or None), ...]`` already standardised."""
+    def from_parts(cls, x_train, y_train, parts, name: str = "", val=None) -> EvalSets:
+        """From ``parts = [(set name, x, y or None), ...]`` already standardised (``val``: a held-out
+        validation pair, evaluated after every training epoch)."""
         sets, start = {}, 0
         for set_name, x, y in parts:
             sets[set_name] = (slice(start, start + x.shape[0]), y)
             start += x.shape[0]
-        return cls(x_train, y_train, torch.cat([x for _, x, _ in parts]), sets, name)
+        return cls(x_train, y_train, torch.cat([x for _, x, _ in parts]), sets, name, val)
 
 
 def shift_sets(
@@ -77,6 +80,7 @@ def shift_sets(
     ood: torch.Tensor | None = None,
     *,
     train_examples: int | None = None,
+    val_examples: int = 0,
     test_examples: int | None = None,
     shift_examples: int | None = None,
     ood_examples: int | None = None,
@@ -88,10 +92,15 @@ def shift_sets(
     test images), ``rot<angle>`` and ``<corruption>-<severity>`` (each of the first
     ``shift_examples``), ``ood`` (the first ``ood_examples`` of ``ood``).
 
-    Shifts act on the raw images; then everything is standardised per channel with the
-    statistics of the training images (the first ``train_examples``).
+    ``val_examples``: the last ones of the first ``train_examples`` training images are held out
+    as the validation set (``EvalSets.val``), the rest train. Shifts act on the raw images; then
+    everything is standardised per channel with the statistics of the training images.
     """
     x_train, y_train = split.x_train[:train_examples], split.y_train[:train_examples]
+    if not 0 <= val_examples < x_train.shape[0]:
+        raise ValueError(f"val_examples must lie in [0, {x_train.shape[0]}) (the training images), got {val_examples}")
+    cut = x_train.shape[0] - val_examples
+    (x_train, x_val), (y_train, y_val) = x_train.split([cut, val_examples]), y_train.split([cut, val_examples])
     mean, std = channel_stats(x_train)
     x_shift, y_shift = split.x_test[:shift_examples], split.y_test[:shift_examples]
     parts = [("clean", split.x_test[:test_examples], split.y_test[:test_examples])]
@@ -104,7 +113,8 @@ def shift_sets(
     if ood is not None:
         parts.append(("ood", ood[:ood_examples], None))
     parts = [(name, standardize(x, mean, std), y) for name, x, y in parts]
-    return EvalSets.from_parts(standardize(x_train, mean, std), y_train, parts, split.name)
+    val = (standardize(x_val, mean, std), y_val) if val_examples else None
+    return EvalSets.from_parts(standardize(x_train, mean, std), y_train, parts, split.name, val)
 
 
 def evaluate(posterior, data: EvalSets, num_samples: int, batch_size: int = 500, keep_probs=()) -> dict:
@@ -153,17 +163,19 @@ def run_job(
 
     Returns ``{method name: row}``; a row holds :func:`evaluate`'s metrics, ``parameters``,
     ``train_seconds`` (post-hoc: the base's training plus the fit, also as ``fit_seconds``),
-    ``train_examples`` and, for a post-hoc method, its fit's ``details`` (``keep_probs``: see
-    :func:`evaluate`).
+    ``train_examples``, for a trained method its ``curve`` (per epoch, with the validation
+    metrics when ``data.val`` is set: :func:`~rank1_pyro.methods.training_curve`) and, for a
+    post-hoc method, its fit's ``details`` (``keep_probs``: see :func:`evaluate`).
     """
     xy, rows = (data.x_train, data.y_train), {}
-    base = fit_method(method, arch, xy, settings, seed)
+    base = fit_method(method, arch, xy, settings, seed, val_data=data.val)
     sizes = {"train_examples": data.x_train.shape[0]}
     if report_base:
         rows[method] = {
             **evaluate(base.posterior, data, base.num_samples, eval_batch_size, keep_probs),
             "parameters": base.parameters,
             "train_seconds": base.seconds,
+            "curve": base.curve,
             **sizes,
         }
     for name in posthoc:
@@ -243,10 +255,7 @@ def run_jobs(
     def record(i, job, rows):
         keep(job[0], rows)
         if jobs_dir is not None:
-            path = job_file(jobs_dir, key, *job)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(rows))
-            tmp.replace(path)
+            atomic_write(job_file(jobs_dir, key, *job), json.dumps(rows))
         extra = sorted(rows.keys() - {job[1]})
         elapsed = time.perf_counter() - start
         when = f"{elapsed:.0f} s" if elapsed < 120 else f"{elapsed / 60:.1f} min"

@@ -192,7 +192,7 @@ CASES = [
         "elbo-estimator",
         lambda: MixtureELBO(estimator="sample"),
         ValueError,
-        r"estimator: unknown name 'sample'; valid: \['member', 'example'\]",
+        r"estimator: unknown name 'sample'; valid: \['member', 'example', 'split'\]",
     ),
     (
         "elbo-particles",
@@ -350,6 +350,12 @@ CASES = [
         r"per_core_batch_size \(4\) counts tiled rows and must be >= ensemble_size \(8\)",
     ),
     ("config-unknown-model", lambda: cifar_config(model="vgg16"), ValueError, r"model: unknown name 'vgg16'"),
+    (
+        "config-split-mixture",
+        lambda: cifar_config(objective="mixture", estimator="split"),
+        ValueError,
+        r"estimator 'split' gives each member different examples; objective 'mixture'",
+    ),
     # checkpoints
     (
         "checkpoint-missing",

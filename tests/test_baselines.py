@@ -313,6 +313,56 @@ def test_experiment_jobs_resume_and_rerun_changed_ones(tmp_path, monkeypatch):
         experiments.run_jobs(jobs, lambda *job: experiments.run_job(arch, SETTINGS, data, *job), key, jobs_dir)
 
 
+def test_shift_sets_hold_out_the_last_training_images_for_validation():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 1, 4, 4, generator=g), torch.arange(20) % 3
+    split = Split(x, y, torch.rand(6, 1, 4, 4, generator=g), torch.arange(6) % 3, 3, "toy")
+    data = shift_sets(split, train_examples=16, val_examples=5, test_examples=6)
+    (x_val, y_val) = data.val
+    assert data.x_train.shape[0] == 11 and torch.equal(y_val, y[11:16])
+    mean, std = (
+        x[:11].mean(),
+        x[:11].std(correction=0),
+    )  # the statistics of the images that train, not of the held-out ones
+    torch.testing.assert_close(x_val, (x[11:16] - mean) / std, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(data.x_train, (x[:11] - mean) / std, atol=1e-5, rtol=1e-4)
+    assert shift_sets(split, test_examples=6).val is None
+    for bad in (-1, 16):
+        with pytest.raises(ValueError, match=r"val_examples must lie in \[0, 16\)"):
+            shift_sets(split, train_examples=16, val_examples=bad)
+
+
+def test_training_curve_is_the_history_or_the_members_mean():
+    from rank1_pyro.inference.train import History
+    from rank1_pyro.methods import training_curve
+
+    a = History([{"epoch": 1, "nll": 1.0, "val_nll": 2.0, "loss": 9.0}, {"epoch": 2, "nll": 0.5, "val_nll": 1.0}])
+    b = History([{"epoch": 1, "nll": 3.0, "val_nll": 4.0}, {"epoch": 2, "nll": 1.5}])
+    assert training_curve([a]) == [{"epoch": 1, "nll": 1.0, "val_nll": 2.0}, {"epoch": 2, "nll": 0.5, "val_nll": 1.0}]
+    assert training_curve([a, b]) == [{"epoch": 1, "nll": 2.0, "val_nll": 3.0}, {"epoch": 2, "nll": 1.0}]
+
+
+def test_trained_methods_record_their_validation_curve_and_estimator(monkeypatch):
+    from rank1_pyro.layers import SplitBatch
+
+    arch, data = _tiny_data()
+    xy, val = (data.x_train[:64], data.y_train[:64]), (data.x_train[64:], data.y_train[64:])
+    settings = replace(SETTINGS, train=SETTINGS.train.replace(epochs=2), averaged_estimator="split")
+    calls = []
+    rows = SplitBatch.rows
+    monkeypatch.setattr(SplitBatch, "rows", lambda self, x, k: calls.append(x.shape[0]) or rows(self, x, k))
+    for method in ("rank1-gaussian-avg", "deep-ensemble"):
+        fitted = fit_method(method, arch, xy, settings, seed=0, val_data=val)
+        assert [e["epoch"] for e in fitted.curve] == [1, 2]
+        assert all(0 < e["val_nll"] < 10 and 0 <= e["val_accuracy"] <= 1 for e in fitted.curve)
+    assert set(calls) == {32}  # the rank-1 model split its batches of 32 (x and y)
+    calls.clear()
+    fit_method("rank1-gaussian-mix", arch, xy, settings, seed=0)  # the mixture ELBO always tiles
+    assert calls == []
+    with pytest.raises(ValueError, match="averaged_estimator: unknown name 'tiled'"):
+        MethodSettings(averaged_estimator="tiled")
+
+
 # ----------------------------------------------------------------------------- mutation-tested behaviour (issue #21)
 
 

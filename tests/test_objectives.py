@@ -23,9 +23,11 @@ from rank1_pyro import (
     MixtureELBO,
     MixtureGuide,
     Rank1Model,
+    members,
     mlp,
     rank1_mlp,
 )
+from rank1_pyro.inference.train import train
 
 K, N, B = 3, 40, 6
 
@@ -290,3 +292,103 @@ def test_bad_configuration_raises_a_clear_error():
         MixtureGuide(tiny(), init_sign_prob=1.5)
     with pytest.raises(ValueError, match="no rank-1 layers"):
         MixtureGuide(Rank1Model(nn.Linear(2, 2), ensemble_size=1))
+
+
+# ------------------------------------------------------------------ the split-batch estimator
+
+
+def hand_split_log_lik(model, values, x, y, num_data=N):
+    """(1/K) Σ_k (N/m) Σ_{i in member k's rows} log p(y_i | x_i, θ_k), m = B // K, in plain torch."""
+    m = x.shape[0] // K
+    log_p = torch.log_softmax(hand_forward(model, values, x), -1)  # (K, B, C): every member on every row
+    rows = torch.arange(K * m).reshape(K, m)
+    own = log_p[torch.arange(K)[:, None], rows, y[rows]]  # (K, m): member k on its own rows
+    return (num_data / m) * own.sum() / K
+
+
+@pytest.mark.parametrize("batch", [B, B + 2])  # B + 2 = 8 rows, K = 3: the last 2 rows are left out
+def test_split_estimator_matches_hand_computation(batch):
+    model = tiny()
+    guide = MixtureGuide(model)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(batch, 2, generator=g), torch.randint(0, 3, (batch,), generator=g)
+    pyro.set_rng_seed(7)
+    terms = AveragedELBO(estimator="split", vectorize_particles=False).loss_terms(model, guide, x, y)
+    values = guide_draws(guide, x, y, seed=7)
+    torch.testing.assert_close(terms.log_likelihood, hand_split_log_lik(model, values, x, y))
+    # the latent terms do not depend on the batch: the member estimator's KL, exactly
+    pyro.set_rng_seed(7)
+    member = AveragedELBO(vectorize_particles=False).loss_terms(model, guide, x, y)
+    torch.testing.assert_close(terms.kl, member.kl)
+    m = batch // K
+    assert terms.logits.shape == (K, m, 3)
+
+
+def test_split_estimator_is_unbiased_over_the_splits_of_a_batch():
+    """Averaged over every assignment of the batch's rows to the members, the split log-likelihood is
+    the tiled (member) estimator's: E over splits of (N/m) Σ_{i∈S_k} ℓ_ik = (N/B) Σ_i ℓ_ik."""
+    import itertools
+
+    model = tiny()
+    guide = DeltaGuide(model)  # point factors: the only randomness is the split
+    x, y = data()
+    split = AveragedELBO(estimator="split")
+    estimates = [
+        split.loss_terms(model, guide, x[list(order)], y[list(order)]).log_likelihood
+        for order in itertools.permutations(range(B))
+    ]
+    tiled = AveragedELBO().loss_terms(model, guide, x, y).log_likelihood
+    torch.testing.assert_close(torch.stack(estimates).mean(), tiled)
+    assert torch.stack(estimates).std() > 0  # but each split is a noisier estimate
+
+
+def test_split_estimator_runs_the_network_on_the_batch_once_not_k_times():
+    model = tiny()
+    guide = MixtureGuide(model)
+    x, y = data()
+    rows = []
+    hook = model.net[0].register_forward_hook(lambda module, inputs, out: rows.append(inputs[0].shape[:-1].numel()))
+    AveragedELBO(estimator="split").loss_terms(model, guide, x, y)
+    AveragedELBO().loss_terms(model, guide, x, y)
+    hook.remove()
+    assert rows == [B, K * B]
+
+
+def test_split_estimator_refuses_what_it_cannot_estimate():
+    with pytest.raises(ValueError, match="mixture likelihood needs every member"):
+        MixtureELBO(estimator="split")
+    model = tiny()
+    guide = MixtureGuide(model)
+    x, y = data()
+    with pytest.raises(ValueError, match="a batch of 2 is too small"):
+        AveragedELBO(estimator="split").loss_terms(model, guide, x[:2], y[:2])
+    net = rank1_mlp(2, [4], 3, ensemble_size=K).net
+
+    def plain_model(x, y=None):  # tiles its input by itself: the handler cannot split it
+        m = members(K)
+        logits = net(m.tile(x))
+        with m, pyro.plate("data", N, subsample=torch.arange(x.shape[0]), dim=-1):
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+
+    with pytest.raises(ValueError, match="needs a model that splits its batch"):
+        AveragedELBO(estimator="split").loss_terms(plain_model, AutoNormal(plain_model), x, y)
+
+
+def test_split_estimator_trains_and_reports_each_members_accuracy():
+    from rank1_pyro.inference.objectives import ELBOTerms
+    from rank1_pyro.inference.progress import add_step, zero_totals
+
+    # 2 members, 2 rows each of a batch of 5: member 0 right on 1 of its rows, member 1 on both
+    logits = torch.tensor([[[5.0, 0.0], [5.0, 0.0]], [[0.0, 5.0], [5.0, 0.0]]])
+    y = torch.tensor([0, 1, 1, 0, 1])
+    totals = zero_totals()
+    add_step(totals, ELBOTerms(torch.tensor(1.0), None, None, logits), torch.tensor(1.0), y, 10, True)
+    assert float(totals["correct"]) == pytest.approx(3 / 4 * 5) and totals["seen"] == 5
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, generator=g)
+    y = (x[:, 0] > 0).long()
+    model = rank1_mlp(2, [8], 2, ensemble_size=2)
+    history = train(model, MixtureGuide(model), (x, y), epochs=30, batch_size=16, lr=0.02, progress=False,
+                    objective=AveragedELBO(estimator="split"), seed=0)  # fmt: skip
+    assert history.last["accuracy"] > 0.8

@@ -38,6 +38,8 @@ def test_speed_and_step_floor_benchmarks_run_on_tiny_networks(tmp_path):
         "hand_step",
         "deterministic_KB_step",
         "mean_field_bnn_step",
+        "lenet5_tiled_step",
+        "lenet5_split_step",
         "predictive_vectorized_small",
         "predictive_loop_small",
         "predictive_vectorized_large",

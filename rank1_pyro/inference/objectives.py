@@ -58,6 +58,10 @@ Common behaviour:
   ``examples`` plate scaled by 1/B, so each member's KL still counts once. It needs the
   model's first argument to be the batch-first input. Its cost: B·K draws (and log
   densities) per factor site instead of K; the layers' arithmetic is unchanged.
+  ``estimator="split"`` (:class:`AveragedELBO` only) gives each member its own B/K rows of the
+  batch instead of all B (:class:`~rank1_pyro.layers.SplitBatch`): the network runs on B rows
+  instead of K·B, for an unbiased but noisier estimate of the same objective. The mixture ELBO
+  needs every member's likelihood of every example, so it refuses it.
 
 Use them like any Pyro ELBO: ``SVI(model, guide, optim, loss=MixtureELBO())``, or
 ``MixtureELBO().differentiable_loss(model, guide, x, y)`` with a torch optimizer.
@@ -90,7 +94,7 @@ from pyro.util import warn_if_nan
 from torch.distributions import kl_divergence
 
 from .._checks import one_of, positive_int
-from ..layers import MEMBERS
+from ..layers import MEMBERS, SplitBatch
 from .joint import joint_latents
 
 __all__ = [
@@ -105,7 +109,7 @@ __all__ = [
     "OBJECTIVES",
 ]
 
-ESTIMATORS = ("member", "example")
+ESTIMATORS = ("member", "example", "split")
 
 
 def kl_annealing(step: int, annealing_steps: int) -> float:
@@ -159,7 +163,7 @@ class ELBOTerms(NamedTuple):
 
     ``logits``: the logits of the model's observed ``Categorical`` site, whatever its name
     (normalised: the log-probabilities, ``log_softmax`` of the network's outputs), shape
-    ``(..., K, B, C)``; ``None`` when the model observes no categorical site. The training loop
+    ``(..., K, B, C)`` (``(..., K, B // K, C)``, each member on its own rows, under ``estimator="split"``); ``None`` when the model observes no categorical site. The training loop
     reads its accuracy from them. :class:`PlainELBO` reports the loss alone (the rest ``None``).
     """
 
@@ -212,7 +216,8 @@ class Rank1ELBO(ELBO):
         num_particles: Monte Carlo particles per step (vectorized by default).
         kl_weight: the weight of the latent (KL) terms: 1 is the ELBO; ``K`` gives the reference
             loss's :math:`\sum_k \mathrm{KL}_k`.
-        estimator: ``"member"`` or ``"example"`` (see the module docstring).
+        estimator: ``"member"``, ``"example"`` or (averaged ELBO only) ``"split"`` (see the module
+            docstring).
         analytic_kl: use closed-form KL where available (``False``: always Monte Carlo).
         max_plate_nesting: plates in the model; rank-1 models use two (members, data).
 
@@ -222,6 +227,8 @@ class Rank1ELBO(ELBO):
 
     #: :meth:`loss_terms` reports the log-likelihood and the KL (a :class:`PlainELBO` does not)
     has_parts = True
+    #: whether ``estimator="split"`` estimates this objective (the member reduction is a mean)
+    splits_batch = False
 
     def __init__(
         self,
@@ -233,6 +240,11 @@ class Rank1ELBO(ELBO):
         max_plate_nesting: int = 2,
     ):
         one_of("estimator", estimator, ESTIMATORS)
+        if estimator == "split" and not self.splits_batch:
+            raise ValueError(
+                f"{type(self).__name__}: estimator='split' gives each member different examples, but the mixture "
+                "likelihood needs every member on every example; use AveragedELBO(estimator='split')"
+            )
         positive_int("num_particles", num_particles)
         super().__init__(
             num_particles=num_particles,
@@ -278,6 +290,18 @@ class Rank1ELBO(ELBO):
             if not batch:
                 raise ValueError("estimator='example' needs the model's first argument to be a batch-first tensor")
             model, guide = ExamplePlate(batch)(model), ExamplePlate(batch)(guide)
+        elif self.estimator == "split":
+            split = SplitBatch()
+            traces = self._traces(split(model), guide, args, kwargs)
+            if not split.used:
+                raise ValueError(
+                    "estimator='split' needs a model that splits its batch over the members (a Rank1Model); "
+                    "this model tiled it or ignored the handler"
+                )
+            return traces
+        return self._traces(model, guide, args, kwargs)
+
+    def _traces(self, model, guide, args, kwargs):
         try:
             if not is_validation_enabled():
                 # the fast path: no log densities computed up front (the analytic KLs need none);
@@ -406,6 +430,8 @@ class Rank1ELBO(ELBO):
 
 class AveragedELBO(Rank1ELBO):
     r"""Average of the members' ELBOs: the log-likelihood is averaged over the member dim."""
+
+    splits_batch = True
 
     def reduce_members(self, log_p, dim):
         return log_p.mean(dim)

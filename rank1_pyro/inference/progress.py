@@ -62,7 +62,8 @@ def add_step(totals: dict, terms, loss: torch.Tensor, y: torch.Tensor, num_data:
     """Add a step on a batch of b examples to the running sums, on the device: ``loss / N × b / N``
     (``loss`` is the step's −ELBO), and, when the objective's ``terms`` (:class:`~.objectives.ELBOTerms`)
     have them, ``−log-likelihood × b / N``, ``KL × b / N`` and the number of correct predictions of
-    the members' averaged probabilities; ``keep`` as in :func:`accumulate`."""
+    the members' averaged probabilities (with the batch split over the members, of each member on
+    its own rows, rescaled to b); ``keep`` as in :func:`accumulate`."""
     b = y.shape[0]
     totals["seen"] += b
     accumulate(totals, "loss", loss.detach().double() / num_data * b / num_data, keep)
@@ -70,8 +71,14 @@ def add_step(totals: dict, terms, loss: torch.Tensor, y: torch.Tensor, num_data:
         accumulate(totals, "nll", -terms.log_likelihood.detach().double() * b / num_data, keep)
         accumulate(totals, "kl", terms.kl.detach().double() * b / num_data, keep)
     if terms.logits is not None:
-        probs = torch.softmax(terms.logits.detach(), -1).reshape(-1, *terms.logits.shape[-2:]).mean(0)
-        accumulate(totals, "correct", (probs.argmax(-1) == y).sum().double(), keep)
+        k, m = terms.logits.shape[-3:-1]
+        if m == b:  # every member on every example: the members' averaged probabilities
+            probs = torch.softmax(terms.logits.detach(), -1).reshape(-1, *terms.logits.shape[-2:]).mean(0)
+            correct = (probs.argmax(-1) == y).sum()
+        else:  # the batch split over the members (estimator="split"): each member's own rows
+            probs = torch.softmax(terms.logits.detach(), -1).reshape(-1, k, m, terms.logits.shape[-1]).mean(0)
+            correct = (probs.argmax(-1) == y[: k * m].reshape(k, m)).sum() * (b / (k * m))
+        accumulate(totals, "correct", correct.double(), keep)
 
 
 def epoch_parts(sums: dict, num_data: int, parts: bool, categorical: bool) -> dict:

@@ -135,7 +135,7 @@ def _check_model(model, data, x0: torch.Tensor, device) -> int | None:
         model.train(training)
     if not isinstance(data, DataLoader) and hasattr(model, "_check_labels"):
         y = data[1]
-        model._check_labels(y, out.expand(*out.shape[:-2], y.shape[0], out.shape[-1]))
+        model._check_labels(y, y.shape[0] if torch.is_tensor(y) else None, out)
     return int(out.shape[-1]) if getattr(model, "likelihood", None) == "categorical" else None
 
 

@@ -7,6 +7,8 @@ r"""The Pyro model around a network of rank-1 layers.
    (an ``expand``, no copy);
 2. run the network: the rank-1 layers sample their factors inside the member plate and the
    output has shape ``(..., K, B, C)``;
+   (under :class:`~rank1_pyro.layers.SplitBatch`, an estimator of the averaged ELBO, each member
+   gets its own B / K rows instead: ``(K, B / K, ...)``);
 3. observe the labels inside ``pyro.plate("members", K, dim=-2)`` and
    ``pyro.plate("data", num_data, subsample=..., dim=-1)``: the data plate scales the
    minibatch log-likelihood by ``N / B``.
@@ -30,7 +32,7 @@ from pyro.poutine.runtime import get_plates
 from torch import nn
 
 from .._checks import one_of, positive_int
-from ..layers import MEMBER_DIM, factor_sites, members, rank1_layers
+from ..layers import MEMBER_DIM, factor_sites, members, rank1_layers, split_batch
 from ..priors import PriorMap
 
 __all__ = ["Rank1Model", "LIKELIHOODS", "set_prior"]
@@ -141,11 +143,13 @@ class Rank1Model(PyroModule):
         # own distribution checks (``train`` validates its first step; ``pyro.enable_validation(False)``)
         if x.is_floating_point() and is_validation_enabled() and not torch.isfinite(x).all():
             raise ValueError("x contains NaN or infinite values")
+        split = split_batch()
+        x = members(self.ensemble_size).tile(x) if split is None else split.rows(x, self.ensemble_size)  # (K, B, ...)
         if not self.flat_batch:
-            return self.net(members(self.ensemble_size).tile(x))
-        lead = (*_sample_plate_shape(), self.ensemble_size)
-        out = self.net(x.expand(*lead, *x.shape).reshape(-1, *x.shape[1:]))
-        return out.reshape(*lead, x.shape[0], *out.shape[1:])
+            return self.net(x)
+        lead = _sample_plate_shape()
+        out = self.net(x.expand(*lead, *x.shape).reshape(-1, *x.shape[2:]))
+        return out.reshape(*lead, *x.shape[:2], *out.shape[1:])
 
     def predictive_distribution(self, out: torch.Tensor) -> dist.Distribution:
         """The observation distribution given network outputs ``out`` (batch shape ``(..., K, B)``)."""
@@ -155,8 +159,7 @@ class Rank1Model(PyroModule):
             raise ValueError(f"likelihood='normal' needs one output per example, got output shape {tuple(out.shape)}")
         return dist.Normal(out.squeeze(-1), self.noise_scale().to(out.device))
 
-    def _check_labels(self, y: torch.Tensor, out: torch.Tensor) -> None:
-        batch = out.shape[-2]
+    def _check_labels(self, y: torch.Tensor, batch: int, out: torch.Tensor) -> None:
         if not torch.is_tensor(y):
             raise TypeError(f"y must be a tensor, got {type(y).__name__}")
         if y.shape != (batch,):
@@ -187,7 +190,9 @@ class Rank1Model(PyroModule):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         out = self.outputs(x)
         if y is not None:
-            self._check_labels(y, out)
+            self._check_labels(y, x.shape[0], out)
+            split = split_batch()
+            y = y if split is None else split.rows(y, self.ensemble_size)  # (K, B // K): each member's labels
         # a fresh plate records the "members" subsample site once per trace (autoguides expect it)
         with members(self.ensemble_size), self.data_plate(out.shape[-2], out.device):
             pyro.sample("obs", self.predictive_distribution(out), obs=y)
