@@ -261,12 +261,21 @@ def plan(cfg: QualityConfig, seeds, methods, main_seeds=()) -> list:
 
 def converged(row: dict) -> dict:
     """``row`` with its validation curve's summary: ``best_val_epoch`` (1-based epoch of the lowest
-    validation NLL), ``best_val_nll`` and ``last_val_nll`` (the last epoch's; a post-hoc row: its base's)."""
+    validation NLL), ``best_val_nll``, ``last_val_nll`` (the last epoch's) and ``last_quarter_gain``,
+    how much the last quarter of the epochs lowered the best validation NLL (relative: 0.01 is 1%;
+    0 or less: no improvement, the curve has stopped improving)."""
     val = [e["val_nll"] for e in row.get("curve") or () if "val_nll" in e]
-    if not val:
+    if len(val) < 2:
         return row
-    best = int(np.argmin(val))
-    return {**row, "best_val_epoch": best + 1, "best_val_nll": val[best], "last_val_nll": val[-1]}
+    best, quarter = int(np.argmin(val)), max(1, len(val) // 4)
+    before = min(val[:-quarter])
+    return {
+        **row,
+        "best_val_epoch": best + 1,
+        "best_val_nll": val[best],
+        "last_val_nll": val[-1],
+        "last_quarter_gain": (before - min(val[-quarter:])) / before,
+    }
 
 
 def run_quality(
@@ -433,6 +442,7 @@ CURVE_COLUMNS = [
     ("best_val_epoch", "best val epoch", 1.0, 1),
     ("best_val_nll", "best val NLL", 1.0, 3),
     ("last_val_nll", "last val NLL", 1.0, 3),
+    ("last_quarter_gain", "gain in the last quarter (%)", 100.0, 2),
 ]
 SHIFT_COLUMNS = [
     (f"{tag}_{key}", f"{label} ({short})", scale, digits)
@@ -690,6 +700,9 @@ def main(argv=None) -> int:
         main_seeds=args.main_seeds,
         only_done=args.report,
     )
+    if not report["runs"]:
+        print(f"no finished jobs in {out / 'jobs'} for these settings", file=sys.stderr)
+        return 1
     write_report(report, out, command.strip())
     print()
     print(markdown_report(report, command.strip()))

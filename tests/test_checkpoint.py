@@ -715,3 +715,293 @@ def test_check_directory(tmp_path):
         match="^" + re.escape(f"checkpoint_dir {f / 'sub'} cannot be created: {f} is a file, not a directory") + "$",
     ):
         C.Checkpointer.check_directory(f / "sub")
+
+
+# ------------------------------------------------------------------------------------------
+# Mutation-testing pass 2: what the first pass left surviving
+# ------------------------------------------------------------------------------------------
+def test_an_optimizer_state_without_param_groups_is_refused(tmp_path):
+    model, guide, opt, _ = _parts()
+    n_here = len(opt.param_groups[0]["params"])
+    message = f"c.pt: the optimizer state does not fit this optimizer: parameter groups of sizes [] in the checkpoint vs [{n_here}] here"
+    with pytest.raises(CheckpointError, match="^" + re.escape(message) + "$"):
+        C._check_optimizer("c.pt", opt, {"state": {}})  # a dict, but no "param_groups": zero groups
+
+
+def test_data_fingerprint_of_tensors_that_need_grad_or_numpy_cannot_hold(tmp_path):
+    from torch.utils.data import Subset
+
+    x, y = data()
+    fp = C.data_fingerprint((x, y))
+    assert C.data_fingerprint((x.clone().requires_grad_(), y)) == fp  # the same contents, hashed as tensors
+    half = x.to(torch.bfloat16)  # numpy has no bfloat16: a tensor must not go through numpy
+    assert C.data_fingerprint((half, y)) == C.data_fingerprint((half.clone(), y.clone())) not in (None, fp)
+    ds = TensorDataset(x, y)
+    by_list = C.data_fingerprint(Subset(ds, [1, 3, 5]))
+    assert C.data_fingerprint(Subset(ds, np.array([1, 3, 5], dtype=np.int32))) == by_list  # the same subset
+    assert C.data_fingerprint(Subset(ds, torch.tensor([1, 3, 5], dtype=torch.int16).tolist())) == by_list
+
+    class OnlyData:  # a "data" attribute but no "targets": not torchvision's layout
+        def __init__(self, data):
+            self.data = data
+
+    assert C.data_fingerprint(OnlyData(x)) is None
+    only_targets = OnlyData(x)
+    del only_targets.data
+    only_targets.targets = y
+    assert C.data_fingerprint(only_targets) is None
+
+
+def test_load_weights_messages_for_a_plain_state_dict(tmp_path):
+    trained, _ = fresh()
+    path = tmp_path / "weights.pt"
+    torch.save(trained.state_dict(), path)
+    model, guide = fresh()
+    result = load_weights(path, model)
+    assert sorted(result) == ["format", "guide", "model"]
+    assert result["model"].keys() == trained.state_dict().keys()
+    assert all(torch.equal(result["model"][k], v) for k, v in trained.state_dict().items())
+    wider, _ = fresh(hidden=8)
+    message = (
+        f"{path} does not match the model's architecture: shape mismatches "
+        "net.0.weight: checkpoint (4, 2) vs model (8, 2)"
+    )
+    with pytest.raises(CheckpointError, match="^" + re.escape(message)):
+        load_weights(path, wider)
+    message = (
+        f"{path} is a plain state_dict of one module (the model): it has no state for the guide "
+        "(MixtureGuide); load a rank1-pyro checkpoint, or pass guide=None"
+    )
+    with pytest.raises(CheckpointError, match="^" + re.escape(message) + "$"):
+        load_weights(path, model, guide)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(
+            "; load_weights reads a rank1-pyro checkpoint or a plain state_dict (a dict of tensors "
+            "saved with torch.save(model.state_dict(), path))"
+        )
+        + "$",
+    ):
+        load_weights(tmp_path / "list.pt", model)
+
+
+def test_code_is_never_run_even_when_the_environment_turns_off_weights_only(tmp_path, monkeypatch):
+    # torch.load's default (weights_only=None) follows this variable; an explicit True does not
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    sentinel = tmp_path / "code-ran"
+    for name, content in [
+        ("ckpt.pt", {"format": C.FORMAT, "payload": _Exploit(str(sentinel))}),
+        ("plain.pt", {"a": _Exploit(str(sentinel)), "b": torch.zeros(2, 2)}),
+    ]:
+        torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointError, match="loading it would run code"):
+            read_checkpoint(tmp_path / name)
+        with pytest.raises(CheckpointError, match="or a plain state_dict"):
+            load_weights(tmp_path / name, _Two())
+        assert not sentinel.exists()
+
+
+@pytest.fixture
+def elsewhere(monkeypatch):
+    """Files whose tensors were saved on a device this machine lacks (as a GPU run's on a CPU-only host)."""
+    import torch.serialization as S
+
+    tagging = []
+
+    def tagger(storage):
+        return "elsewhere" if tagging else None
+
+    def deserializer(storage, location):
+        if location == "elsewhere":
+            raise RuntimeError("no 'elsewhere' device on this machine")
+        return None
+
+    monkeypatch.setattr(S, "_package_registry", list(S._package_registry))  # registered for this test only
+    S.register_package(1, tagger, deserializer)
+
+    def save(obj, path):
+        tagging.append(True)
+        try:
+            torch.save(obj, path)
+        finally:
+            tagging.clear()
+        with pytest.raises(RuntimeError, match="no 'elsewhere' device"):  # torch.load's default restore fails
+            torch.load(path, weights_only=True)
+
+    return save
+
+
+def test_files_saved_on_another_device_load_onto_the_cpu(tmp_path, elsewhere):
+    model, guide, opt, sched = _parts()
+    elsewhere(_state(model, guide, opt, sched), tmp_path / "c.pt")
+    ckpt = read_checkpoint(tmp_path / "c.pt")
+    assert all(v.device.type == "cpu" for v in ckpt["model"].values())
+    assert all(torch.equal(a, b) for a, b in zip(ckpt["model"].values(), model.state_dict().values(), strict=True))
+    trained = _Two()
+    with torch.no_grad():
+        trained.a.add_(2.0)
+    elsewhere(trained.state_dict(), tmp_path / "plain.pt")
+    other = _Two()
+    assert load_weights(tmp_path / "plain.pt", other)["format"] == "state_dict"
+    assert torch.equal(other.a, torch.full((3,), 2.0))
+
+
+def _bad_pickle_zip(path):
+    """A torch zip file whose pickle uses opcode 130 (EXT1), which the weights-only unpickler does not know."""
+    import zipfile
+
+    good = path.with_suffix(".good")
+    torch.save({"a": 1}, good)
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for name in zin.namelist():
+            zout.writestr(name, b"\x80\x02\x82\x01." if name.endswith("data.pkl") else zin.read(name))
+
+
+def test_a_broken_file_s_message_gives_the_loader_s_reason(tmp_path):
+    bad_op = tmp_path / "op.pt"
+    _bad_pickle_zip(bad_op)
+    message = f"{bad_op} is not a rank1-pyro checkpoint (truncated or corrupt): Unsupported operand 130"
+    with pytest.raises(CheckpointError, match="^" + re.escape(message) + "$"):
+        read_checkpoint(bad_op)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x80\x02}q\x00.garbage")  # a legacy pickle of {}, where torch's magic number goes
+    with pytest.raises(Exception) as raw:  # torch's own first line is the reason
+        torch.load(garbage, weights_only=True)
+    first = str(raw.value).strip().splitlines()[0]
+    assert first and "WeightsUnpickler" not in str(raw.value)
+    message = f"{garbage} is not a rank1-pyro checkpoint (truncated or corrupt): {first}"
+    with pytest.raises(CheckpointError, match="^" + re.escape(message) + "$"):
+        read_checkpoint(garbage)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(EOFError) as raw:  # no words at all: the exception's type is the reason
+        torch.load(empty, weights_only=True)
+    assert str(raw.value) == ""
+    message = f"{empty} is not a rank1-pyro checkpoint (truncated or corrupt): EOFError"
+    with pytest.raises(CheckpointError, match="^" + re.escape(message) + "$"):
+        read_checkpoint(empty)
+
+
+def test_a_temporary_removed_by_someone_else_meanwhile_is_no_error(tmp_path, monkeypatch):
+    stale = [tmp_path / ".checkpoint.pt.a1.tmp", tmp_path / ".checkpoint.pt.b2.tmp"]
+    for f in stale:
+        f.write_text("x")
+    unlink = Path.unlink
+
+    def raced(self, *args, **kwargs):  # another process deletes the file between the listing and the unlink
+        os.remove(self)
+        return unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", raced)
+    assert C.remove_stale_temporaries(tmp_path / "checkpoint.pt") == stale
+    assert not any(f.exists() for f in stale)
+
+
+@pytest.fixture
+def fake_cuda_rng(monkeypatch):
+    """torch.cuda's RNG state functions, recorded (the CUDA code paths without a GPU)."""
+    calls = {"get": [], "set": []}
+
+    def get_rng_state(device="cuda"):
+        calls["get"].append(device)
+        return torch.full((4,), 7, dtype=torch.uint8)
+
+    def set_rng_state(new_state, device="cuda"):
+        calls["set"].append((new_state.clone(), device))
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    return calls
+
+
+def test_the_cuda_rng_state_is_kept_and_restored_for_a_cuda_device_only(fake_cuda_rng):
+    seven = torch.full((4,), 7, dtype=torch.uint8)
+    state = C.rng_state("cuda:1")
+    assert fake_cuda_rng["get"] == [torch.device("cuda:1")]
+    assert set(state) == {"torch", "random", "numpy", "cuda"} and torch.equal(state["cuda"], seven)
+    C.set_rng_state(state, torch.device("cuda:1"))
+    assert len(fake_cuda_rng["set"]) == 1
+    restored, device = fake_cuda_rng["set"][0]
+    assert torch.equal(restored, seven) and device == torch.device("cuda:1")
+    C.set_rng_state(state, "cpu")  # not onto a CPU device
+    C.set_rng_state(state)  # nor without a device
+    C.set_rng_state({k: v for k, v in state.items() if k != "cuda"}, "cuda:1")  # nor when none was saved
+    assert len(fake_cuda_rng["set"]) == 1
+
+
+def test_a_cuda_run_s_checkpoint_holds_and_restores_its_cuda_rng_state(tmp_path, fake_cuda_rng):
+    from rank1_pyro.inference.distributed import DistributedContext
+
+    model, guide, opt, sched = _parts()
+    assert "cuda" in _state(model, guide, opt, sched, device="cuda:0")["rng"]
+    cuda = torch.device("cuda:0")
+
+    def checkpointer(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+        return C.Checkpointer(tmp_path, model, None, opt, sched, dict(RECORD), DistributedContext(), cuda)
+
+    checkpointer(_Buffered()).save(step=2, epoch=0, batch=2, data_seed=5, epochs=[], totals={}, seconds=0.0)
+    assert fake_cuda_rng["get"][-1] == cuda
+    ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert torch.equal(ckpt["rng"]["cuda"], torch.full((4,), 7, dtype=torch.uint8))
+    assert checkpointer(_Buffered()).start(resume=True).step == 2
+    assert [device for _, device in fake_cuda_rng["set"]] == [cuda]
+    ck = checkpointer(_Buffered())
+    C.restore_training(
+        ck.path, ckpt, model=ck.model, guide=None, optimizer=ck.optimizer, scheduler=ck.scheduler, device=cuda
+    )
+    assert [device for _, device in fake_cuda_rng["set"]] == [cuda, cuda]
+
+
+def test_data_parallel_sums_are_reduced_on_the_training_device(tmp_path, monkeypatch):
+    from rank1_pyro.inference import distributed
+    from rank1_pyro.inference.distributed import DistributedContext
+
+    reduced = []
+
+    def all_reduce_sum(values, device):  # a world of two ranks, the other holding the same sums
+        reduced.append(device)
+        return [2 * v for v in values]
+
+    monkeypatch.setattr(distributed, "all_reduce_sum", all_reduce_sum)
+    ck = _checkpointer(tmp_path, _Buffered(), ctx=DistributedContext(world_size=2, rank=0, enabled=True))
+    assert ck.save(step=1, epoch=0, batch=1, data_seed=5, epochs=[], totals={"loss": 1.5, "n": 4}, seconds=0.0)
+    assert reduced == ["cpu"]  # the checkpointer's device (NCCL reduces CUDA tensors only)
+    assert read_checkpoint(ck.path)["history"]["totals"] == {"loss": 3.0, "n": 8.0}
+
+
+def test_start_errors_name_the_checkpoint_file(tmp_path):
+    ck = _checkpointer(tmp_path, _Buffered())
+    ck.save(step=3, epoch=0, batch=3, data_seed=7, epochs=[], totals={}, seconds=1.0)
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{path} cannot resume this run: batch_size")):
+        _checkpointer(tmp_path, _Buffered(), record=dict(RECORD, batch_size=4)).start(resume=True)
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{path} does not match the model's architecture")):
+        _checkpointer(tmp_path, _Two()).start(resume=True)  # two parameters as well: the optimizer fits
+
+
+def test_resuming_mid_epoch_warns_only_for_an_unordered_loader_at_the_caller_of_train(tmp_path):
+    _checkpointer(tmp_path, _Buffered()).save(step=3, epoch=0, batch=3, data_seed=7, epochs=[], totals={}, seconds=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ordered by default: train re-orders its own batches
+        assert _checkpointer(tmp_path, _Buffered()).start(resume=True).batch == 3
+
+    def train_like():  # stands for train, which calls start for the user's call of train
+        return _checkpointer(tmp_path, _Buffered()).start(resume=True, ordered=False)  # start's caller
+
+    start_line = train_like.__code__.co_firstlineno + 1
+    with pytest.warns(UserWarning, match="resuming mid-epoch") as caught:
+        train_like()
+        user_line = sys._getframe().f_lineno - 1
+    (warning,) = caught.list
+    assert str(warning.message) == (
+        f"resuming mid-epoch from {tmp_path / 'checkpoint.pt'} with a DataLoader whose order train cannot control: "
+        "the consumed batches are skipped by reading them, which is exact only if the loader yields the same "
+        "batches in every pass"
+    )
+    assert warning.filename != C.__file__  # not the library's own line
+    assert (warning.filename, warning.lineno) != (__file__, start_line)  # nor train's call of start
+    if not hasattr(C.Checkpointer.start, "__wrapped__"):  # (mutmut's trampoline adds two frames around start)
+        assert (warning.filename, warning.lineno) == (__file__, user_line)  # but the user's call of train

@@ -83,6 +83,25 @@ def test_the_docs_theme_fits_wide_tables_and_numbers_never_wrap():
     assert "---:" in (ROOT / "docs" / "benchmarks.md").read_text()  # ... which the benchmark tables use
 
 
+def test_the_mutation_scratch_config_tells_mutmut_what_to_mutate(tmp_path, monkeypatch):
+    """tools/mutants.py's scratch pyproject (what mutmut reads) names the package, the module and its
+    tests: without ``source_paths`` mutmut stops with 'Could not figure out where the code to mutate is'."""
+    import importlib.util
+    import tomllib
+
+    spec = importlib.util.spec_from_file_location("mutants_tool", ROOT / "tools" / "mutants.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(tool, "SCRATCH", tmp_path)
+    work = tool._scratch("rank1_pyro/priors.py", ["tests/test_priors.py"])
+    config = tomllib.loads((work / "pyproject.toml").read_text())
+    assert config["tool"]["mutmut"]["source_paths"] == ["rank1_pyro"]
+    assert config["tool"]["mutmut"]["only_mutate"] == ["rank1_pyro/priors.py"]
+    assert config["tool"]["mutmut"]["pytest_add_cli_args_test_selection"] == ["tests/test_priors.py"]
+    assert "not slow" in config["tool"]["mutmut"]["pytest_add_cli_args"]
+    assert (work / "rank1_pyro" / "priors.py").read_text() == (ROOT / "rank1_pyro" / "priors.py").read_text()
+
+
 def test_the_mutation_table_is_the_kept_results():
     """docs/testing.md's table is generated from docs/results/mutants/*.json (tools/mutants.py --table --write)."""
     import importlib.util
