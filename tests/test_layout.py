@@ -3,7 +3,10 @@
 import importlib.util
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,3 +60,35 @@ def test_the_command_line_starts_without_the_heavy_modules():
     code = "import sys, rank1_pyro.cli as c; c.build_parser(); print(sorted(m for m in sys.modules if m in ('torch', 'pyro')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_coverage_check_lists_every_unrun_line_without_a_reason(tmp_path):
+    """tools/coverage_table.py finds the statements no test runs and the partly run branches, by their
+    source text, and tells listed (with a reason) from unlisted and stale entries."""
+    import coverage
+
+    if coverage.Coverage.current() is not None:
+        pytest.skip("the suite itself runs under coverage (make coverage): one tracer at a time")
+    spec = importlib.util.spec_from_file_location("coverage_tool", ROOT / "tools" / "coverage_table.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    package = tmp_path / "pkg"
+    package.mkdir()
+    source = "def f(x):\n    if x > 0:\n        return 1\n    return 2\n\n\ndef g():\n    return 3\n"
+    (package / "mod.py").write_text(source)
+    cov = coverage.Coverage(data_file=str(tmp_path / ".cov"), branch=True, source=[str(package)], config_file=False)
+    cov.start()
+    module_spec = importlib.util.spec_from_file_location("pkg_mod", package / "mod.py")
+    mod = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(mod)
+    assert mod.f(1) == 1  # x <= 0 never happens, g never runs
+    cov.stop()
+    cov.save()
+    found = tool.unrun(str(tmp_path / ".cov"), root=tmp_path, package="pkg", modules=("pkg/mod.py",))
+    assert found == {"pkg/mod.py": [(2, "if x > 0:"), (4, "return 2"), (8, "return 3")]}
+    reasons = {"pkg/mod.py": {"return 2": "x > 0 always here", "return 1": "an old entry"}}
+    assert tool.unlisted(found, reasons) == {"pkg/mod.py": [(2, "if x > 0:"), (8, "return 3")]}
+    assert tool.stale(found, reasons) == {"pkg/mod.py": ["return 1"]}
+    assert tomllib.loads(tool.template(tool.unlisted(found, reasons))) == {
+        "pkg/mod.py": {"if x > 0:": "TODO (line 2)", "return 3": "TODO (line 8)"}
+    }
