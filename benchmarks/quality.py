@@ -110,6 +110,7 @@ class QualityConfig:
     prior_scale: float = 0.1
     init_sign_prob: float | None = 0.5  # None: factor means start at 1
     averaged_estimator: str = "split"  # the averaged ELBO's minibatch: each member its own B/K rows
+    factor_lr: float = 1.0  # the factors' variational parameters train with lr x factor_lr
     val_samples: int = 2  # posterior draws (per member) of the per-epoch validation
     dropout: float = 0.1
     rank1_samples: int = 4  # posterior draws per member at prediction (x K members)
@@ -140,6 +141,7 @@ class QualityConfig:
             eval_samples=self.val_samples,
             batch_size=self.batch_size,
             lr=self.lr,
+            factor_lr=self.factor_lr,
             weight_decay=self.weight_decay,
             kl_annealing_epochs=self.kl_annealing_epochs,
             objective="averaged",
@@ -217,6 +219,17 @@ _SPLIT = 0.35
 
 #: the main rows: three seeds even when the rest get one (``--main-seeds``)
 MAIN = ("deterministic", "deep-ensemble", "batchensemble", "rank1-gaussian-avg", "rank1-cauchy-avg")
+
+
+#: settings added after jobs were kept: at these values they stay out of a job's key, so adding a
+#: setting does not make the finished jobs run again
+_ADDED = {"factor_lr": 1.0}
+
+
+def job_key(cfg: QualityConfig) -> dict:
+    """What names a job's settings (:func:`rank1_pyro.experiments.job_file`): every field, but those
+    of :data:`_ADDED` at their neutral value."""
+    return {k: v for k, v in asdict(cfg).items() if not (k in _ADDED and v == _ADDED[k])}
 
 
 def job_cost(cfg: QualityConfig):
@@ -303,7 +316,7 @@ def run_quality(
         raise ValueError("need at least one seed and one method")
     jobs = plan(cfg, seeds, methods, [int(s) for s in main_seeds])
     start = time.perf_counter()
-    key = asdict(cfg)
+    key = job_key(cfg)
     if only_done:
         if jobs_dir is None:
             raise ValueError("only_done needs the jobs_dir of a run")
@@ -362,6 +375,8 @@ ABLATIONS = {  # in the order they run: the choices the main table rests on firs
     "prior scale 0.05": {"prior_scale": 0.05},
     "prior scale 0.3": {"prior_scale": 0.3},
     "KL annealing: 40%": {"kl_annealing_fraction": 0.4},
+    "factor learning rate x 0.5": {"factor_lr": 0.5},
+    "factor learning rate x 2": {"factor_lr": 2.0},
     "per-example factors (tiled)": {"averaged_estimator": "example"},
 }
 #: rows of the ablation read from the main table's seed-0 jobs: the reference and the two swaps it already has
@@ -385,7 +400,7 @@ def run_ablation(cfg: QualityConfig, jobs_dir: Path, workers: int = 1, threads: 
     todo = {}
     for name, change in ABLATIONS.items():
         variant = replace(cfg, **change)
-        if not job_file(jobs_dir, asdict(variant), *job).exists():
+        if not job_file(jobs_dir, job_key(variant), *job).exists():
             todo[name] = variant
     if todo:
         log(f"ablation: {len(todo)} of {len(ABLATIONS)} variants to run")
@@ -396,18 +411,18 @@ def run_ablation(cfg: QualityConfig, jobs_dir: Path, workers: int = 1, threads: 
             futures = {pool.submit(_variant_job, variant, job): name for name, variant in todo.items()}
             for future in as_completed(futures):
                 name = futures[future]
-                run_jobs([job], lambda *_: future.result(), asdict(todo[name]), jobs_dir, lambda s: None)
+                run_jobs([job], lambda *_: future.result(), job_key(todo[name]), jobs_dir, lambda s: None)
                 log(f"ablation: {name} done after {_seconds(time.perf_counter() - start)}")
     rows = {}
     main = {j[1]: j for j in plan(cfg, [0], METHODS)}
     for name, method in FROM_MAIN.items():
         for candidate in (main[method], (0, method, (), True)):  # with or without its post-hoc methods
-            path = job_file(jobs_dir, asdict(cfg), *candidate)
+            path = job_file(jobs_dir, job_key(cfg), *candidate)
             if path.exists():
                 rows[name] = converged(json.loads(path.read_text())[method])
                 break
     for name, change in ABLATIONS.items():
-        path = job_file(jobs_dir, asdict(replace(cfg, **change)), *job)
+        path = job_file(jobs_dir, job_key(replace(cfg, **change)), *job)
         if path.exists():
             rows[name] = converged(json.loads(path.read_text())[ABLATED])
     return rows

@@ -100,6 +100,7 @@ CONFIG_HELP = {
     "num_cores": "devices the reference used: batch = per_core_batch_size / K × num_cores",
     "base_learning_rate": "learning rate = base_learning_rate × batch / lr_reference_batch",
     "lr_reference_batch": "the batch size at which the learning rate is base_learning_rate",
+    "factor_lr": "the factors' variational parameters train with learning rate × factor_lr",
     "momentum": "SGD momentum",
     "nesterov": "Nesterov momentum (SGD)",
     "warmup_epochs": "linear learning-rate warm-up, in epochs",
@@ -174,6 +175,7 @@ class RunConfig:
     num_cores: int = 8
     base_learning_rate: float = 0.1
     lr_reference_batch: int = 128
+    factor_lr: float = 1.0
     momentum: float = 0.9
     nesterov: bool = True
     warmup_epochs: float = 1.0
@@ -251,7 +253,7 @@ class RunConfig:
             "lr_reference_batch",
         ):
             positive_int(name, getattr(self, name))
-        for name in ("init_scale", "base_learning_rate", "decay_rate"):
+        for name in ("init_scale", "base_learning_rate", "decay_rate", "factor_lr"):
             number(name, getattr(self, name), strict=True)
         for name in ("momentum", "warmup_epochs", "kl_annealing_epochs", "l2", "kl_weight"):
             number(name, getattr(self, name))
@@ -389,6 +391,7 @@ class RunConfig:
             batch_size=self.batch_size,
             optimizer=self.optimizer,
             lr=self.learning_rate,
+            factor_lr=self.factor_lr,
             momentum=self.momentum,
             nesterov=self.nesterov,
             weight_decay=2.0 * self.l2,

@@ -209,3 +209,31 @@ def test_without_a_seed_every_rank_draws_from_rank_0s_seed(monkeypatch):
     assert data_seed == int(torch.randint(0, 2**31, ()).item())  # the data order's seed: the same on every rank
     assert torch.equal(draw, torch.rand(3))
     assert D.seed_ranks(7, D.SINGLE_PROCESS, torch.device("cpu")) == 7
+
+
+def test_factor_lr_scales_the_step_of_the_guide_parameters_only():
+    """One plain SGD step (no momentum) from the same start and draws: the guide's parameters move
+    factor_lr times as far, the network's weights exactly as far."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, generator=g), torch.randint(0, 2, (32,), generator=g)
+
+    def one_step(factor_lr):
+        torch.manual_seed(0)
+        model = rank1_mlp(3, [8], 2, ensemble_size=2)
+        guide = MixtureGuide(model)
+        guide(x)  # parameters exist before training starts
+        start = [p.detach().clone() for p in [*model.parameters(), *guide.parameters()]]
+        config = TrainConfig(epochs=1, batch_size=32, optimizer="sgd", momentum=0.0, lr=0.1, seed=0, progress=False)
+        train(model, guide, (x, y), config, factor_lr=factor_lr)
+        moved = [p.detach() - s for p, s in zip([*model.parameters(), *guide.parameters()], start)]
+        return moved[: len(list(model.parameters()))], moved[len(list(model.parameters())) :]
+
+    net_1, guide_1 = one_step(1.0)
+    net_q, guide_q = one_step(0.25)
+    for a, b in zip(net_1, net_q):
+        torch.testing.assert_close(b, a)
+    assert any(a.abs().max() > 0 for a in guide_1)
+    for a, b in zip(guide_1, guide_q):
+        torch.testing.assert_close(b, 0.25 * a)
+    with pytest.raises(ValueError, match="factor_lr must be > 0, got 0"):
+        TrainConfig(factor_lr=0)

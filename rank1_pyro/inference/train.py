@@ -97,7 +97,13 @@ def _to_model(t: torch.Tensor, device, dtype: torch.dtype, non_blocking: bool = 
 def _optimizer(model, guide, config: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": config.weight_decay}]
     if isinstance(guide, nn.Module):
-        groups.append({"params": [p for p in guide.parameters() if p.requires_grad], "weight_decay": 0.0})
+        groups.append(
+            {
+                "params": [p for p in guide.parameters() if p.requires_grad],
+                "weight_decay": 0.0,
+                "lr": config.lr * config.factor_lr,
+            }
+        )
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("nothing to train: the model and guide have no trainable parameters")

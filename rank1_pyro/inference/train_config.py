@@ -77,6 +77,9 @@ class TrainConfig:
             torchrun it is split evenly over the processes.
         optimizer: ``"adam"`` or ``"sgd"``.
         lr: the base learning rate (> 0), scaled every step by :meth:`lr_factor`.
+        factor_lr: the guide's parameters (the rank-1 factors' variational parameters; the
+            factors themselves under a ``DeltaGuide``) train with ``lr × factor_lr`` (> 0; the
+            reference code's fast-weight learning-rate multiplier), the model's with ``lr``.
         momentum, nesterov: SGD's momentum (>= 0) and Nesterov's variant (on when momentum > 0).
         weight_decay: L2 weight decay (>= 0) on the model's parameters, never on the guide's.
         warmup_epochs, decay_epochs, decay_rate: the learning-rate schedule (:meth:`lr_factor`);
@@ -117,6 +120,7 @@ class TrainConfig:
     batch_size: int = 128
     optimizer: str = "adam"
     lr: float = 1e-3
+    factor_lr: float = 1.0
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 0.0
@@ -145,6 +149,7 @@ class TrainConfig:
         lr = self.lr
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0 or not math.isfinite(lr):
             raise ValueError(f"lr must be > 0, got {lr!r}")
+        number("factor_lr", self.factor_lr, strict=True)
         number("momentum", self.momentum)
         number("weight_decay", self.weight_decay)
         number("warmup_epochs", self.warmup_epochs)
@@ -224,6 +229,7 @@ class TrainConfig:
             batch_size=batch_size,
             optimizer=self.optimizer,
             lr=float(self.lr),
+            factor_lr=float(self.factor_lr),
             momentum=float(self.momentum),
             nesterov=bool(self.nesterov),
             weight_decay=float(self.weight_decay),
