@@ -41,8 +41,9 @@ __all__ = [
 KHAT_GOOD = 0.5
 #: at or above this k-hat the variational posterior is far from the posterior
 KHAT_USABLE = 0.7
-#: fewest draws for a Pareto tail fit (ArviZ fits the largest n/5 ratios and needs at least 5)
-MIN_PARETO_DRAWS = 25
+#: fewest draws for a Pareto tail fit: ArviZ's PSIS fits a tail only from 30 draws on (with fewer it
+#: returns k-hat NaN), so fewer are refused with a message rather than reported as NaN
+MIN_PARETO_DRAWS = 30
 #: log ratios spread less than this are equal weights up to rounding (a Pareto fit would be noise)
 _CONSTANT_LOG_RATIO = 1e-8
 
