@@ -274,21 +274,24 @@ def plan(cfg: QualityConfig, seeds, methods, main_seeds=()) -> list:
 
 def converged(row: dict) -> dict:
     """``row`` with its validation curve's summary: ``best_val_epoch`` (1-based epoch of the lowest
-    validation NLL), ``best_val_nll``, ``last_val_nll`` (the last epoch's) and ``last_quarter_gain``,
-    how much the last quarter of the epochs lowered the best validation NLL (relative: 0.01 is 1%;
-    0 or less: no improvement, the curve has stopped improving)."""
+    validation NLL), ``best_val_nll``, ``last_val_nll`` (the last epoch's) and ``last_epochs_gain``,
+    how much the last :data:`LAST_EPOCHS` epochs lowered the best validation NLL of the epochs before
+    (relative: 0.01 is 1%; 0 or less: no improvement, the curve has stopped improving)."""
     val = [e["val_nll"] for e in row.get("curve") or () if "val_nll" in e]
-    if len(val) < 2:
+    if len(val) <= LAST_EPOCHS:
         return row
-    best, quarter = int(np.argmin(val)), max(1, len(val) // 4)
-    before = min(val[:-quarter])
+    best, before = int(np.argmin(val)), min(val[:-LAST_EPOCHS])
     return {
         **row,
         "best_val_epoch": best + 1,
         "best_val_nll": val[best],
         "last_val_nll": val[-1],
-        "last_quarter_gain": (before - min(val[-quarter:])) / before,
+        "last_epochs_gain": (before - min(val[-LAST_EPOCHS:])) / before,
     }
+
+
+#: the epochs over which a converged validation curve must have stopped improving
+LAST_EPOCHS = 3
 
 
 def run_quality(
@@ -457,7 +460,7 @@ CURVE_COLUMNS = [
     ("best_val_epoch", "best val epoch", 1.0, 1),
     ("best_val_nll", "best val NLL", 1.0, 3),
     ("last_val_nll", "last val NLL", 1.0, 3),
-    ("last_quarter_gain", "gain in the last quarter (%)", 100.0, 2),
+    ("last_epochs_gain", f"gain in the last {LAST_EPOCHS} epochs (%)", 100.0, 2),
 ]
 SHIFT_COLUMNS = [
     (f"{tag}_{key}", f"{label} ({short})", scale, digits)
