@@ -395,17 +395,19 @@ def _variant_job(cfg: QualityConfig, job):
     return run_job(architecture(data), cfg.settings(), data, *job, cfg.eval_batch_size)
 
 
-def run_ablation(cfg: QualityConfig, jobs_dir: Path, workers: int = 1, threads: int = 1, root=None, log=print) -> dict:
+def run_ablation(
+    cfg: QualityConfig, jobs_dir: Path, workers: int = 1, threads: int = 1, root=None, log=print, only_done=False
+) -> dict:
     """Seed 0 of :data:`ABLATED` under every change of :data:`ABLATIONS` (finished ones are kept in
-    ``jobs_dir`` and not run again), with the :data:`FROM_MAIN` rows of the main run in the same
-    ``jobs_dir`` when it has them; returns ``{variant: row}``."""
+    ``jobs_dir`` and not run again; ``only_done``: run none), with the :data:`FROM_MAIN` rows of the
+    main run in the same ``jobs_dir`` when it has them; returns ``{variant: row}``."""
     job = (0, ABLATED, (), True)
     todo = {}
     for name, change in ABLATIONS.items():
         variant = replace(cfg, **change)
         if not job_file(jobs_dir, job_key(variant), *job).exists():
             todo[name] = variant
-    if todo:
+    if todo and not only_done:
         log(f"ablation: {len(todo)} of {len(ABLATIONS)} variants to run")
         start = time.perf_counter()
         with ProcessPoolExecutor(
@@ -635,7 +637,9 @@ def main(argv=None) -> int:
         "the same seeds as --seeds gives every method the same seeds",
     )
     parser.add_argument(
-        "--report", action="store_true", help="write the report of the finished jobs in --out, run nothing"
+        "--report",
+        action="store_true",
+        help="write the report of the finished jobs in --out, run nothing (with --ablation: of its finished variants)",
     )
     parser.add_argument(
         "--ablation",
@@ -698,7 +702,8 @@ def main(argv=None) -> int:
         flush=True,
     )
     if args.ablation:
-        rows = run_ablation(cfg, out / "jobs", args.workers, threads, args.data_root, lambda s: print(s, flush=True))
+        log = lambda s: print(s, flush=True)  # noqa: E731
+        rows = run_ablation(cfg, out / "jobs", args.workers, threads, args.data_root, log, only_done=args.report)
         table = markdown_table(rows, ABLATION_COLUMNS)
         atomic_write(out / "ablation.json", json.dumps({"config": asdict(cfg), "rows": rows, "command": command}))
         atomic_write(
