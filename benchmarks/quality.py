@@ -60,6 +60,7 @@ from rank1_pyro.atomic import atomic_write
 from rank1_pyro.data import ROTATIONS, load_fashion_mnist, load_mnist5k
 from rank1_pyro.experiments import (
     EvalSets,
+    convergence,
     job_file,
     markdown_table,
     plan_jobs,
@@ -273,21 +274,9 @@ def plan(cfg: QualityConfig, seeds, methods, main_seeds=()) -> list:
 
 
 def converged(row: dict) -> dict:
-    """``row`` with its validation curve's summary: ``best_val_epoch`` (1-based epoch of the lowest
-    validation NLL), ``best_val_nll``, ``last_val_nll`` (the last epoch's) and ``last_epochs_gain``,
-    how much the last :data:`LAST_EPOCHS` epochs lowered the best validation NLL of the epochs before
-    (relative: 0.01 is 1%; 0 or less: no improvement, the curve has stopped improving)."""
-    val = [e["val_nll"] for e in row.get("curve") or () if "val_nll" in e]
-    if len(val) <= LAST_EPOCHS:
-        return row
-    best, before = int(np.argmin(val)), min(val[:-LAST_EPOCHS])
-    return {
-        **row,
-        "best_val_epoch": best + 1,
-        "best_val_nll": val[best],
-        "last_val_nll": val[-1],
-        "last_epochs_gain": (before - min(val[-LAST_EPOCHS:])) / before,
-    }
+    """``row`` with its validation curve's summary over the last :data:`LAST_EPOCHS` epochs
+    (:func:`rank1_pyro.experiments.convergence`)."""
+    return convergence(row, LAST_EPOCHS)
 
 
 #: the epochs over which a converged validation curve must have stopped improving

@@ -12,8 +12,9 @@ The pipeline behind ``rank1-pyro demo`` and ``benchmarks/quality.py``:
 4. :func:`summarize` reduces the seeds to mean ± standard deviation and :func:`markdown_table`
    prints them.
 
-The metrics are :func:`~rank1_pyro.metrics.classification_metrics` (accuracy, NLL, ECE, Brier) on
-every labelled set; ``rotation_<metric>`` is the mean over the sets named ``rot*``,
+The metrics are :func:`~rank1_pyro.metrics.classification_metrics` (accuracy, NLL, ECE, Brier), or
+for a regression posterior :func:`~rank1_pyro.metrics.regression_metrics` (RMSE, the exact NLL of
+the mixture predictive, 95 % interval coverage), on every labelled set; ``rotation_<metric>`` is the mean over the sets named ``rot*``,
 ``corruption_<metric>`` the mean over the other labelled sets but ``clean``, and ``ood_auroc``
 the AUROC of the predictive entropy between the clean and the ``ood`` set.
 """
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from ._checks import positive_int
 from .atomic import atomic_write
 from .data import Split, channel_stats, corrupt, rotate, standardize
 from .inference import predict
@@ -41,6 +43,7 @@ __all__ = [
     "shift_sets",
     "evaluate",
     "run_job",
+    "convergence",
     "plan_jobs",
     "run_jobs",
     "summarize",
@@ -127,6 +130,12 @@ def evaluate(posterior, data: EvalSets, num_samples: int, batch_size: int = 500,
     per_set, entropy, probs = {}, {}, {}
     for name, (where, y) in data.sets.items():
         prediction = predict(posterior, data.x_eval[where], num_samples=num_samples, batch_size=batch_size)
+        if prediction.likelihood == "normal":
+            if y is not None:
+                per_set[name] = metrics.regression_metrics(
+                    prediction.mean, prediction.variance, y, prediction.log_density(y)
+                )
+            continue
         entropy[name] = prediction.total_entropy
         if name in keep_probs:
             probs[name] = prediction.probs
@@ -189,6 +198,27 @@ def run_job(
             **sizes,
         }
     return rows
+
+
+def convergence(row: dict, last_epochs: int = 3) -> dict:
+    """``row`` with the summary of its validation curve (``row["curve"]``, per epoch): ``best_val_epoch``
+    (1-based epoch of the lowest validation NLL), ``best_val_nll``, ``last_val_nll`` (the last
+    epoch's) and ``last_epochs_gain``, how much the last ``last_epochs`` epochs lowered the best
+    validation NLL of the epochs before them, relative (0.01 is 1 %; 0 or less: the curve had
+    stopped improving). A row whose curve has no more than ``last_epochs`` validation points is
+    returned as it is."""
+    positive_int("last_epochs", last_epochs)
+    val = [e["val_nll"] for e in row.get("curve") or () if "val_nll" in e]
+    if len(val) <= last_epochs:
+        return row
+    best, before = int(np.argmin(val)), min(val[:-last_epochs])
+    return {
+        **row,
+        "best_val_epoch": best + 1,
+        "best_val_nll": val[best],
+        "last_val_nll": val[-1],
+        "last_epochs_gain": (before - min(val[-last_epochs:])) / before,
+    }
 
 
 def plan_jobs(methods, seeds, cost: Callable[[str], float] = lambda m: 1.0) -> list[tuple[int, str, tuple, bool]]:
@@ -289,6 +319,8 @@ def summarize(rows: dict[str, dict]) -> dict:
 
 
 def _cell(value, scale, digits: int) -> str:
+    if isinstance(value, str):
+        return value
     if isinstance(value, dict):  # a summary: mean ± std
         if scale is None:
             return f"{value['mean']:,.0f}"
@@ -301,7 +333,7 @@ def _cell(value, scale, digits: int) -> str:
 def markdown_table(rows: dict[str, dict], columns) -> str:
     """A Markdown table, one row per method; ``columns = [(key, header, scale, digits), ...]``
     (``scale`` ``None``: an integer count with thousands separators). Cells of a
-    :func:`summarize` d row print as ``mean ± std``, plain numbers as they are."""
+    :func:`summarize` d row print as ``mean ± std``, plain numbers as they are, text unchanged."""
     head = "| method | " + " | ".join(c[1] for c in columns) + " |"
     rule = "|---|" + "|".join("---:" for _ in columns) + "|"
     body = [

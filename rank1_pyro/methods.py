@@ -49,6 +49,7 @@ from .inference.train import train
 from .inference.train_config import TrainConfig
 from .laplace import ProjectedPosterior, SubnetLaplace, rank1_point_network
 from .models import Rank1Model
+from .models.base import LIKELIHOODS
 from .models.params import count_parameters
 from .models.zoo import network, rank1_network
 from .priors import Cauchy, Gaussian
@@ -110,19 +111,32 @@ def check_methods(methods) -> list[str]:
 class Architecture:
     """One network, built three ways: ``net()`` the deterministic network, ``rank1(K, prior)`` its
     rank-1 model, and ``flat_batch``, the layout of the deterministic model (``True`` for networks
-    that take ``(B, ...)`` inputs only, e.g. convolutions)."""
+    that take ``(B, ...)`` inputs only, e.g. convolutions). ``likelihood``: ``"categorical"``
+    (the network outputs logits) or ``"normal"`` (one regression mean per example; every method
+    learns the noise stddev as a point estimate, :class:`~rank1_pyro.models.Rank1Model`); the
+    ``rank1`` builder must build its model with the same likelihood."""
 
     net: Callable[[], nn.Module]
     rank1: Callable[[int, object], Rank1Model]
     flat_batch: bool = True
+    likelihood: str = "categorical"
+
+    def __post_init__(self):
+        one_of("likelihood", self.likelihood, LIKELIHOODS)
 
     @classmethod
-    def from_zoo(cls, name: str, num_classes: int, input_shape, **model_args) -> Architecture:
-        """Network ``name`` of the model zoo (:mod:`rank1_pyro.models.zoo`)."""
+    def from_zoo(
+        cls, name: str, num_classes: int, input_shape, likelihood: str = "categorical", **model_args
+    ) -> Architecture:
+        """Network ``name`` of the model zoo (:mod:`rank1_pyro.models.zoo`); for ``likelihood="normal"``
+        give ``num_classes=1`` (one output, the regression mean)."""
         return cls(
             net=lambda: network(name, num_classes, input_shape, **model_args),
-            rank1=lambda k, prior: rank1_network(name, num_classes, k, prior, input_shape=input_shape, **model_args),
+            rank1=lambda k, prior: rank1_network(
+                name, num_classes, k, prior, input_shape=input_shape, likelihood=likelihood, **model_args
+            ),
             flat_batch=name != "mlp",
+            likelihood=likelihood,
         )
 
 
@@ -207,17 +221,17 @@ def _objective(name: str | None, s: MethodSettings):
 def _train(method: str, arch: Architecture, data, s: MethodSettings, seed: int, val_data=None) -> Fitted:
     point = s.train.replace(objective=None, seed=seed)  # deterministic networks: the default objective
     if method == "deterministic":
-        model = Rank1Model(arch.net(), ensemble_size=1, flat_batch=arch.flat_batch)
+        model = Rank1Model(arch.net(), ensemble_size=1, likelihood=arch.likelihood, flat_batch=arch.flat_batch)
         history = train(model, None, data, point, val_data=val_data)
         posterior = Rank1Posterior(model, empty_guide)
         return Fitted(posterior, 1, count_parameters(model), history.seconds, model, curve=training_curve([history]))
     if method == "mc-dropout":
-        posterior = MCDropout(insert_dropout(arch.net(), s.dropout))
+        posterior = MCDropout(insert_dropout(arch.net(), s.dropout), arch.likelihood)
         history = posterior.fit(data, point, val_data=val_data)
         params, curve = count_parameters(posterior.model), training_curve([history])
         return Fitted(posterior, s.dropout_samples, params, history.seconds, posterior.model, curve=curve)
     if method == "deep-ensemble":
-        ensemble = DeepEnsemble.from_builder(arch.net, s.ensemble_size, seed=seed)
+        ensemble = DeepEnsemble.from_builder(arch.net, s.ensemble_size, seed=seed, likelihood=arch.likelihood)
         histories = ensemble.fit(data, point, seed=seed, val_data=val_data)
         seconds, curve = sum(h.seconds for h in histories), training_curve(histories)
         return Fitted(ensemble, 1, count_parameters(ensemble), seconds, ensemble, curve=curve)
@@ -247,18 +261,26 @@ def _posthoc(method: str, data, s: MethodSettings, base: Fitted) -> Fitted:
     from .data import to_loader
 
     start = time.perf_counter()
+    likelihood = base.model.likelihood
+    # regression: the network has no noise model of its own; the trained model's noise stddev is the posterior's
+    noise = float(base.model.noise_scale().detach()) if likelihood == "normal" and method != "rank1-laplace" else None
     if method == "subnet-laplace":
         posterior = SubnetLaplace(
             base.model.net,
-            "classification",
+            likelihood,
             s.laplace_selection,
             subnetwork_size=s.laplace_subnetwork,
             predictive="glm",
+            sigma_noise=noise,
         ).fit(to_loader(*_subset(data, s.laplace_fit_examples), batch_size=256))
         samples, details = 1, _laplace_details(posterior)
     elif method == "projected":
         posterior = ProjectedPosterior(
-            base.model.net, "categorical", num_iterations=s.projected_iterations, num_trace_probes=s.projected_probes
+            base.model.net,
+            likelihood,
+            num_iterations=s.projected_iterations,
+            num_trace_probes=s.projected_probes,
+            noise_scale=noise,
         ).fit(_subset(data, s.projected_fit_examples))
         posterior.draws(s.projected_samples)  # project the noise of the predictive's draws now (fitting time)
         samples = s.projected_samples
@@ -271,7 +293,7 @@ def _posthoc(method: str, data, s: MethodSettings, base: Fitted) -> Fitted:
     else:  # rank1-laplace
         posterior = SubnetLaplace(
             rank1_point_network(base.model, base.guide),
-            "classification",
+            likelihood,
             "rank1-factors",
             prior_precision=1.0 / s.prior_scale**2,
             prior_mean=1.0,

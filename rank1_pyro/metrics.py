@@ -45,6 +45,7 @@ __all__ = [
     "rmse",
     "interval_coverage",
     "classification_metrics",
+    "regression_metrics",
     "adaptive_ece",
     "aurc",
     "selective_accuracy",
@@ -194,6 +195,22 @@ def interval_coverage(mean: torch.Tensor, variance: torch.Tensor, targets: torch
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2.0)).item()
     half = z * variance.double().clamp_min(0).sqrt()
     return ((targets.double() - mean.double()).abs() <= half).double().mean().item()
+
+
+def regression_metrics(
+    mean: torch.Tensor, variance: torch.Tensor, targets: torch.Tensor, log_density: torch.Tensor | None = None
+) -> dict[str, float]:
+    """RMSE, NLL and the coverage of the central 95 % interval in one dict. The NLL is
+    ``-mean(log_density)`` when the exact per-target log density of the predictive is given
+    (:meth:`~rank1_pyro.inference.predictive.Prediction.log_density`), else :func:`gaussian_nll`
+    of the moment-matched Gaussian N(mean, variance); the interval is the Gaussian's either way."""
+    if log_density is not None and log_density.shape != targets.shape:
+        raise ValueError(f"log_density {tuple(log_density.shape)} and targets {tuple(targets.shape)} differ in shape")
+    return {
+        "rmse": rmse(mean, targets),
+        "nll": gaussian_nll(mean, variance, targets) if log_density is None else -log_density.double().mean().item(),
+        "coverage95": interval_coverage(mean, variance, targets, 0.95),
+    }
 
 
 def classification_metrics(

@@ -10,7 +10,17 @@ from torch import nn
 
 from rank1_pyro.baselines import DeepEnsemble, MCDropout, insert_dropout, lenet5_dropout_net, member_seeds
 from rank1_pyro.data import Split, load_digits
-from rank1_pyro.experiments import markdown_table, plan_jobs, run_job, run_jobs, shift_sets, summarize
+from rank1_pyro.experiments import (
+    EvalSets,
+    convergence,
+    evaluate,
+    markdown_table,
+    plan_jobs,
+    run_job,
+    run_jobs,
+    shift_sets,
+    summarize,
+)
 from rank1_pyro.inference import MixtureGuide, Posterior, Rank1Posterior, predict
 from rank1_pyro.inference.predictive import empty_guide
 from rank1_pyro.inference.train import train
@@ -466,3 +476,76 @@ def test_mc_dropout_fit_passes_config_and_overrides():
     assert len(mc.fit((x, y), epochs=3, batch_size=8, progress=False).epochs) == 3
     with pytest.raises(TypeError, match=r"^MCDropout.fit: the network is deterministic and takes no guide$"):
         mc.fit((x, y), guide=None)
+
+
+def test_methods_fit_and_evaluate_a_regression_architecture():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(160, 3, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(160, generator=g)
+    data = EvalSets.from_parts(x[:128], y[:128], [("clean", x[128:], y[128:])], "linear")
+    xy = (data.x_train, data.y_train)
+    arch = Architecture.from_zoo("mlp", 1, (3,), likelihood="normal", hidden=(16,))
+    settings = replace(
+        SETTINGS,
+        train=replace(SETTINGS.train, epochs=25, lr=2e-2),
+        laplace_subnetwork=20,
+        projected_fit_examples=128,
+        projected_iterations=10,
+        projected_probes=4,
+        projected_samples=8,
+    )
+    base = fit_method("deterministic", arch, xy, settings, seed=0)
+    noise = float(base.model.noise_scale().detach())
+    assert noise < 0.9  # learned from its initial 1
+    fitted = {
+        "deterministic": base,
+        "subnet-laplace": fit_method("subnet-laplace", arch, xy, settings, seed=0, base=base),
+        "projected": fit_method("projected", arch, xy, settings, seed=0, base=base),
+        "rank1-gaussian-avg": fit_method("rank1-gaussian-avg", arch, xy, settings, seed=0),
+        "deep-ensemble": fit_method("deep-ensemble", arch, xy, settings, seed=0),
+    }
+    # the post-hoc posteriors take the trained model's learned noise
+    assert fitted["subnet-laplace"].posterior.sigma_noise == pytest.approx(noise)
+    assert fitted["projected"].posterior.noise_scale == pytest.approx(noise)
+    for method, fit in fitted.items():
+        torch.manual_seed(0)
+        row = evaluate(fit.posterior, data, fit.num_samples)
+        assert set(row["sets"]["clean"]) == {"rmse", "nll", "coverage95"}, method
+        torch.manual_seed(0)  # the same draws: the NLL is the mixture predictive's own
+        prediction = predict(fit.posterior, x[128:], num_samples=fit.num_samples)
+        assert row["clean_nll"] == pytest.approx(-prediction.log_density(y[128:]).mean().item(), rel=1e-6)
+        assert row["clean_rmse"] < 0.5 * y.std().item(), (method, row["clean_rmse"])  # learned the linear map
+        assert row["clean_nll"] == row["sets"]["clean"]["nll"] and 0.0 <= row["clean_coverage95"] <= 1.0
+    # every trained method builds a regression model
+    for method in ("mc-dropout", "batchensemble", "rank1-cauchy-mix"):
+        assert fit_method(method, arch, xy, SETTINGS).posterior.likelihood == "normal", method
+    with pytest.raises(ValueError, match="likelihood"):
+        Architecture.from_zoo("mlp", 1, (3,), likelihood="poisson")
+
+
+def test_markdown_table_cells_by_hand():
+    rows = {"a": {"n": 1234, "x": {"mean": 0.5, "std": 0.25}, "y": 0.123456, "s": "3/5"}, "b": {"n": 7, "x": 1.0}}
+    rows["b"].update(y={"mean": 2.0, "std": 0.0}, s="0/5")
+    columns = [("n", "count", None, 0), ("x", "X", 10.0, 1), ("y", "Y", 1.0, 2), ("s", "lower on", None, 0)]
+    assert markdown_table(rows, columns).splitlines() == [
+        "| method | count | X | Y | lower on |",
+        "|---|---:|---:|---:|---:|",
+        "| a | 1,234 | 5.0 ± 2.5 | 0.12 | 3/5 |",
+        "| b | 7 | 10.0 | 2.00 ± 0.00 | 0/5 |",
+    ]
+
+
+def test_convergence_summarises_the_validation_curve_by_hand():
+    curve = [{"epoch": i + 1, "val_nll": v} for i, v in enumerate([1.0, 0.8, 0.7, 0.71, 0.69, 0.695])]
+    row = convergence({"clean_nll": 0.5, "curve": curve}, last_epochs=3)
+    assert row["clean_nll"] == 0.5 and row["curve"] is curve
+    assert (row["best_val_epoch"], row["best_val_nll"], row["last_val_nll"]) == (5, 0.69, 0.695)
+    assert row["last_epochs_gain"] == pytest.approx((0.7 - 0.69) / 0.7)
+    # a curve still falling before the last epochs and worse after them: a negative gain
+    assert convergence({"curve": curve}, last_epochs=1)["last_epochs_gain"] == pytest.approx((0.69 - 0.695) / 0.69)
+    assert convergence({"curve": curve[:4]}, last_epochs=1)["last_epochs_gain"] == pytest.approx((0.7 - 0.71) / 0.7)
+    # too short a curve, or none: the row as it is
+    assert convergence({"curve": curve[:3]}, last_epochs=3) == {"curve": curve[:3]}
+    assert convergence({"clean_nll": 1.0}) == {"clean_nll": 1.0}
+    with pytest.raises(ValueError, match="last_epochs"):
+        convergence({"curve": curve}, last_epochs=0)

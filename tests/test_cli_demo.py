@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from rank1_pyro.cli import main
 
 
@@ -21,6 +23,12 @@ def test_demo_runs_and_writes_its_run_directory(tmp_path, capsys, monkeypatch):
     assert set(report["results"]) == {"deterministic", "batchensemble", "rank1-gaussian", "rank1-cauchy"}
     row = report["results"]["rank1-gaussian"]
     assert 0.0 <= row["rotation_ece"] <= 1.0 and row["parameters"] > report["results"]["deterministic"]["parameters"]
+    # the last 200 of the 1,198 training digits are the validation set, evaluated after every epoch
+    assert row["train_examples"] == 998 and [e["epoch"] for e in row["curve"]] == [1, 2]
+    assert row["best_val_epoch"] in (1, 2) and "val gain" in out
+    assert row["last_epochs_gain"] == pytest.approx(
+        (row["curve"][0]["val_nll"] - row["curve"][1]["val_nll"]) / row["curve"][0]["val_nll"]
+    )
     monkeypatch.undo()
     (fig,) = figures  # the reliability diagram: titled with the data it shows, one panel per method
     assert fig._suptitle.get_text().startswith(

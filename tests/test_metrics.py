@@ -83,6 +83,24 @@ def test_regression_metrics_by_hand():
     assert metrics.interval_coverage(mean, var, y, level=0.9) == pytest.approx(inside)
 
 
+def test_regression_metrics_take_the_exact_log_density_when_given():
+    g = torch.Generator().manual_seed(4)
+    mean, var, y = torch.randn(40, generator=g), torch.rand(40, generator=g) + 0.1, torch.randn(40, generator=g)
+    gaussian = -torch.distributions.Normal(mean, var.sqrt()).log_prob(y).double()
+    z = 1.959963984540054  # the 97.5 % quantile of N(0, 1)
+    coverage = ((y - mean).abs() <= z * var.sqrt()).double().mean().item()
+    assert metrics.regression_metrics(mean, var, y) == pytest.approx(
+        {"rmse": ((mean - y) ** 2).mean().sqrt().item(), "nll": gaussian.mean().item(), "coverage95": coverage},
+        rel=1e-6,
+    )
+    log_density = -gaussian - torch.rand(40, generator=g).double()  # any other density
+    row = metrics.regression_metrics(mean, var, y, log_density)
+    assert row["nll"] == pytest.approx(-log_density.mean().item(), rel=1e-12)
+    assert row["coverage95"] == pytest.approx(coverage)
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.regression_metrics(mean, var, y, log_density[:3])
+
+
 @pytest.mark.parametrize(
     "call, match",
     [

@@ -93,6 +93,27 @@ def test_regression_predictive_uses_the_law_of_total_variance():
     torch.testing.assert_close(p.variance, variances.mean((0, 1)) + draws.var(0, unbiased=False))
 
 
+def test_regression_log_density_is_the_mixture_density_by_hand():
+    g = torch.Generator().manual_seed(3)
+    means, variances = torch.randn(5, 3, 7, generator=g), torch.rand(5, 3, 7, generator=g) + 0.05
+    y = torch.randn(7, generator=g)
+    p = Prediction(torch.stack([means, variances], -1), "normal")
+    # the average of the 15 component densities, in numpy float64
+    m, v, t = means.double().numpy(), variances.double().numpy(), y.double().numpy()
+    density = (np.exp(-((t - m) ** 2) / (2 * v)) / np.sqrt(2 * np.pi * v)).mean(axis=(0, 1))
+    np.testing.assert_allclose(p.log_density(y).numpy(), np.log(density), rtol=1e-10)
+    # one component: the Gaussian log density itself
+    single = Prediction(torch.stack([means[:1, :1], variances[:1, :1]], -1), "normal")
+    torch.testing.assert_close(
+        single.log_density(y),
+        torch.distributions.Normal(means[0, 0].double(), variances[0, 0].double().sqrt()).log_prob(y.double()),
+    )
+    with pytest.raises(ValueError, match=r"targets must have shape \(7,\)"):
+        p.log_density(y[:3])
+    with pytest.raises(ValueError, match="for regression predictions"):
+        Prediction(torch.rand(2, 1, 3, 4), "categorical").log_density(torch.zeros(3))
+
+
 def test_regression_model_predictive_moments():
     x = torch.linspace(-1, 1, 32)[:, None]
     model = rank1_mlp(1, [8], 1, ensemble_size=2, likelihood="normal")

@@ -57,3 +57,27 @@ def test_gpu_check_skips_cleanly_without_cuda():
 
 def test_quality_benchmark_help():
     assert "--quick" in _run("benchmarks/quality.py", "--help")
+
+
+def test_regression_benchmark_runs_on_diabetes_and_reports_in_target_units(tmp_path):
+    out = _run("benchmarks/regression.py", "--smoke", "--out", tmp_path)
+    report = json.loads((tmp_path / "results.json").read_text())
+    methods = ["deterministic", "subnet-laplace", "projected", "deep-ensemble"]
+    methods += ["rank1-gaussian-avg", "rank1-gaussian-mix", "rank1-cauchy-avg"]
+    assert list(report["summary"]) == methods and all(f"| {m} |" in out for m in methods)
+    for rows in report["per_split"].values():
+        assert len(rows) == 2
+        for row in rows:  # the standardised metrics, mapped to the target's units (diabetes: sigma_y about 77)
+            assert row["rmse"] / row["clean_rmse"] == pytest.approx(math.exp(row["nll"] - row["clean_nll"]))
+            assert 60 < row["rmse"] / row["clean_rmse"] < 90 and 0 <= row["coverage95"] <= 1
+    # the paired table: each method minus the deterministic net, split by split
+    det, r1 = report["per_split"]["deterministic"], report["per_split"]["rank1-gaussian-avg"]
+    diffs = [a["nll"] - b["nll"] for a, b in zip(r1, det)]
+    mean, std = sum(diffs) / 2, abs(diffs[0] - diffs[1]) / 2**0.5
+    lower = sum(d < 0 for d in diffs)
+    assert "| rank1-gaussian-avg | " in out and f"| {mean:.3f} ± {std:.3f} | {lower}/2 |" in out
+    # --report rebuilds the same Markdown from the JSON alone
+    markdown = (tmp_path / "results.md").read_text()
+    (tmp_path / "results.md").unlink()
+    _run("benchmarks/regression.py", "--report", "--out", tmp_path)
+    assert (tmp_path / "results.md").read_text() == markdown

@@ -249,6 +249,19 @@ class Prediction:
         means, variances = self.samples[..., 0], self.samples[..., 1]
         return variances.mean(dim=(0, 1)) + means.var(dim=(0, 1), unbiased=False)
 
+    def log_density(self, targets: torch.Tensor) -> torch.Tensor:
+        r"""Log density ``(N,)`` of regression ``targets`` under the mixture predictive, in float64:
+        :math:`\log \frac{1}{SK} \sum_{s,k} \mathcal N(y_n \mid \mu_{skn}, \sigma^2_{skn})`
+        (exact, unlike the Gaussian of :attr:`mean` and :attr:`variance`, which matches its moments)."""
+        if self.likelihood != "normal":
+            raise ValueError(f"log_density is for regression predictions, this one is {self.likelihood!r}")
+        targets = torch.as_tensor(targets)
+        if targets.shape != self.samples.shape[2:3]:
+            raise ValueError(f"targets must have shape ({self.samples.shape[2]},), got {tuple(targets.shape)}")
+        s = self.samples.double()
+        log_p = torch.distributions.Normal(s[..., 0], s[..., 1].sqrt()).log_prob(targets.double())  # (S, K, N)
+        return torch.logsumexp(log_p.flatten(0, 1), dim=0) - math.log(log_p.shape[0] * log_p.shape[1])
+
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(-1)
