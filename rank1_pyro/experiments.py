@@ -319,6 +319,8 @@ def summarize(rows: dict[str, dict]) -> dict:
 
 
 def _cell(value, scale, digits: int) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, str):
         return value
     if isinstance(value, dict):  # a summary: mean ± std
@@ -333,11 +335,11 @@ def _cell(value, scale, digits: int) -> str:
 def markdown_table(rows: dict[str, dict], columns) -> str:
     """A Markdown table, one row per method; ``columns = [(key, header, scale, digits), ...]``
     (``scale`` ``None``: an integer count with thousands separators). Cells of a
-    :func:`summarize` d row print as ``mean ± std``, plain numbers as they are, text unchanged."""
+    :func:`summarize` d row print as ``mean ± std``, plain numbers as they are, text unchanged, a missing key as "–"."""
     head = "| method | " + " | ".join(c[1] for c in columns) + " |"
     rule = "|---|" + "|".join("---:" for _ in columns) + "|"
     body = [
-        f"| {name} | " + " | ".join(_cell(row[key], scale, d) for key, _, scale, d in columns) + " |"
+        f"| {name} | " + " | ".join(_cell(row.get(key), scale, d) for key, _, scale, d in columns) + " |"
         for name, row in rows.items()
     ]
     return "\n".join([head, rule, *body])

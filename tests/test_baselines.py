@@ -525,13 +525,13 @@ def test_methods_fit_and_evaluate_a_regression_architecture():
 
 def test_markdown_table_cells_by_hand():
     rows = {"a": {"n": 1234, "x": {"mean": 0.5, "std": 0.25}, "y": 0.123456, "s": "3/5"}, "b": {"n": 7, "x": 1.0}}
-    rows["b"].update(y={"mean": 2.0, "std": 0.0}, s="0/5")
+    rows["b"].update(y={"mean": 2.0, "std": 0.0})  # no "s": a dash
     columns = [("n", "count", None, 0), ("x", "X", 10.0, 1), ("y", "Y", 1.0, 2), ("s", "lower on", None, 0)]
     assert markdown_table(rows, columns).splitlines() == [
         "| method | count | X | Y | lower on |",
         "|---|---:|---:|---:|---:|",
         "| a | 1,234 | 5.0 ± 2.5 | 0.12 | 3/5 |",
-        "| b | 7 | 10.0 | 2.00 ± 0.00 | 0/5 |",
+        "| b | 7 | 10.0 | 2.00 ± 0.00 | – |",
     ]
 
 

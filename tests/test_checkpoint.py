@@ -93,7 +93,8 @@ def fresh(hidden=4):
 def run(tmp_path, model=None, guide=None, train_data=None, **kwargs):
     if model is None:
         model, guide = fresh()
-    args = dict(epochs=2, batch_size=8, seed=1, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    # the mixture ELBO, as the interrupting objectives (tests/faulty_objectives.py) are
+    args = dict(epochs=2, batch_size=8, seed=1, progress=False, checkpoint_dir=tmp_path / "ckpt", objective="mixture")
     args.update(kwargs)
     history = train(model, guide, data() if train_data is None else train_data, **args)
     return model, guide, history

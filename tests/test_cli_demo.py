@@ -57,3 +57,22 @@ def test_bad_arguments_give_one_line_errors(tmp_path):
 def test_help_lists_the_commands():
     proc = subprocess.run([sys.executable, "-m", "rank1_pyro", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_demo_objective_reaches_the_rank1_training(tmp_path, monkeypatch):
+    import rank1_pyro.methods as methods
+    from rank1_pyro.inference.objectives import AveragedELBO, MixtureELBO, training_objective
+
+    seen = []
+    train = methods.train
+
+    def spy(model, guide, data, config, **kwargs):
+        seen.append(type(training_objective(kwargs.get("objective", config.objective))))
+        return train(model, guide, data, config, **kwargs)
+
+    monkeypatch.setattr(methods, "train", spy)
+    for flag, expected in (["--objective", "mixture"], MixtureELBO), ([], AveragedELBO):
+        seen.clear()
+        assert main(["demo", "--epochs", "1", *flag, "--out", str(tmp_path / str(expected)), "--no-progress"]) == 0
+        # deterministic (its own default), batchensemble and the two rank-1 models (the demo's objective)
+        assert seen == [AveragedELBO, expected, expected, expected]

@@ -278,9 +278,9 @@ def test_other_pyro_elbos_train_on_their_loss_alone():
         objective.annealing = 0.5
     history = train(model, guide, data(), objective=Trace_ELBO(max_plate_nesting=2), epochs=1, progress=False, seed=0)
     assert set(history.last) == {"epoch", "loss", "lr", "kl_weight"} and history.last["kl_weight"] == 1.0
-    assert isinstance(training_objective(None), MixtureELBO) and isinstance(
-        training_objective("averaged"), AveragedELBO
-    )
+    default = training_objective(None)  # the averaged ELBO, the batch tiled over the members
+    assert type(default) is AveragedELBO and default.estimator == "member" and default.kl_weight == 1.0
+    assert type(training_objective("mixture")) is MixtureELBO and type(training_objective("averaged")) is AveragedELBO
     elbo = AveragedELBO()
     assert training_objective(elbo) is elbo  # trained (and annealed) as it is
 

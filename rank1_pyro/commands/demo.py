@@ -171,13 +171,19 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/demo-<timestamp>)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per method (default: 60)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--objective",
+        choices=("averaged", "mixture"),
+        default=None,
+        help="the rank-1 models' training objective (default: the library's, the averaged ELBO)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    cfg = DemoConfig(seed=args.seed)
+    cfg = DemoConfig(seed=args.seed, objective=args.objective)
     if args.epochs is not None:
         if args.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {args.epochs}")

@@ -486,12 +486,13 @@ def check_objective(objective, kl_annealing_epochs: float = 0.0) -> None:
 
 
 def training_objective(objective) -> Rank1ELBO | PlainELBO:
-    """``objective`` as the training loop steps it: ``None`` is a fresh :class:`MixtureELBO`, a name a
-    fresh objective of :data:`OBJECTIVES`, a rank-1 objective itself, any other Pyro ELBO a
-    :class:`PlainELBO` around it."""
+    """``objective`` as the training loop steps it: ``None`` is a fresh :class:`AveragedELBO` (the
+    library's default: the reference code's training loss, and better than the mixture ELBO on most
+    of the converged benchmark's measures, ``docs/benchmarks.md``), a name a fresh objective of
+    :data:`OBJECTIVES`, a rank-1 objective itself, any other Pyro ELBO a :class:`PlainELBO` around it."""
     check_objective(objective)
     if objective is None:
-        return MixtureELBO()
+        return AveragedELBO()
     if isinstance(objective, str):
         return OBJECTIVES[objective]()
     return objective if isinstance(objective, Rank1ELBO) else PlainELBO(objective)

@@ -68,8 +68,8 @@ class TrainConfig:
     copy. The schedule maths is in the module docstring.
 
     Attributes:
-        objective: ``"mixture"`` (``None``: a fresh :class:`~.objectives.MixtureELBO`),
-            ``"averaged"``, or any Pyro ELBO instance. KL annealing sets a rank-1 objective's
+        objective: ``"averaged"`` (``None``: a fresh :class:`~.objectives.AveragedELBO`, tiled
+            batch), ``"mixture"``, or any Pyro ELBO instance. KL annealing sets a rank-1 objective's
             ``annealing`` factor, which multiplies its own ``kl_weight`` (so
             ``AveragedELBO(kl_weight=4.0)`` trains with 4 × β); other ELBOs refuse annealing.
         epochs: epochs to train to (an integer >= 0; a resumed run trains the rest).
