@@ -40,6 +40,7 @@ def run(distributed, checkpoint_dir=None, **kwargs):
     torch.manual_seed(SEED)
     model = rank1_mlp(3, [8], 2, ensemble_size=2)
     guide = MixtureGuide(model)
+    kwargs.setdefault("objective", "mixture")  # the interrupting StopAt (tests/faulty_objectives.py) is one
     history = train(
         model,
         guide,
