@@ -621,15 +621,16 @@ def main(argv=None) -> int:
         "--main-seeds",
         type=int,
         nargs="+",
-        default=[0, 1, 2],
-        help=f"the seeds of the main rows ({', '.join(MAIN)}; default: 0 1 2); --main-seeds with "
-        "the same seeds as --seeds gives every method the same seeds",
+        default=None,
+        help=f"the seeds of the main rows ({', '.join(MAIN)}; default: 0 1 2, with --quick the --seeds); "
+        "--main-seeds with the same seeds as --seeds gives every method the same seeds",
     )
     parser.add_argument(
         "--report",
         action="store_true",
         help="write the report of the finished jobs in --out, run nothing (with --ablation: of its finished variants)",
     )
+    parser.add_argument("--dry-run", action="store_true", help="print the planned jobs and exit")
     parser.add_argument(
         "--ablation",
         action="store_true",
@@ -690,6 +691,15 @@ def main(argv=None) -> int:
         f"{args.workers} workers x {threads} threads; results in {out}",
         flush=True,
     )
+    main_seeds = args.main_seeds if args.main_seeds is not None else (args.seeds if args.quick else [0, 1, 2])
+    if args.dry_run:
+        for seed, method, posthoc, report_base in plan(cfg, args.seeds, args.methods, main_seeds):
+            print(
+                f"seed {seed}: {method}"
+                + ("" if report_base else " (not reported)")
+                + "".join(f" + {m}" for m in posthoc)
+            )
+        return 0
     if args.ablation:
         log = lambda s: print(s, flush=True)  # noqa: E731
         rows = run_ablation(cfg, out / "jobs", args.workers, threads, args.data_root, log, only_done=args.report)
@@ -709,7 +719,7 @@ def main(argv=None) -> int:
         root=args.data_root,
         log=lambda s: print(s, flush=True),
         jobs_dir=out / "jobs",
-        main_seeds=args.main_seeds,
+        main_seeds=main_seeds,
         only_done=args.report,
     )
     if not report["runs"]:

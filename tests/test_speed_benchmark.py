@@ -81,3 +81,15 @@ def test_regression_benchmark_runs_on_diabetes_and_reports_in_target_units(tmp_p
     (tmp_path / "results.md").unlink()
     _run("benchmarks/regression.py", "--report", "--out", tmp_path)
     assert (tmp_path / "results.md").read_text() == markdown
+
+
+def test_quality_benchmark_plans_three_seeds_for_the_main_rows_and_one_with_quick():
+    full = _run("benchmarks/quality.py", "--dry-run").splitlines()[1:]
+    quick = _run("benchmarks/quality.py", "--quick", "--dry-run").splitlines()[1:]
+    # 8 trained models (the post-hoc posteriors run in their base's job) on seed 0, the 5 main ones on 1 and 2
+    assert len(full) == 8 + 5 * 2 and len(quick) == 8
+    assert "seed 0: deterministic + subnet-laplace + projected" in full and all(j.startswith("seed 0:") for j in quick)
+    main = {"deterministic", "deep-ensemble", "batchensemble", "rank1-gaussian-avg", "rank1-cauchy-avg"}
+    assert {j.split(": ")[1].split(" ")[0] for j in full if not j.startswith("seed 0")} == main
+    same = _run("benchmarks/quality.py", "--quick", "--dry-run", "--main-seeds", "0", "1").splitlines()[1:]
+    assert len(same) == 8 + 5
