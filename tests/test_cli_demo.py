@@ -76,3 +76,12 @@ def test_demo_objective_reaches_the_rank1_training(tmp_path, monkeypatch):
         assert main(["demo", "--epochs", "1", *flag, "--out", str(tmp_path / str(expected)), "--no-progress"]) == 0
         # deterministic (its own default), batchensemble and the two rank-1 models (the demo's objective)
         assert seen == [AveragedELBO, expected, expected, expected]
+
+
+def test_demo_refuses_a_validation_set_as_large_as_the_training_set():
+    import pytest
+
+    from rank1_pyro.commands.demo import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match=r"val_examples must lie in \[0, 1198\), got 1198"):
+        run_demo(DemoConfig(val_examples=1198))
