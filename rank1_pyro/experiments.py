@@ -78,6 +78,19 @@ class EvalSets:
         return cls(x_train, y_train, torch.cat([x for _, x, _ in parts]), sets, name, val)
 
 
+def hold_out(x: torch.Tensor, y: torch.Tensor, val_examples: int):
+    """``((x_train, y_train), (x_val, y_val))``: the last ``val_examples`` of the training
+    examples ``(x, y)`` held out for validation (empty when 0; at least one must stay to train)."""
+    if not 0 <= val_examples < x.shape[0]:
+        raise ValueError(
+            f"val_examples must lie in [0, {x.shape[0]}), got {val_examples}: "
+            f"the validation examples are held out of the {x.shape[0]} training examples"
+        )
+    cut = x.shape[0] - val_examples
+    (x_train, x_val), (y_train, y_val) = x.split([cut, val_examples]), y.split([cut, val_examples])
+    return (x_train, y_train), (x_val, y_val)
+
+
 def shift_sets(
     split: Split,
     ood: torch.Tensor | None = None,
@@ -99,11 +112,9 @@ def shift_sets(
     as the validation set (``EvalSets.val``), the rest train. Shifts act on the raw images; then
     everything is standardised per channel with the statistics of the training images.
     """
-    x_train, y_train = split.x_train[:train_examples], split.y_train[:train_examples]
-    if not 0 <= val_examples < x_train.shape[0]:
-        raise ValueError(f"val_examples must lie in [0, {x_train.shape[0]}) (the training images), got {val_examples}")
-    cut = x_train.shape[0] - val_examples
-    (x_train, x_val), (y_train, y_val) = x_train.split([cut, val_examples]), y_train.split([cut, val_examples])
+    (x_train, y_train), (x_val, y_val) = hold_out(
+        split.x_train[:train_examples], split.y_train[:train_examples], val_examples
+    )
     mean, std = channel_stats(x_train)
     x_shift, y_shift = split.x_test[:shift_examples], split.y_test[:shift_examples]
     parts = [("clean", split.x_test[:test_examples], split.y_test[:test_examples])]

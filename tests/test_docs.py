@@ -102,6 +102,27 @@ def test_the_mutation_scratch_config_tells_mutmut_what_to_mutate(tmp_path, monke
     assert (work / "rank1_pyro" / "priors.py").read_text() == (ROOT / "rank1_pyro" / "priors.py").read_text()
 
 
+def test_a_mutation_rerun_needs_the_last_run_of_the_same_module(tmp_path, monkeypatch):
+    """``tools/mutants.py --rerun`` runs the kept survivors again only in the scratch copy of the last
+    run of an unchanged module; otherwise it says to run the module in full."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mutants_tool", ROOT / "tools" / "mutants.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(tool, "SCRATCH", tmp_path / "scratch")
+    monkeypatch.setattr(tool, "RESULTS", tmp_path / "results")
+    with pytest.raises(SystemExit, match="no earlier run to rerun; run it in full first"):
+        tool.run_module("rank1_pyro/priors.py", 1, rerun=True)
+    work = tool._scratch("rank1_pyro/priors.py", ["tests/test_priors.py"])
+    (work / "mutants").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "rank1_pyro.priors.json").write_text('{"surviving": []}')
+    (work / "rank1_pyro" / "priors.py").write_text("# an older version\n")
+    with pytest.raises(SystemExit, match="changed since its last run: its mutants are stale"):
+        tool.run_module("rank1_pyro/priors.py", 1, rerun=True)
+
+
 def test_the_mutation_table_is_the_kept_results():
     """docs/testing.md's table is generated from docs/results/mutants/*.json (tools/mutants.py --table --write)."""
     import importlib.util

@@ -1,6 +1,7 @@
 """The package's shape: no import cycle, data flowing one way, one registry per kind of thing."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 import tomllib
@@ -92,3 +93,17 @@ def test_coverage_check_lists_every_unrun_line_without_a_reason(tmp_path):
     assert tomllib.loads(tool.template(tool.unlisted(found, reasons))) == {
         "pkg/mod.py": {"if x > 0:": "TODO (line 2)", "return 3": "TODO (line 8)"}
     }
+    # --write keeps the numbers and puts the note and the table between the page's markers
+    page, result = tmp_path / "testing.md", tmp_path / "coverage.json"
+    page.write_text("intro\n<!-- coverage:start -->\nold\n<!-- coverage:end -->\nafter\n")
+    tool.write(str(tmp_path / ".cov"), "measured so", result=result, page=page, root=tmp_path, package="pkg")
+    kept = json.loads(result.read_text())
+    assert kept["note"] == "measured so"
+    numbers = {k: kept["modules"]["pkg/mod.py"][k] for k in ("statements", "missing", "branches", "partial")}
+    assert numbers == {"statements": 6, "missing": 2, "branches": 2, "partial": 1}
+    assert kept["modules"]["pkg/mod.py"]["percent"] == pytest.approx(100 * (4 + 1) / (6 + 2))  # run / (lines + arcs)
+    assert page.read_text() == (
+        "intro\n<!-- coverage:start -->\nmeasured so\n\n"
+        "| module | statements | not run | branches | partial | coverage |\n|---|---:|---:|---:|---:|---:|\n"
+        "| `pkg/mod.py` | 6 | 2 | 2 | 1 | 62.5% |\n<!-- coverage:end -->\nafter\n"
+    )

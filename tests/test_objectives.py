@@ -392,3 +392,143 @@ def test_split_estimator_trains_and_reports_each_members_accuracy():
     history = train(model, MixtureGuide(model), (x, y), epochs=30, batch_size=16, lr=0.02, progress=False,
                     objective=AveragedELBO(estimator="split"), seed=0)  # fmt: skip
     assert history.last["accuracy"] > 0.8
+
+
+def test_per_example_plate_is_a_plate_pyro_checks_and_expands_only_the_last_dim():
+    """ExamplePlate adds an ``examples`` plate of size B at dim -1 to each member site: Pyro's shape
+    check (validation on) accepts the (K, B) factors only because that plate is recorded, and a
+    site under an outer plate keeps its other batch dims."""
+    from pyro.poutine.indep_messenger import CondIndepStackFrame
+
+    from rank1_pyro.inference.objectives import ExamplePlate
+
+    model, x_y = tiny(), data()
+    guide = MixtureGuide(model)
+    elbo = AveragedELBO(estimator="example")
+    with pyro.validation_enabled(True):
+        pyro.set_rng_seed(0)
+        model_trace, guide_trace = elbo._get_trace(model, guide, x_y, {})  # check_site_shape on every site
+    for trace in (model_trace, guide_trace):
+        frames = [f for f in trace.nodes["net.0.r"]["cond_indep_stack"] if f.name == "examples"]
+        assert [(f.dim, f.size) for f in frames] == [(-1, B)]
+    frame = CondIndepStackFrame("examples", -1, B, 0)
+    assert all(frame not in s["cond_indep_stack"] for s in model_trace.nodes.values() if s.get("is_observed"))
+
+    def outer(x):
+        with pyro.plate("outer", 2, dim=-3), members(K):
+            return pyro.sample("r", dist.Normal(torch.zeros(2, K, 1, 5), 1.0).to_event(1))
+
+    assert ExamplePlate(B)(outer)(None).shape == (2, K, B, 5)
+
+
+def test_loss_is_the_differentiable_loss_without_a_graph():
+    """``loss`` (Pyro's SVI reads it) is the float of ``differentiable_loss`` at the same draws, and
+    builds no graph: no parameter gets a gradient."""
+    model, (x, y) = tiny(), data()
+    guide = MixtureGuide(model)
+    for objective in (AveragedELBO(), MixtureELBO(kl_weight=0.5)):
+        pyro.set_rng_seed(3)
+        value = objective.loss(model, guide, x, y)
+        pyro.set_rng_seed(3)
+        expected = objective.differentiable_loss(model, guide, x, y)
+        assert isinstance(value, float) and value == pytest.approx(expected.item(), rel=1e-6)
+        assert all(p.grad is None for p in list(model.parameters()) + list(guide.parameters()))
+    grad_modes = []
+
+    def recording(x, y):
+        grad_modes.append(torch.is_grad_enabled())
+        return model(x, y)
+
+    AveragedELBO().loss(recording, guide, x, y)
+    assert grad_modes == [False]
+
+
+def test_elbo_terms_weigh_a_joint_autoguide_like_the_loss():
+    """With an AutoMultivariateNormal over the factors, ``elbo_terms`` given the guide's joint latents
+    is the loss's own (log-likelihood, KL) at the same draws; without them the joint log q is
+    counted at weight 1 instead of the member weights, and the KL differs."""
+    from pyro.infer.autoguide import AutoMultivariateNormal
+
+    from rank1_pyro.inference.joint import joint_latents
+
+    model, (x, y) = tiny(), data()
+    guide = AutoMultivariateNormal(model, init_scale=0.2)
+    elbo = AveragedELBO(vectorize_particles=False)
+    guide(x, y)  # the autoguide sets up its latents on its first call (drawing from the model)
+    pyro.set_rng_seed(5)
+    terms = elbo.loss_terms(model, guide, x, y)
+    pyro.set_rng_seed(5)
+    traces = elbo._get_trace(model, guide, (x, y), {})
+    log_lik, kl = elbo.elbo_terms(*traces, joint_latents(guide))
+    torch.testing.assert_close((log_lik, kl), (terms.log_likelihood, terms.kl))
+    assert not torch.allclose(elbo.elbo_terms(*traces)[1], kl)
+
+
+def test_kl_annealing_weight_is_linear_from_zero_to_one():
+    from rank1_pyro.inference.objectives import kl_annealing
+
+    assert [kl_annealing(s, 4) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert kl_annealing(0, 1) == 0.0 and kl_annealing(1, 1) == 1.0  # one step of annealing still starts at 0
+    assert kl_annealing(0, 0) == 1.0 and kl_annealing(3, -2) == 1.0  # no annealing: the full KL from the start
+
+
+def test_loss_and_grads_passes_keyword_arguments_to_model_and_guide():
+    """Pyro's SVI calls ``loss_and_grads(model, guide, *args, **kwargs)``: an observation given by
+    keyword is in the loss, and the gradients are those of ``differentiable_loss``."""
+    model, (x, y) = tiny(), data()
+    guide = MixtureGuide(model)
+    elbo = AveragedELBO()
+    pyro.set_rng_seed(2)
+    expected = elbo.differentiable_loss(model, guide, x, y=y)
+    grads = torch.autograd.grad(expected, list(guide.parameters()))
+    pyro.set_rng_seed(2)
+    value = elbo.loss_and_grads(model, guide, x, y=y)
+    assert value == pytest.approx(expected.item(), rel=1e-6)
+    for p, g in zip(guide.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_objective_record_names_the_objective_and_its_settings():
+    """What a checkpoint records: the OBJECTIVES key of a rank-1 objective (the class name of a
+    subclass or of a wrapped Pyro ELBO), its KL weight and estimator (``None`` where it has none)."""
+    from pyro.infer import Trace_ELBO
+
+    from rank1_pyro.inference.objectives import PlainELBO, objective_record
+
+    class Tempered(MixtureELBO):
+        pass
+
+    assert objective_record(AveragedELBO(kl_weight=0.5, estimator="split")) == {
+        "objective": "averaged",
+        "kl_weight": 0.5,
+        "estimator": "split",
+    }
+    assert objective_record(MixtureELBO()) == {"objective": "mixture", "kl_weight": 1.0, "estimator": "member"}
+    assert objective_record(Tempered(kl_weight=2.0))["objective"] == "Tempered"
+    assert objective_record(PlainELBO(Trace_ELBO())) == {
+        "objective": "Trace_ELBO",
+        "kl_weight": None,
+        "estimator": None,
+    }
+
+
+def test_plain_elbo_is_the_pyro_elbo_with_no_kl_weight():
+    """Any other Pyro ELBO trains through PlainELBO: its loss is that ELBO's ``differentiable_loss``
+    at the same draws, with no parts, and annealing stays 1 (there is no KL weight to anneal)."""
+    from pyro.infer import Trace_ELBO
+
+    from rank1_pyro.inference.objectives import PlainELBO
+
+    model, (x, y) = tiny(), data()
+    guide = MixtureGuide(model)
+    plain = PlainELBO(Trace_ELBO())
+    pyro.set_rng_seed(4)
+    terms = plain.loss_terms(model, guide, x, y=y)
+    pyro.set_rng_seed(4)
+    expected = Trace_ELBO().differentiable_loss(model, guide, x, y=y)
+    torch.testing.assert_close(terms.loss, expected)
+    assert terms.loss.requires_grad and terms[1:] == (None, None, None)
+    assert not plain.has_parts and plain.effective_kl_weight == 1.0 and plain.annealing == 1.0
+    plain.annealing = 1.0
+    with pytest.raises(ValueError, match="Trace_ELBO has no KL weight to anneal"):
+        plain.annealing = 0.5

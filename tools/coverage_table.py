@@ -4,6 +4,7 @@
     python tools/coverage_table.py [.coverage]      # the table, and the lines no test runs
     python tools/coverage_table.py --check          # exit 1 if a core module has an unrun line with no reason
     python tools/coverage_table.py --template       # TOML entries for the unlisted lines, to fill in
+    python tools/coverage_table.py --write "NOTE"   # keep the numbers, write the table into docs/testing.md
 
 ``[tool.coverage.run]`` in pyproject.toml measures branches and, with ``patch = ["subprocess"]``, the
 Python subprocesses the tests start (the command line, torchrun workers); ``make coverage`` combines
@@ -20,6 +21,7 @@ A partially run branch counts by the line it starts from.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -127,9 +129,9 @@ def _toml_key(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def table(data_file: str = ".coverage") -> str:
+def table(data_file: str = ".coverage", root: Path = ROOT, package: str = "rank1_pyro") -> str:
     lines = ["| module | statements | not run | branches | partial | coverage |", "|---|---:|---:|---:|---:|---:|"]
-    for r in rows(data_file):
+    for r in rows(data_file, root, package):
         lines.append(
             f"| `{r['module']}` | {r['statements']} | {r['missing']} | {r['branches']} | {r['partial']} | "
             f"{r['percent']:.1f}% |"
@@ -137,12 +139,38 @@ def table(data_file: str = ".coverage") -> str:
     return "\n".join(lines)
 
 
+RESULT = ROOT / "docs" / "results" / "coverage.json"
+PAGE = ROOT / "docs" / "testing.md"
+MARKS = ("<!-- coverage:start -->", "<!-- coverage:end -->")
+
+
+def write(
+    data_file: str, note: str, result: Path = RESULT, page: Path = PAGE, root: Path = ROOT, package: str = "rank1_pyro"
+) -> None:
+    """Keep the per-module numbers in ``docs/results/coverage.json`` (the mutation table reads each core
+    module's branch coverage from it) and put ``note`` and :func:`table` between the page's markers."""
+    kept = {r["module"]: {k: v for k, v in r.items() if k != "module"} for r in rows(data_file, root, package)}
+    result.write_text(json.dumps({"note": note, "modules": kept}, indent=1) + "\n")
+    text = page.read_text()
+    head, rest = text.split(MARKS[0], 1)
+    _, tail = rest.split(MARKS[1], 1)
+    page.write_text(f"{head}{MARKS[0]}\n{note}\n\n{table(data_file, root, package)}\n{MARKS[1]}{tail}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data_file", nargs="?", default=".coverage")
     parser.add_argument("--check", action="store_true", help="exit 1 if a core module has an unlisted unrun line")
     parser.add_argument("--template", action="store_true", help="print TOML entries for the unlisted lines")
+    parser.add_argument(
+        "--write",
+        metavar="NOTE",
+        help="keep the numbers (docs/results/coverage.json) and write "
+        "the table, after NOTE (how it was measured), into docs/testing.md",
+    )
     args = parser.parse_args(argv)
+    if args.write:
+        write(args.data_file, args.write)
     found, reasons = unrun(args.data_file), listed()
     missing = unlisted(found, reasons)
     if args.template:

@@ -1,6 +1,8 @@
 """Mutation testing of one module with its own tests (mutmut 3), and the score that proves it.
 
     python tools/mutants.py rank1_pyro/metrics.py             # one module (make mutants MODULE=...)
+    python tools/mutants.py rank1_pyro/metrics.py --rerun     # only the last run's survivors, after adding tests
+    python tools/mutants.py rank1_pyro/metrics.py --resume    # go on with an interrupted run
     python tools/mutants.py --changed                         # the modules changed since main (make mutants-changed)
     python tools/mutants.py --table                           # docs/testing.md's table from the kept results
 
@@ -92,24 +94,48 @@ def _names(output: str, status: str) -> list[str]:
     return sorted(set(re.findall(rf"^\s*(\S+): {status}\s*$", output, flags=re.M)))
 
 
-def run_module(module: str, max_children: int) -> dict:
-    """Run mutmut on ``module`` in its scratch copy; returns (and keeps) the counts."""
+def _result_file(module: str) -> Path:
+    return RESULTS / f"{Path(module).with_suffix('').as_posix().replace('/', '.')}.json"
+
+
+def run_module(module: str, max_children: int, rerun: bool = False, resume: bool = False) -> dict:
+    """Run mutmut on ``module`` in its scratch copy; returns (and keeps) the counts.
+
+    ``rerun``: run again only the mutants the kept result lists as surviving (or run by no test),
+    against the current tests, in the scratch copy of the last run (the module itself unchanged):
+    minutes after adding tests, where a full run takes most of an hour. ``resume``: go on with an
+    interrupted run in its scratch copy (the mutants not checked yet), against the current tests."""
     if not (ROOT / module).is_file():
         raise SystemExit(f"no such module: {module}")
     tests = module_tests(module)
-    work = _scratch(module, tests)
+    work = SCRATCH / Path(module).with_suffix("").as_posix().replace("/", ".")
+    names = []
+    if rerun or resume:
+        if not (work / "mutants").is_dir() or (rerun and not _result_file(module).is_file()):
+            raise SystemExit(f"{module}: no earlier run to {'rerun' if rerun else 'resume'}; run it in full first")
+        if (work / module).read_text() != (ROOT / module).read_text():
+            raise SystemExit(f"{module} changed since its last run: its mutants are stale, run it in full")
+        shutil.rmtree(work / "tests")
+        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        names = json.loads(_result_file(module).read_text())["surviving"] if rerun else []
+        if rerun and not names:
+            print(f"{module}: no surviving mutant to rerun")
+    else:
+        work = _scratch(module, tests)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     mutmut = [sys.executable, "-m", "mutmut"]
     print(f"{module}: mutating with {', '.join(tests)} in {work.relative_to(ROOT)}", flush=True)
-    with open(work / "mutmut.log", "w") as log:  # mutmut's progress display, kept out of the terminal
-        subprocess.run(
-            [*mutmut, "run", "--max-children", str(max_children)],
-            cwd=work,
-            env=env,
-            check=False,
-            stdout=log,
-            stderr=log,
-        )
+    if names or not rerun:
+        # mutmut's progress display, kept out of the terminal
+        with open(work / "mutmut.log", "a" if rerun or resume else "w") as log:
+            subprocess.run(
+                [*mutmut, "run", "--max-children", str(max_children), *names],
+                cwd=work,
+                env=env,
+                check=False,
+                stdout=log,
+                stderr=log,
+            )
     subprocess.run([*mutmut, "export-cicd-stats"], cwd=work, env=env, check=False, capture_output=True)
     stats = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
     listing = subprocess.run(
@@ -134,9 +160,7 @@ def run_module(module: str, max_children: int) -> dict:
         "mutmut": stats,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{Path(module).with_suffix('').as_posix().replace('/', '.')}.json").write_text(
-        json.dumps(result, indent=1) + "\n"
-    )
+    _result_file(module).write_text(json.dumps(result, indent=1) + "\n")
     print(
         f"{module}: {generated} mutants, {killed} killed, {len(result['equivalent'])} equivalent, "
         f"{len(real)} surviving -> score {result['score']:.1%}"
@@ -157,17 +181,23 @@ def changed_modules() -> list[str]:
     return sorted({p for p in out + new if p.endswith(".py") and (ROOT / p).exists() and not p.endswith("__init__.py")})
 
 
+COVERAGE = ROOT / "docs" / "results" / "coverage.json"
+
+
 def table() -> str:
-    """Markdown table of every kept result (docs/testing.md)."""
+    """Markdown table of every kept result (docs/testing.md), with each module's branch coverage by the
+    whole suite where ``make coverage`` kept it (``tools/coverage_table.py --write``)."""
+    covered = json.loads(COVERAGE.read_text())["modules"] if COVERAGE.exists() else {}
     rows = [
-        "| module | tests | mutants | killed | equivalent | surviving | score |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| module | tests | mutants | killed | equivalent | surviving | score | branch coverage |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for path in sorted(RESULTS.glob("*.json")):
         r = json.loads(path.read_text())
+        cov = f"{covered[r['module']]['percent']:.1f}%" if r["module"] in covered else "–"
         rows.append(
             f"| `{r['module']}` | {', '.join(Path(t).name for t in r['tests'])} | {r['generated']} | {r['killed']} | "
-            f"{len(r['equivalent'])} | {len(r['surviving'])} | {r['score']:.1%} |"
+            f"{len(r['equivalent'])} | {len(r['surviving'])} | {r['score']:.1%} | {cov} |"
         )
     return "\n".join(rows)
 
@@ -190,6 +220,10 @@ def main(argv=None) -> int:
     parser.add_argument("--changed", action="store_true", help="the modules changed since the main branch")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the kept results")
     parser.add_argument("--write", action="store_true", help="with --table: write it into docs/testing.md")
+    parser.add_argument(
+        "--rerun", action="store_true", help="run only the last run's surviving mutants again (after adding tests)"
+    )
+    parser.add_argument("--resume", action="store_true", help="go on with an interrupted run of the module")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant runs (default 2)")
     args = parser.parse_args(argv)
     if args.table:
@@ -201,7 +235,7 @@ def main(argv=None) -> int:
     if not modules:
         print("nothing to mutate" + (" (no module changed since main)" if args.changed else ": name a module"))
         return 0
-    results = [run_module(m, args.max_children) for m in modules]
+    results = [run_module(m, args.max_children, args.rerun, args.resume) for m in modules]
     return 0 if all(r["score"] >= 0.9 for r in results) else 1
 
 

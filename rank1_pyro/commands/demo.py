@@ -76,15 +76,12 @@ def _sets(cfg: DemoConfig):
     import torch
 
     from ..data import load_digits, rotate
-    from ..experiments import EvalSets
+    from ..experiments import EvalSets, hold_out
 
     split = load_digits(seed=cfg.seed)
     flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731 - the MLP takes 64-pixel vectors
-    if not 0 <= cfg.val_examples < split.x_train.shape[0]:
-        raise ValueError(f"val_examples must lie in [0, {split.x_train.shape[0]}), got {cfg.val_examples}")
-    cut = split.x_train.shape[0] - cfg.val_examples
-    x_train, y_train = flat(split.x_train[:cut]), split.y_train[:cut]
-    val = (flat(split.x_train[cut:]), split.y_train[cut:]) if cfg.val_examples else None
+    (x_train, y_train), val = hold_out(flat(split.x_train), split.y_train, cfg.val_examples)
+    val = val if cfg.val_examples else None
     x_shift = torch.cat([flat(rotate(split.x_test, a)) for a in cfg.rotations])
     y_shift = split.y_test.repeat(len(cfg.rotations))
     parts = [("clean", flat(split.x_test), split.y_test), ("rot", x_shift, y_shift)]
