@@ -235,10 +235,11 @@ def adaptive_ece(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) 
     correct = (pred == labels).double()[order]
     conf = conf[order]
     n = len(conf)
+    if n == 0:  # no examples: undefined, like the other means (not an error from deep inside torch)
+        return math.nan
     total = 0.0
-    for idx in torch.arange(n).tensor_split(min(num_bins, n)):
-        if len(idx):
-            total += len(idx) / n * abs(correct[idx].mean().item() - conf[idx].mean().item())
+    for idx in torch.arange(n).tensor_split(min(num_bins, n)):  # at most n bins: none is empty
+        total += len(idx) / n * abs(correct[idx].mean().item() - conf[idx].mean().item())
     return total
 
 

@@ -32,3 +32,20 @@ class FailingELBO(MixtureELBO):
         if self.calls > self.fail_at:
             return terms._replace(loss=terms.loss * float("nan"))
         return terms
+
+
+class InfiniteGradientELBO(MixtureELBO):
+    """A finite loss whose gradient is NaN after ``fail_at`` calls: ``sqrt`` of a zero that depends on
+    every parameter adds 0 to the loss and 0 · ∞ = NaN to each gradient."""
+
+    def __init__(self, params, fail_at):
+        super().__init__()
+        self.params, self.calls, self.fail_at = list(params), 0, fail_at
+
+    def loss_terms(self, *args, **kwargs):
+        terms = super().loss_terms(*args, **kwargs)
+        self.calls += 1
+        if self.calls > self.fail_at:
+            zero = sum((p * 0).sum() for p in self.params)
+            return terms._replace(loss=terms.loss + zero.sqrt())
+        return terms

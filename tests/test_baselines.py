@@ -549,3 +549,10 @@ def test_convergence_summarises_the_validation_curve_by_hand():
     assert convergence({"clean_nll": 1.0}) == {"clean_nll": 1.0}
     with pytest.raises(ValueError, match="last_epochs"):
         convergence({"curve": curve}, last_epochs=0)
+
+
+def test_deep_ensemble_repr_names_its_size_and_likelihood():
+    from rank1_pyro import mlp
+
+    ensemble = DeepEnsemble([mlp(2, [], 2), mlp(2, [], 2), mlp(2, [], 2)], likelihood="normal")
+    assert repr(ensemble).startswith("DeepEnsemble(\n  ensemble_size=3, likelihood='normal'\n")

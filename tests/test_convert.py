@@ -450,3 +450,7 @@ def test_model_arguments_and_dtype_follow_the_network():
         out = poutine.condition(model.outputs, data=identity_factors(model))(x)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, net(x).expand(4, -1, -1))
+
+
+def test_member_batchnorm_repr_names_the_ensemble_size():
+    assert repr(MemberBatchNorm(nn.BatchNorm1d(4), 3)).startswith("MemberBatchNorm(\n  ensemble_size=3\n")

@@ -745,3 +745,11 @@ def test_noise_is_drawn_on_the_images_device():
     x = torch.rand(2, 1, 8, 8, device="cuda")
     out = D.corrupt(x, "gaussian_noise", 3, seed=1)
     assert out.device == x.device and torch.equal(out, D.corrupt(x, "gaussian_noise", 3, seed=1))
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_idx_of_a_missing_file_is_a_missing_file_not_a_corrupt_one(tmp_path, suffix):
+    """A missing file raises FileNotFoundError (callers fall back to other places), not the
+    ValueError of a corrupt file."""
+    with pytest.raises(FileNotFoundError):
+        D.read_idx(tmp_path / f"absent-idx3-ubyte{suffix}")

@@ -500,3 +500,9 @@ def test_selective_metrics_by_hand():
     assert out["aece"] == pytest.approx(sum(len(b) / 40 * abs(correct[b].mean() - conf[b].mean()) for b in bins))
     assert list(metrics.selective_metrics(probs, labels, 0.7)) == ["aece", "aurc", "sel_acc@70"]
     assert metrics.selective_metrics(probs, labels, 0.7)["sel_acc@70"] == pytest.approx(1.0 - np.mean(errors[:28]))
+
+
+def test_adaptive_ece_of_no_examples_is_undefined():
+    """No examples: NaN, as the accuracy and NLL of no examples are (not an error from torch)."""
+    none, labels = torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)
+    assert np.isnan(metrics.adaptive_ece(none, labels)) and np.isnan(metrics.accuracy(none, labels))

@@ -532,3 +532,70 @@ def test_plain_elbo_is_the_pyro_elbo_with_no_kl_weight():
     plain.annealing = 1.0
     with pytest.raises(ValueError, match="Trace_ELBO has no KL weight to anneal"):
         plain.annealing = 0.5
+
+
+def test_a_masked_observation_counts_nothing():
+    """A tensor mask on the likelihood (``poutine.mask``) removes those examples' log-likelihood:
+    the loss equals that of the model on the unmasked examples alone, at the same draws."""
+    model, (x, y) = tiny(), data()
+    guide = MixtureGuide(model)
+    keep = torch.tensor([True, False, True, True, False, True])
+    elbo = AveragedELBO()
+
+    def masked(x, y):
+        with poutine.mask(mask=keep):
+            return model(x, y)
+
+    pyro.set_rng_seed(6)
+    model_trace, guide_trace = elbo._get_trace(masked, guide, (x, y), {})
+    log_lik = elbo.elbo_terms(model_trace, guide_trace)[0]
+    values = {n: s["value"] for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
+    logits = hand_forward(model, values, x)  # (K, B, C)
+    per_example = torch.log_softmax(logits, -1).gather(-1, y.expand(K, B)[..., None])[..., 0].mean(0)
+    torch.testing.assert_close(log_lik, N / B * per_example[keep].sum())
+
+
+def test_per_example_estimator_needs_a_batch_first_tensor():
+    model = tiny()
+    with pytest.raises(ValueError, match="estimator='example' needs the model's first argument to be a batch-first"):
+        AveragedELBO(estimator="example").loss(lambda x=None: model(*data()), MixtureGuide(model))
+
+
+def test_particles_drawn_one_after_another_average_their_terms():
+    """``num_particles=2`` without vectorization: the loss and its parts are the means of two
+    single-particle estimates drawn in turn from the same seed."""
+    model, (x, y) = tiny(), data()
+    guide = MixtureGuide(model)
+    pyro.set_rng_seed(8)
+    two = AveragedELBO(num_particles=2, vectorize_particles=False).loss_terms(model, guide, x, y)
+    pyro.set_rng_seed(8)
+    one = AveragedELBO(vectorize_particles=False)
+    first, second = one.loss_terms(model, guide, x, y), one.loss_terms(model, guide, x, y)
+    assert not torch.allclose(first.loss, second.loss)
+    for i in range(3):
+        torch.testing.assert_close(two[i], (first[i] + second[i]) / 2)
+
+
+def test_observed_guide_sites_count_nothing_and_a_parameter_free_loss_needs_no_backward():
+    """An observed site in the guide is no latent: it adds nothing to the KL (as in Pyro's own
+    ELBOs); a model and guide without parameters give a loss with no graph, which ``loss_and_grads``
+    returns without a backward pass. Checked against closed forms: N·log 2 for a uniform two-class
+    likelihood."""
+    model, (x, y) = tiny(), data()
+    guide = MixtureGuide(model)
+
+    def guide_with_an_observation(x, y):
+        pyro.sample("aux", dist.Normal(0.0, 1.0), obs=torch.tensor(3.0))
+        return guide(x, y)
+
+    pyro.set_rng_seed(9)
+    plain = AveragedELBO().loss(model, guide, x, y)
+    pyro.set_rng_seed(9)
+    assert AveragedELBO().loss(model, guide_with_an_observation, x, y) == pytest.approx(plain, rel=1e-6)
+
+    def uniform(x, y):
+        with members(K), pyro.plate("data", N, subsample=torch.arange(B), dim=-1):
+            pyro.sample("obs", dist.Categorical(logits=torch.zeros(K, B, 2)), obs=y % 2)
+
+    value = AveragedELBO().loss_and_grads(uniform, lambda x, y: None, x, y)
+    assert value == pytest.approx(N * math.log(2))

@@ -9,6 +9,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
@@ -570,3 +571,21 @@ def test_as_tensor_shares_numpy_memory_and_names_the_argument():
     with pytest.raises(TypeError, match=r"^labels: cannot use a numpy array of dtype object"):
         predictive.as_tensor(np.array([object()]), "labels")
     assert predictive.as_tensor([1, 2]) == [1, 2]  # anything else as it is
+
+
+def test_floating_dtype_is_that_of_the_first_floating_point_parameter():
+    """Modules without parameters, and integer parameters, are skipped; ``None`` when there is none."""
+    from rank1_pyro.inference.predictive import floating_dtype
+
+    counter = nn.Module()
+    counter.count = nn.Parameter(torch.zeros(1, dtype=torch.int64), requires_grad=False)
+    counter.weight = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    assert floating_dtype(nn.Identity(), "not a module", counter, nn.Linear(1, 1)) == torch.float64
+    assert floating_dtype(nn.Identity(), nn.Linear(1, 1).half()) == torch.float16
+    assert floating_dtype(nn.Identity(), print) is None
+
+
+def test_log_predictions_are_for_classification_only():
+    model = rank1_mlp(1, [8], 1, ensemble_size=2, likelihood="normal")
+    with pytest.raises(ValueError, match="sample_log_predictions: only for likelihood='categorical'"):
+        Rank1Posterior(model, MixtureGuide(model)).sample_log_predictions(torch.zeros(3, 1), 2)

@@ -1,6 +1,7 @@
 """Null-space projected posterior: iterated projections against dense projectors, sampling, α, predictives."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -272,6 +273,166 @@ def test_errors():
         post.fit([])
     with pytest.raises(RuntimeError, match="alpha"):
         ProjectedPosterior(net).alpha
+
+
+def test_constructor_rejects_bad_numerical_settings():
+    """eig_rtol outside (0, 1), a non-positive tol or noise_scale and a non-callable loss_fn are
+    refused with their own messages, while values inside the ranges are kept as given."""
+    net = mlp(3, [4], 2)
+    for bad in (0.0, 1.0, -0.5, 2.0):
+        with pytest.raises(ValueError, match=rf"^eig_rtol must lie in \(0, 1\), got {bad!r}$"):
+            ProjectedPosterior(net, eig_rtol=bad)
+    for bad in (0.0, -1e-6):
+        with pytest.raises(ValueError, match=rf"^tol must be > 0 or None, got {bad!r}$"):
+            ProjectedPosterior(net, tol=bad)
+    with pytest.raises(TypeError, match=r"^loss_fn must be callable, got str$"):
+        ProjectedPosterior(net, kind="loss", loss_fn="cross_entropy")
+    for likelihood in ("normal", "categorical"):  # checked whatever the likelihood
+        with pytest.raises(ValueError, match=r"^noise_scale must be > 0, got -0\.5$"):
+            ProjectedPosterior(net, likelihood, noise_scale=-0.5)
+    with pytest.raises(ValueError, match=r"^noise_scale must be > 0, got 0\.0$"):
+        ProjectedPosterior(net, "normal", noise_scale=0.0)
+    post = ProjectedPosterior(net, "normal", eig_rtol=1e-3, tol=1e-8, noise_scale=0.2, loss_fn=F.mse_loss)
+    assert (post.eig_rtol, post.tol, post.noise_scale, post.loss_fn) == (1e-3, 1e-8, 0.2, F.mse_loss)
+
+
+def test_alpha_setter_rescales_draws_and_rejects_bad_values():
+    """Setting ``alpha`` replaces the closed form and rescales the cached draws to
+    θ* + α^{-1/2} 𝒫ε; zero, negative, non-finite and non-numeric values are refused and leave it unchanged."""
+    net = nn.Linear(4, 1, bias=False).double()  # the hand problem above: closed-form α = 2/9, 𝒫 = diag(0, 0, 1, 1)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0, 2.0, 2.0, 0.0]]))
+    x = torch.eye(4, dtype=torch.float64)[:2]
+    post = ProjectedPosterior(net, "normal", noise_scale=1.0, micro_batch_size=1, num_iterations=3, num_trace_probes=2)
+    post.fit(x)
+    assert post.alpha == pytest.approx(2.0 / 9.0)
+    deltas = post.draws(3) - post.theta_map  # at the closed-form α
+    assert deltas[:, 2:].abs().min() > 0
+    post.alpha = 4
+    assert post.alpha == 4.0 and type(post.alpha) is float
+    torch.testing.assert_close(post.draws(3) - post.theta_map, deltas * (2.0 / 9.0 / 4.0) ** 0.5)
+    assert (post.draws(3) - post.theta_map)[:, :2].abs().max() < 1e-12  # still in the null space of J
+    for bad in (0, -1.0, float("nan"), float("inf"), "2", None):
+        with pytest.raises(ValueError, match=rf"^alpha must be a positive number, got {re.escape(repr(bad))}$"):
+            post.alpha = bad
+        assert post.alpha == 4.0
+
+
+def test_micro_batch_without_constraints_and_degenerate_closed_form_alpha():
+    """A micro-batch whose Jacobian is zero keeps no Gram eigenpairs and its projection step returns
+    its input untouched; the projection still matches the dense projector. When nothing constrains
+    θ (P - tr 𝒫 = 0) or θ* = 0, the closed-form α is refused with a message asking for alpha=."""
+    net = nn.Linear(4, 1).double()  # θ = the weight only: J_n = x_nᵀ, zero on a zero input
+    x = torch.zeros(2, 4, dtype=torch.float64)
+    x[0, 0] = 1.0
+    post = ProjectedPosterior(net, "normal", param_names=["weight"], alpha=1.0, noise_scale=1.0, micro_batch_size=1)
+    post.fit(x)
+    assert post._blocks[0].inv_eigvals.numel() == 1 and post._blocks[1].inv_eigvals.numel() == 0
+    V = torch.randn(3, 4, dtype=torch.float64)
+    assert post._step(post._blocks[1], V) is V
+    torch.testing.assert_close(post.project(V), V @ null_space_projector(x), rtol=0, atol=1e-12)
+    # no constraint at all: tr 𝒫 = P exactly, so P - tr 𝒫 = 0
+    free = ProjectedPosterior(
+        net, "normal", param_names=["weight"], noise_scale=1.0, micro_batch_size=1, num_trace_probes=3
+    )
+    free.fit(torch.zeros(2, 4, dtype=torch.float64))
+    assert free.trace_estimate == 4.0
+    with pytest.raises(ValueError, match=r"^cannot set alpha by the closed form: P - tr P = 0, .*; pass alpha=$"):
+        free.alpha
+    # θ* = 0: ||θ*||² = 0 although the data constrain θ (tr 𝒫 = 3)
+    with torch.no_grad():
+        net.weight.zero_()
+    zero = ProjectedPosterior(
+        net, "normal", param_names=["weight"], noise_scale=1.0, micro_batch_size=1, num_trace_probes=3
+    ).fit(x)
+    assert zero.trace_estimate == pytest.approx(3.0, abs=1e-12)
+    with pytest.raises(
+        ValueError, match=r"^cannot set alpha by the closed form: P - tr P = 1, \|\|theta_MAP\|\|\^2 = 0;"
+    ):
+        zero.alpha
+    zero.alpha = 2.0  # a given α makes it usable
+    assert zero.sample(2).shape == (2, 4)
+
+
+class _TwoRowsPerExample(nn.Module):
+    """A network with two output rows per example: (B, 3) -> (2B, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        return self.lin(x).reshape(-1, 1)
+
+
+def test_loss_projection_checks_targets_against_outputs():
+    """kind="loss": targets with other rows than the inputs, a network giving more output rows than
+    targets (not a rank-1 member stack), and regression targets that do not match the outputs'
+    size are refused; (B,) and (B, 1) regression targets give the same projection, onto the null
+    space of the per-example squared-error gradients (f(x_n) - y_n) [x_n, 1]."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    net = nn.Linear(3, 1).double()
+    post = ProjectedPosterior(net, "normal", kind="loss", alpha=1.0, noise_scale=1.0, micro_batch_size=2)
+    with pytest.raises(ValueError, match=r"^train_data: targets must be a tensor with 4 rows, got \(3,\)$"):
+        post.fit((x, torch.randn(3, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"^targets of shape \(2, 2\) do not fit outputs of shape \(2, 1\)$"):
+        post.fit((x, torch.randn(4, 2, dtype=torch.float64)))
+    doubled = ProjectedPosterior(_TwoRowsPerExample(), kind="loss", alpha=1.0, micro_batch_size=2)
+    with pytest.raises(ValueError, match=r"^the network gives 4 output rows for 2 targets$"):
+        doubled.fit((x, torch.randint(0, 1, (4,))))
+    y = torch.randn(4, dtype=torch.float64)
+    with torch.no_grad():
+        residual = net(x).squeeze(-1) - y
+    G = residual[:, None] * torch.cat([x, torch.ones(4, 1, dtype=torch.float64)], dim=1)  # (N, P): [w, b] order
+    eye = torch.eye(4, dtype=torch.float64)
+    flat = post.fit((x, y)).project(eye)
+    torch.testing.assert_close(flat, null_space_projector(G), rtol=0, atol=1e-8)
+    torch.testing.assert_close(post.fit((x, y[:, None])).project(eye), flat, rtol=0, atol=1e-12)
+
+
+def test_fit_refuses_an_empty_monitor():
+    """A monitor holding no batches is refused instead of leaving an empty convergence record."""
+    net, x, _ = small_problem()
+    post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=4)
+    with pytest.raises(ValueError, match=r"^monitor is empty$"):
+        post.fit(x, monitor=[])
+
+
+def test_state_dict_and_repr_follow_the_fitted_state():
+    """An unfitted posterior has nothing to save (RuntimeError asking for fit); the repr says
+    unfitted, then the number of micro-batches, and for a posterior loaded without its
+    micro-batches the number of saved draws it can predict with."""
+    net, x, _ = small_problem()
+    post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=4, num_iterations=5)
+    assert repr(post).endswith(", unfitted)")
+    with pytest.raises(RuntimeError, match=r"^call fit\(train_data\) first$"):
+        post.state_dict()
+    post.fit(x)
+    assert repr(post).endswith(", 3 micro-batches)")
+    before = post.sample_outputs(x[:2], 3)
+    loaded = ProjectedPosterior.from_state_dict(net, post.state_dict(micro_batches=False))
+    assert loaded.max_samples == 3 and repr(loaded).endswith(", 3 saved draws)")
+    assert torch.equal(loaded.sample_outputs(x[:2], 3), before)
+
+
+def test_rank1_regression_takes_the_noise_scale_of_the_model():
+    """A rank-1 point network with likelihood="normal" needs no noise_scale: the predictive variance is
+    the model's own noise_scale()² (here softplus(noise_raw) = 0.3), the mean the sampled outputs."""
+    torch.manual_seed(0)
+    model = rank1_mlp(3, [4], 1, ensemble_size=2, likelihood="normal").double()
+    with torch.no_grad():
+        model.noise_raw.fill_(math.log(math.expm1(0.3)))  # softplus⁻¹(0.3)
+    net = rank1_point_network(model, DeltaGuide(model, init_loc_std=0.3).double())
+    names = [n for n, _ in net.named_parameters() if n.startswith("factors.")]
+    x = torch.randn(4, 3, dtype=torch.float64)
+    post = ProjectedPosterior(net, "normal", param_names=names, alpha=1.0, micro_batch_size=2, num_iterations=20)
+    assert post.noise_scale is None
+    post.fit(x)
+    pred = post.sample_predictions(x, 3)
+    assert pred.shape == (3, 2, 4, 2) and not pred.requires_grad  # no graph back to the model's noise parameter
+    torch.testing.assert_close(pred[..., 1], torch.full((3, 2, 4), 0.09, dtype=torch.float64))
+    torch.testing.assert_close(pred[..., 0], post.sample_outputs(x, 3).squeeze(-1))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

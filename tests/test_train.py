@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from faulty_objectives import FailingELBO, StopAt
+from faulty_objectives import FailingELBO, InfiniteGradientELBO, StopAt
+from torch.utils.data import DataLoader, TensorDataset
 
 from rank1_pyro import MixtureGuide, Rank1Model, mlp, rank1_mlp
 from rank1_pyro.inference.distributed import resolve_device
@@ -70,6 +71,86 @@ def test_nan_loss_stops_before_the_update_and_names_the_step():
     assert all(torch.isfinite(p).all() for p in now)
 
 
+@pytest.fixture(params=["fused", "unfused"])
+def kernels(request, monkeypatch):
+    """Both guards of the training step: with fused optimizer kernels the non-finite flags stay on
+    the device (read every few steps); where the optimizer has none (a device or dtype without
+    them: here an Adam that refuses ``fused=True``) the loss and the gradient norm are read every step."""
+    if request.param == "unfused":
+        adam = torch.optim.Adam
+
+        def without_fused(*args, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("fused=True requires a device and dtype with fused kernels")
+            return adam(*args, **kwargs)
+
+        monkeypatch.setattr(torch.optim, "Adam", without_fused)
+    return request.param
+
+
+def _recording(base, model, guide, snapshots):
+    class Recording(base):
+        def loss_terms(self, *args, **kwargs):
+            snapshots.append([p.detach().clone() for p in [*model.parameters(), *guide.parameters()]])
+            return super().loss_terms(*args, **kwargs)
+
+    return Recording
+
+
+@pytest.mark.parametrize("failure", ["loss", "gradient"])
+def test_either_guard_stops_a_nan_loss_or_gradient_before_the_update(kernels, failure):
+    """A NaN loss, and a finite loss with a NaN gradient, stop training before the update, naming the
+    step, with or without fused kernels; the parameters hold the values the bad step started from
+    (the fused guard reads its flag at the epoch's end: the steps after the bad one are skipped)."""
+    x, y = separable(64)
+    model = rank1_mlp(2, [4], 2, ensemble_size=2)
+    guide = MixtureGuide(model)
+    snapshots = []
+    if failure == "loss":
+        objective = _recording(FailingELBO, model, guide, snapshots)(fail_at=5)
+        match = r"loss is nan at epoch 1, step 1 \(global step 5\)"
+    else:
+        params = [*model.parameters(), *guide.parameters()]
+        objective = _recording(InfiniteGradientELBO, model, guide, snapshots)(params, fail_at=6)
+        match = r"gradient norm is nan at epoch 1, step 2 \(global step 6\)"
+    with pytest.raises(NonFiniteLossError, match=match):
+        train(model, guide, (x, y), objective=objective, epochs=3, batch_size=16, progress=False)
+    now = [p.detach() for p in [*model.parameters(), *guide.parameters()]]
+    bad = 5 if failure == "loss" else 6  # snapshots[i]: the parameters global step i starts from
+    assert all(torch.equal(a, b) for a, b in zip(now, snapshots[bad], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(now, snapshots[0], strict=True))  # the good steps did update
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_training_without_fused_kernels_takes_the_same_steps(monkeypatch, optimizer):
+    """Where the optimizer has no fused kernels (here one that refuses ``fused=True``), training falls
+    back to the plain one and reaches the same parameters from the same seed (SGD: the step scales
+    with the gradient, so the per-example loss ``loss / N`` is checked too)."""
+    x, y = separable(64)
+
+    def trained():
+        torch.manual_seed(0)
+        model = rank1_mlp(2, [4], 2, ensemble_size=2)
+        guide = MixtureGuide(model)
+        train(model, guide, (x, y), epochs=2, batch_size=16, progress=False, seed=0, optimizer=optimizer, lr=0.05)
+        return torch.cat([p.detach().flatten() for p in [*model.parameters(), *guide.parameters()]])
+
+    fused = trained()
+    name = {"adam": "Adam", "sgd": "SGD"}[optimizer]
+    cls, calls = getattr(torch.optim, name), []
+
+    def without_fused(*args, fused=None, **kwargs):
+        calls.append(fused)
+        if fused:
+            raise RuntimeError("fused=True requires a device and dtype with fused kernels")
+        return cls(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, name, without_fused)
+    unfused = trained()
+    assert calls == [True, None]
+    torch.testing.assert_close(unfused, fused, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -79,7 +160,12 @@ def test_nan_loss_stops_before_the_update_and_names_the_step():
         (dict(objective="elbo"), ValueError, "objective: unknown name"),
         (dict(batch_size=0), ValueError, "batch_size"),
         (dict(data=(torch.randn(3, 2), torch.zeros(4, dtype=torch.long))), ValueError, "different numbers"),
-        (dict(data=(torch.randn(0, 2), torch.zeros(0, dtype=torch.long))), ValueError, "empty"),
+        (dict(data=(torch.randn(0, 2), torch.zeros(0, dtype=torch.long))), ValueError, "the data set is empty"),
+        (
+            dict(data=DataLoader(TensorDataset(torch.randn(0, 2)), batch_size=4)),
+            ValueError,
+            "training data set is empty",
+        ),
         (dict(data=[1, 2, 3]), TypeError, "DataLoader or a pair"),
     ],
 )
@@ -237,3 +323,19 @@ def test_factor_lr_scales_the_step_of_the_guide_parameters_only():
         torch.testing.assert_close(b, 0.25 * a)
     with pytest.raises(ValueError, match="factor_lr must be > 0, got 0"):
         TrainConfig(factor_lr=0)
+
+
+def test_a_model_and_guide_without_parameters_is_refused_before_training():
+    """A model with nothing to learn (no parameters, no ``outputs`` or ``num_data`` of a rank-1
+    network) and the default empty guide: train says so instead of stepping an empty optimizer."""
+    import pyro
+    import pyro.distributions as dist
+    from torch import nn
+
+    class Fixed(nn.Module):
+        def forward(self, x, y=None):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", dist.Categorical(logits=torch.zeros(x.shape[0], 2)), obs=y)
+
+    with pytest.raises(ValueError, match="nothing to train: the model and guide have no trainable parameters"):
+        train(Fixed(), None, separable(16), epochs=1, batch_size=8, progress=False)

@@ -98,10 +98,26 @@ def _result_file(module: str) -> Path:
     return RESULTS / f"{Path(module).with_suffix('').as_posix().replace('/', '.')}.json"
 
 
+def _listing(work: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True
+    ).stdout
+
+
+def _rerun_names(work: Path, module: str) -> list[str]:
+    """The mutants of the last run to check again: those that survived, had no test, or timed out (a
+    timeout counts as killed, but on a busy machine it may be only slow), less the listed equivalents."""
+    listing = _listing(work)
+    names = _names(listing, "survived") + _names(listing, "no tests") + _names(listing, "timeout")
+    known = equivalent(module)
+    return sorted(n for n in names if n not in known)
+
+
 def run_module(module: str, max_children: int, rerun: bool = False, resume: bool = False) -> dict:
     """Run mutmut on ``module`` in its scratch copy; returns (and keeps) the counts.
 
-    ``rerun``: run again only the mutants the kept result lists as surviving (or run by no test),
+    ``rerun``: run again only the mutants the last run left surviving, run by no test or timed out,
     against the current tests, in the scratch copy of the last run (the module itself unchanged):
     minutes after adding tests, where a full run takes most of an hour. ``resume``: go on with an
     interrupted run in its scratch copy (the mutants not checked yet), against the current tests."""
@@ -117,7 +133,7 @@ def run_module(module: str, max_children: int, rerun: bool = False, resume: bool
             raise SystemExit(f"{module} changed since its last run: its mutants are stale, run it in full")
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        names = json.loads(_result_file(module).read_text())["surviving"] if rerun else []
+        names = _rerun_names(work, module) if rerun else []
         if rerun and not names:
             print(f"{module}: no surviving mutant to rerun")
     else:
@@ -138,9 +154,7 @@ def run_module(module: str, max_children: int, rerun: bool = False, resume: bool
             )
     subprocess.run([*mutmut, "export-cicd-stats"], cwd=work, env=env, check=False, capture_output=True)
     stats = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
-    listing = subprocess.run(
-        [*mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True
-    ).stdout
+    listing = _listing(work)
     survived = _names(listing, "survived")
     uncovered = _names(listing, "no tests")
     known = equivalent(module)

@@ -295,9 +295,7 @@ def train(
     ctx, device = dist_utils.setup(config.distributed, device)
     data_seed = dist_utils.seed_ranks(config.seed, ctx, device)
     loader, sampler = dist_utils.training_loader(data, config.batch_size, ctx, data_seed)
-    num_data = len(loader.dataset)
-    if num_data == 0:
-        raise ValueError("the training data set is empty")
+    num_data = len(loader.dataset)  # an empty set stops at first_batch below
     model.to(device)
     if isinstance(guide, nn.Module):
         guide.to(device)

@@ -293,9 +293,7 @@ class ProjectedPosterior(PostHocPosterior):
         if self.kind == "loss":
             if y is None:
                 raise ValueError("kind='loss' needs targets: pass (x, y) batches to fit()")
-            y = torch.as_tensor(y).to(self.device)
-            if y.shape[:1] != x.shape[:1]:
-                raise ValueError(f"targets must have shape ({x.shape[0]}, ...), got {tuple(y.shape)}")
+            y = torch.as_tensor(y).to(self.device)  # batches() checked y.shape[:1] == x.shape[:1]
             if block.rows != y.shape[0]:
                 if isinstance(self.model, Rank1PointNetwork) and block.rows == self.ensemble_size * y.shape[0]:
                     y = y.repeat(self.ensemble_size, *([1] * (y.dim() - 1)))  # member-major rows
