@@ -1,6 +1,7 @@
 """ArviZ diagnostics: DataTree contents against independent computations, VI k-hat on a conjugate model, CLI."""
 
 import math
+import re
 import warnings
 
 import arviz_stats
@@ -176,6 +177,19 @@ def test_netcdf_round_trip(tmp_path):
         D.from_netcdf(tmp_path / "missing.nc")
 
 
+def test_to_netcdf_refuses_a_dataset_and_a_directory(tmp_path):
+    """to_netcdf writes DataTrees only, and never over a directory (which stays as it was)."""
+    tree = xr.DataTree.from_dict({"log_likelihood": xr.Dataset({"obs": ("obs_id", np.zeros(3))})})
+    with pytest.raises(TypeError, match="^tree must be an xarray.DataTree, got Dataset$"):
+        D.to_netcdf(tree["log_likelihood"].to_dataset(), tmp_path / "tree.nc")
+    (tmp_path / "out.nc").mkdir()
+    with pytest.raises(
+        IsADirectoryError, match="^" + re.escape(f"cannot write {tmp_path / 'out.nc'}: it is a directory")
+    ):
+        D.to_netcdf(tree, tmp_path / "out.nc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nc"] and not any((tmp_path / "out.nc").iterdir())
+
+
 # --------------------------------------------------------------------- VI k-hat on a conjugate model
 
 DIM, SIGMA, ALPHA = 2, 0.5, 1.0
@@ -211,11 +225,8 @@ def test_khat_small_for_the_exact_posterior_and_large_for_a_mismatched_guide():
     model, data, mean, cov = _conjugate_problem()
     x, y = data
     exact = D.log_density_ratios(model, _gaussian_guide(mean, cov), data, 1000)
-    # q = posterior: every ratio p(theta, D) / q(theta) equals the evidence p(D) = N(y; 0, X X^T / alpha + sigma^2 I)
-    evidence = torch.distributions.MultivariateNormal(
-        torch.zeros(len(y), dtype=torch.float64), x @ x.T / ALPHA + SIGMA**2 * torch.eye(len(y), dtype=torch.float64)
-    ).log_prob(y)
-    np.testing.assert_allclose((exact["lp"] - exact["log_q"]).values, evidence.item(), rtol=1e-9)
+    # q = posterior: every ratio p(theta, D) / q(theta) equals the evidence p(D)
+    np.testing.assert_allclose((exact["lp"] - exact["log_q"]).values, _evidence(x, y), rtol=1e-9)
     assert D.vi_khat(exact) < D.KHAT_GOOD
 
     wider = D.log_density_ratios(model, _gaussian_guide(mean, 1.5**2 * cov), data, 1000)  # bounded ratios
@@ -237,6 +248,125 @@ def test_point_mass_guides_have_no_density_ratio():
         D.log_density_ratios(model, guide, _data(), 4)
     with pytest.raises(ValueError, match="sample_stats"):
         D.vi_khat(tree)
+
+
+def _evidence(x, y) -> float:
+    """log p(D) of the conjugate problem: N(y; 0, X X^T / alpha + sigma^2 I)."""
+    eye = torch.eye(len(y), dtype=torch.float64)
+    return (
+        torch.distributions.MultivariateNormal(torch.zeros_like(y), x @ x.T / ALPHA + SIGMA**2 * eye).log_prob(y).item()
+    )
+
+
+def test_log_density_ratios_of_a_rank1_posterior_evaluate_its_model_and_guide():
+    """A Rank1Posterior passed as the guide brings its own model: for the exact posterior lp - log_q = log p(D)."""
+    model, data, mean, cov = _conjugate_problem()
+    model.likelihood = "normal"  # what Rank1Posterior reads of a model
+    ds = D.log_density_ratios(None, Rank1Posterior(model, _gaussian_guide(mean, cov)), data, 40)
+    assert ds["lp"].shape == (1, 40) and np.unique(ds["lp"].values).size == 40  # 40 distinct draws
+    np.testing.assert_allclose((ds["lp"] - ds["log_q"]).values, _evidence(*data), rtol=1e-9)
+
+
+def _two_observations_model(x, y):
+    """No latent sites; y observed twice, under a normal and a Laplace density."""
+    with pyro.plate("data", x.shape[0], dim=-1):
+        pyro.sample("obs_a", dist.Normal(x[:, 0], 1.0), obs=y)
+        pyro.sample("obs_b", dist.Laplace(x[:, 1], 2.0), obs=y)
+
+
+def test_model_without_latents_with_two_observation_sites():
+    """No latent sites: no posterior or sample_stats group; two observation sites: one log_likelihood variable each
+    (each against scipy's density) and no observed_data group, which could name only one of them."""
+    from scipy.stats import laplace, norm
+
+    from rank1_pyro.inference.predictive import empty_guide
+
+    x, y = torch.randn(N, 2), torch.randn(N)
+    tree = D.to_datatree(_two_observations_model, empty_guide, (x, y), S, batch_size=5)
+    assert set(tree.children) == {"log_likelihood", "posterior_predictive"}
+    assert tree.attrs["num_components"] == 1 and tree.attrs["num_samples"] == S
+    ll = tree["log_likelihood"]
+    assert ll["obs_a"].dims == ("chain", "draw", "obs_id") and ll["obs_a"].shape == (1, S, N)
+    xn, yn = x.numpy().astype(np.float64), y.numpy().astype(np.float64)
+    np.testing.assert_allclose(
+        ll["obs_a"].values, np.broadcast_to(norm.logpdf(yn, xn[:, 0], 1.0), (1, S, N)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        ll["obs_b"].values, np.broadcast_to(laplace.logpdf(yn, xn[:, 1], 2.0), (1, S, N)), rtol=1e-5
+    )
+
+
+def _four_dim_batch():
+    """A latent site with a batch dim left of the samples plate: batch (2, S, 1, 1)."""
+
+    def model(x, y):
+        pyro.sample("z", dist.Normal(torch.zeros(2, 1, 1, 1), 1.0))
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("obs", dist.Normal(x[:, 0], 1.0), obs=y)
+
+    def guide(x, y):
+        pyro.sample("z", dist.Normal(torch.zeros(2, 1, 1, 1), 1.0))
+
+    return model, guide
+
+
+def _latent_in_the_data_dim():
+    """A global latent site with 3 batch entries at dim -1 (the data dim) instead of an event dim."""
+
+    def model(x, y):
+        pyro.sample("z", dist.Normal(torch.zeros(3), 1.0))
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("obs", dist.Normal(x[:, 0], 1.0), obs=y)
+
+    def guide(x, y):
+        pyro.sample("z", dist.Normal(torch.zeros(3), 1.0))
+
+    return model, guide
+
+
+def _nothing_observed():
+    """A model that never observes y."""
+
+    def model(x, y):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide(x, y):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    return model, guide
+
+
+def _guide_of_another_ensemble_size():
+    """An AutoDiagonalNormal built on a one-member model, used with the same network of three members."""
+    from pyro.infer.autoguide import AutoDiagonalNormal
+
+    one = rank1_mlp(2, [4], 3, ensemble_size=1, prior=Gaussian(1.0, 0.1))
+    guide = AutoDiagonalNormal(one)
+    guide(torch.randn(N, 2), torch.randint(0, 3, (N,)))  # its prototype trace: members plate of size 1
+    return rank1_mlp(2, [4], 3, ensemble_size=3, prior=Gaussian(1.0, 0.1)), guide
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (_four_dim_batch, "site 'z': batch shape (2, 6, 1, 1) has more dims than (samples, members, data)"),
+        (
+            _latent_in_the_data_dim,
+            "latent site 'z' has batch shape (6, 1, 3); expected (samples, members|1, 1), i.e. sampled in the "
+            "members plate (dim -2) or outside every plate",
+        ),
+        (_nothing_observed, "the model has no observed sites: it must observe y when called as model(x, y)"),
+        (_guide_of_another_ensemble_size, "guide site '_AutoDiagonalNormal_latent' holds 1 members, the model 3"),
+    ],
+)
+def test_models_and_guides_outside_the_plate_layout_are_refused(build, message):
+    """Each departure from the layout to_datatree reads (latents at dims -3/-2, observations at -1, K members
+    in model and guide alike) is a ValueError that names the site and the shapes."""
+    model, guide = build()
+    x = torch.randn(N, 2)
+    y = torch.randint(0, 3, (N,)) if build is _guide_of_another_ensemble_size else torch.randn(N)
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        D.to_datatree(model, guide, (x, y), S)
 
 
 # --------------------------------------------------------------------- generic posteriors
@@ -272,6 +402,84 @@ def test_generic_posterior_fills_the_predictive_groups_and_optional_draws():
         D.to_datatree(None, _SoftmaxDraws(weights), x, S)
     with pytest.raises(ValueError, match="num_samples"):
         D.to_datatree(None, _SoftmaxDraws(weights), (x, y), 0)
+
+
+class _GaussianDraws:
+    """A regression posterior given by fixed draws (w, v) (K = 1): mean x @ w, variance exp(x @ v)."""
+
+    likelihood = "normal"
+
+    def __init__(self, w, v):
+        self.w, self.v = w, v  # (S, D)
+
+    def sample_predictions(self, x, num_samples):
+        mean, var = x @ self.w[:num_samples].T, (x @ self.v[:num_samples].T).exp()  # (B, S)
+        return torch.stack([mean.T, var.T], -1).unsqueeze(1)  # (S, 1, B, 2): (mean, variance) pairs
+
+
+def test_generic_regression_posterior_scores_the_normal_density_with_the_variance():
+    """likelihood "normal": log_likelihood is N(y; mean, sqrt(variance)) per draw (scipy), the predictive draws
+    standardise to mean 0 and sd 1, and without draws there is no posterior group."""
+    from scipy.stats import norm
+
+    x, y = torch.randn(N, 5), torch.randn(N)
+    w, v = torch.randn(200, 5), 0.5 * torch.randn(200, 5)
+    tree = D.to_datatree(None, _GaussianDraws(w, v), (x, y), 200, batch_size=4)
+    assert set(tree.children) == {"log_likelihood", "posterior_predictive", "observed_data"}
+    assert tree.attrs["likelihood"] == "normal" and tree["log_likelihood"]["obs"].shape == (1, 200, N)
+    mean, sd = (x @ w.T).T.double().numpy(), (x @ v.T).T.double().exp().sqrt().numpy()  # (S, N)
+    np.testing.assert_allclose(
+        tree["log_likelihood"]["obs"].values[0], norm.logpdf(y.double().numpy(), mean, sd), rtol=1e-5
+    )
+    z = (tree["posterior_predictive"]["obs"].values[0] - mean) / sd
+    assert abs(z.mean()) < 0.1 and abs(z.std() - 1.0) < 0.1
+
+
+def test_generic_posterior_of_an_unknown_likelihood_is_refused():
+    """Only "categorical" and "normal" observation densities exist; another name is a ValueError naming both."""
+
+    class Poisson(_SoftmaxDraws):
+        likelihood = "poisson"
+
+    message = "posterior.likelihood: unknown name 'poisson'; valid: ['categorical', 'normal']"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        D.to_datatree(None, Poisson(torch.randn(S, 5, 3)), _data(), S)
+
+
+def test_to_datatree_refuses_draws_and_models_that_do_not_belong():
+    """draws: a dict, and for generic posteriors only; a Rank1Posterior's model may not be replaced by another."""
+    x, y = _data()
+    weights = torch.randn(S, 5, 3)
+    message = "draws must be a dict of arrays (chain, draw, ...), got ndarray"
+    with pytest.raises(TypeError, match="^" + re.escape(message) + "$"):
+        D.to_datatree(None, _SoftmaxDraws(weights), (x, y), S, draws=weights.unsqueeze(0).numpy())
+    model, guide = _model_and_guide(Gaussian(1.0, 0.1))
+    other, _ = _model_and_guide(Gaussian(1.0, 0.1))
+    message = "model: not the model of the Rank1Posterior (pass None or that model)"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        D.to_datatree(other, Rank1Posterior(model, guide), (x, y), S)
+    message = "draws: only for generic posteriors; a guide supplies its own draws"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        D.to_datatree(model, guide, (x, y), S, draws={"W": np.zeros((K, S, 2))})
+    assert D.to_datatree(model, Rank1Posterior(model, guide), (x, y), S).attrs["num_components"] == K  # its own model
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            (torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)),
+            "data: x must be a non-empty batch (N, ...), got shape (0, 5)",
+        ),
+        ((torch.tensor(1.0), torch.tensor(1)), "data: x must be a non-empty batch (N, ...), got shape ()"),
+        ((torch.zeros(4, 5), torch.zeros(4, 1)), "data: y must have shape (4,) to match x, got (4, 1)"),
+        ((torch.zeros(4, 5), torch.zeros(3)), "data: y must have shape (4,) to match x, got (3,)"),
+    ],
+)
+def test_data_must_be_a_non_empty_batch_with_one_label_per_example(data, message):
+    """x needs a batch dim with at least one example, and y exactly one entry per example."""
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        D.to_datatree(None, _SoftmaxDraws(torch.randn(S, 5, 3)), data, S)
 
 
 # --------------------------------------------------------------------- figures and the command
