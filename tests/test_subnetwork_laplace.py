@@ -22,7 +22,7 @@ from rank1_pyro.laplace import (
     rank1_point_network,
     select_subnetwork,
 )
-from rank1_pyro.laplace.curvature import narrow
+from rank1_pyro.laplace.curvature import JacobianColumns, jacobian_blocks, narrow, supports_per_example
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -530,3 +530,337 @@ def test_subnetwork_laplace_improves_nll_and_ece_on_rotated_digits():
 
 # The `rank1-pyro laplace` command (on a trained run, saving the posterior for `predict --posterior laplace`)
 # is tested in tests/test_posthoc_save.py.
+
+
+# ----------------------------------------------------------------------------- input checks and fallbacks
+
+
+def _regression_la(**kwargs) -> SubnetLaplace:
+    """A fitted 2-weight linear regression (indices 0, 1) with δ = 1."""
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(12, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(12, generator=g, dtype=torch.float64)
+    return SubnetLaplace(
+        linear_net(torch.tensor([0.5, -1.0], dtype=torch.float64)), "regression", torch.arange(2), **kwargs
+    ).fit((X, y))
+
+
+def test_constructor_rejects_bad_settings(tanh_net):
+    """dtype, selection_options, subnetwork_size with indices and the indices' dtype/shape are checked up front."""
+    with pytest.raises(ValueError, match=r"dtype must be torch.float32 or torch.float64, got torch.float16"):
+        SubnetLaplace(tanh_net, dtype=torch.float16)
+    with pytest.raises(TypeError, match="selection_options must be a dict, got list"):
+        SubnetLaplace(tanh_net, selection_options=[("seed", 1)])
+    with pytest.raises(ValueError, match="subnetwork_size is only used with a strategy name; got indices"):
+        SubnetLaplace(tanh_net, "classification", torch.arange(3), subnetwork_size=3)
+    with pytest.raises(ValueError, match=r"1-D integer tensor, got torch.float32 \(2,\)"):
+        SubnetLaplace(tanh_net, "classification", torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"1-D integer tensor, got torch.int64 \(1, 2\)"):
+        SubnetLaplace(tanh_net, "classification", torch.tensor([[0, 1]]))
+    # int32 indices are accepted (and stored as int64)
+    la = SubnetLaplace(tanh_net, "classification", torch.tensor([4, 2], dtype=torch.int32))
+    assert la.subnetwork_indices.dtype == torch.int64 and la.subnetwork_indices.tolist() == [4, 2]
+
+
+def test_prior_mean_shape_and_unset_prior_precision(tanh_net):
+    """A prior mean of neither M nor P entries is refused; an unset δ raises until fit sets it."""
+    la = SubnetLaplace(tanh_net, "classification", torch.arange(3), prior_mean=torch.zeros(5))
+    with pytest.raises(ValueError, match=r"prior_mean must be a number, a \(3,\) tensor .* \(67,\) tensor .* \(5,\)"):
+        la.prior_mean
+    la = SubnetLaplace(tanh_net, "classification", torch.arange(3), prior_mean=torch.zeros(3, 1))
+    with pytest.raises(ValueError, match=r"got shape \(3, 1\)"):
+        la.prior_mean
+    la = SubnetLaplace(tanh_net, "classification", torch.arange(3), prior_mean=torch.tensor([1.0, 2.0, 3.0]))
+    assert la.prior_mean.tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(RuntimeError, match=r"prior_precision is not set: pass it, call fit\(\)"):
+        la.prior_precision
+
+
+class TwoRows(nn.Module):
+    """A plain network that returns two output rows per input (as a rank-1 network with K = 2 would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return torch.cat([h, 2 * h])
+
+
+def test_fit_needs_targets_and_one_row_per_input(tanh_net):
+    """fit() refuses unlabelled data and a network whose row count does not match its ensemble size."""
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"train_loader must yield \(x, y\) batches"):
+        SubnetLaplace(tanh_net, "classification", torch.arange(5), prior_precision=1.0).fit(x)
+    with pytest.raises(ValueError, match="the network gives 2 output rows per input, expected 1"):
+        SubnetLaplace(TwoRows().double(), "classification", torch.arange(5), prior_precision=1.0).fit((x, y))
+
+
+def test_log_marginal_likelihood_and_gridsearch_reject_bad_arguments():
+    """δ must be a number or a tensor (not a bool or a string); the grid must be 1-D, non-empty and positive;
+    gridsearch needs labelled validation data."""
+    la = _regression_la(prior_precision=1.0)
+    for bad, name in (("1.0", "str"), (True, "bool"), ([1.0], "list")):
+        with pytest.raises(TypeError, match=f"prior_precision must be a number or a tensor, got {name}"):
+            la.log_marginal_likelihood(bad)
+    assert la.log_marginal_likelihood(2).item() == pytest.approx(la.log_marginal_likelihood(2.0).item(), rel=1e-15)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    y = torch.randn(4, dtype=torch.float64)
+    for grid in ([], [1.0, -1.0], [1.0, 0.0], [[1.0, 2.0]]):
+        with pytest.raises(ValueError, match="grid must be a non-empty 1-D sequence of positive numbers"):
+            la.optimize_prior_precision("gridsearch", val_loader=(x, y), grid=grid)
+    with pytest.raises(ValueError, match=r"val_loader must yield \(x, y\) batches"):
+        la.optimize_prior_precision("gridsearch", val_loader=x, grid=[1.0])
+    assert la.prior_precision == 1.0  # left alone by the failed searches
+
+
+def test_marglik_refuses_an_unbounded_evidence():
+    """θ_MAP equal to the prior mean, or H = 0 on the subnetwork, makes log Z unbounded in δ: a clear error."""
+    g = torch.Generator().manual_seed(12)
+    X = torch.randn(10, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(10, generator=g, dtype=torch.float64)
+    net = linear_net(torch.tensor([0.7, -0.3], dtype=torch.float64))
+    theta = net.weight.detach().flatten().clone()
+    with pytest.raises(ValueError, match="grows without bound in delta: theta_MAP equals the prior mean"):
+        SubnetLaplace(net, "regression", torch.arange(2), prior_mean=theta).fit((X, y))
+    X[:, 0] = 0.0  # the first weight sees no input: no curvature
+    la = SubnetLaplace(net, "regression", torch.tensor([0]), prior_precision=1.0).fit((X, y))
+    assert la.H.abs().max().item() == 0.0
+    with pytest.raises(ValueError, match=r"grows without bound as delta -> 0: H is zero on the subnetwork"):
+        la.optimize_prior_precision("marglik")
+
+
+@pytest.mark.parametrize("scale,w", [(1e-7, 3.0), (1e140, 1e-115)], ids=["tiny-delta", "huge-delta"])
+def test_marglik_root_far_outside_the_initial_bracket(scale, w):
+    r"""For one weight the root of d log Z / d log δ is closed form, δ = 2λ / (λs + sqrt(λ²s² + 4λs)) (λ = H,
+    s = θ²); the bisection widens its bracket until it holds the root, e^-15.6 below it or e^529.6 above it,
+    and (where float64 steps in log δ exceed its 1e-13 tolerance) stops after its 200 steps."""
+    g = torch.Generator().manual_seed(13)
+    X = scale * (1 + torch.rand(10, 1, generator=g, dtype=torch.float64))
+    net = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        net.weight.fill_(w)
+    la = SubnetLaplace(net, "regression", torch.arange(1)).fit((X, torch.zeros(10, dtype=torch.float64)))
+    lam, s = (X**2).sum().item(), w * w
+    assert la.H.item() == pytest.approx(lam, rel=1e-12)
+    expected = 2 * lam / (lam * s + math.sqrt((lam * s) ** 2 + 4 * lam * s))
+    assert not math.exp(-10) < expected < math.exp(10)
+    assert la.prior_precision == pytest.approx(expected, rel=1e-9)
+
+
+def test_gridsearch_regression_with_cached_validation_jacobians():
+    """Regression gridsearch whose validation Jacobians fit the M²/4 cache: each δ's summed NLL equals that of
+    the exact Gaussian predictive N(x w, x Σ_δ xᵀ + σ²) of Bayesian linear regression, from one pass over the
+    validation data."""
+    g = torch.Generator().manual_seed(14)
+    d, sigma = 20, 0.5
+    X = torch.randn(25, d, generator=g, dtype=torch.float64)  # few examples: the epistemic variance matters
+    w_true = torch.randn(d, generator=g, dtype=torch.float64)
+    y = X @ w_true + sigma * torch.randn(25, generator=g, dtype=torch.float64)
+    mean, _ = ridge(X, y, sigma, 1.0)
+    la = SubnetLaplace(linear_net(mean), "regression", torch.arange(d), prior_precision=1.0, sigma_noise=sigma)
+    la.fit((X, y))
+    xv = torch.randn(5, d, generator=g, dtype=torch.float64)  # 5 rows x 20 columns = 100 = M²/4: cached
+    yv = xv @ w_true + sigma * torch.randn(5, generator=g, dtype=torch.float64)
+    grid = torch.tensor([1e-3, 1.0, 30.0, 1e3, 1e5], dtype=torch.float64)
+    expected = []
+    for delta in grid.tolist():
+        _, cov = ridge(X, y, sigma, delta)
+        var = ((xv @ cov) * xv).sum(-1) + sigma**2
+        expected.append(-torch.distributions.Normal(xv @ mean, var.sqrt()).log_prob(yv).sum())
+    expected = torch.stack(expected)
+    val = DataLoader(TensorDataset(xv, yv), batch_size=2)
+    jacobian_blocks_of = la._jac.blocks
+    calls = []
+    la._jac.blocks = lambda x: calls.append(x.shape[0]) or jacobian_blocks_of(x)
+    torch.testing.assert_close(la._grid_nll(val, grid), expected, rtol=1e-10, atol=1e-10)
+    assert calls == [2, 2, 1]  # one pass over the validation batches, not one per δ: the blocks were cached
+    best = int(expected.argmin())
+    assert 0 < best < len(grid) - 1  # an interior minimum: not what an all-zero or all-equal NLL would give
+    assert la.optimize_prior_precision("gridsearch", val_loader=val, grid=grid.tolist()) == grid[best].item()
+
+
+def test_eigenvalue_fallbacks_keep_the_exact_evidence(linreg, monkeypatch):
+    """If eigvalsh fails on H (simulated: it refuses matrices with a zero row, a weight without curvature), the
+    eigenvalues of the block of nonzero rows plus zeros are used, and if it fails on that block too, its
+    singular values: either way log Z(δ) is the exact evidence log N(y | 0, σ²I + X Xᵀ/δ). An H without nonzero
+    rows has eigenvalues 0."""
+    X, y, sigma, delta = linreg
+    X = X.clone()
+    X[:, 1] = 0.0
+    mean, _ = ridge(X, y, sigma, delta)
+    expected = exact_log_evidence(X, y, sigma, delta)
+    real = torch.linalg.eigvalsh
+    calls = []
+
+    def fails_on_zero_rows(A, *args, **kwargs):
+        calls.append(A.shape[0])
+        if bool((A == 0).all(0).any()):
+            raise torch.linalg.LinAlgError("simulated: failed to converge")
+        return real(A, *args, **kwargs)
+
+    def always_fails(A, *args, **kwargs):
+        calls.append(A.shape[0])
+        raise torch.linalg.LinAlgError("simulated: failed to converge")
+
+    for fake, tried in ((fails_on_zero_rows, [4, 3]), (always_fails, [4, 3])):
+        calls.clear()
+        monkeypatch.setattr(torch.linalg, "eigvalsh", fake)
+        la = SubnetLaplace(linear_net(mean), "regression", torch.arange(4), prior_precision=delta, sigma_noise=sigma)
+        la.fit((X, y))
+        assert la.log_marginal_likelihood().item() == pytest.approx(expected, rel=1e-10)
+        assert calls == tried  # H, then its 3 x 3 block of nonzero rows
+        monkeypatch.setattr(torch.linalg, "eigvalsh", real)
+        reference = torch.linalg.eigvalsh(la.H).clamp_min(0.0)
+        torch.testing.assert_close(la._eigenvalues().sort().values, reference, rtol=1e-10, atol=1e-10)
+    # H = 0 (only the weight without curvature) and eigvalsh failing: all eigenvalues 0, log Z = log p(y | θ) - δθ²/2
+    calls.clear()
+    monkeypatch.setattr(torch.linalg, "eigvalsh", always_fails)
+    la = SubnetLaplace(linear_net(mean), "regression", torch.tensor([1]), prior_precision=delta, sigma_noise=sigma)
+    la.fit((X, y))
+    loglik = torch.distributions.Normal(X @ mean, sigma).log_prob(y).sum().item()
+    assert la.log_marginal_likelihood().item() == pytest.approx(loglik - 0.5 * delta * mean[1].item() ** 2, rel=1e-12)
+    assert calls == [1] and la._eigenvalues().tolist() == [0.0]
+
+
+def test_cholesky_of_a_torch_that_does_not_factor_in_place(linreg, monkeypatch):
+    """If cholesky_ex returns the factor in a new tensor instead of writing it into ``out``, it is copied into
+    the buffer: the covariance is still the exact (XᵀX/σ² + δI)⁻¹."""
+    X, y, sigma, delta = linreg
+    mean, cov = ridge(X, y, sigma, delta)
+    real = torch.linalg.cholesky_ex
+
+    def not_in_place(A, *, out=None, **kwargs):
+        return real(A.clone(), **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", not_in_place)
+    la = SubnetLaplace(linear_net(mean), "regression", torch.arange(4), prior_precision=delta, sigma_noise=sigma)
+    la.fit((X, y))
+    torch.testing.assert_close(la.posterior_covariance, cov, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_cholesky_failure_names_its_remedies():
+    """H + δI that is singular in float32 (two identical large input columns, δ below H's float32 resolution)
+    raises LinAlgError naming dtype and δ; in float64 the same posterior factors and equals the exact inverse."""
+    g = torch.Generator().manual_seed(15)
+    X = 1e4 * torch.randn(20, 1, generator=g, dtype=torch.float64).repeat(1, 2)
+    y = torch.randn(20, generator=g, dtype=torch.float64)
+    net = linear_net(torch.tensor([0.1, 0.2], dtype=torch.float64))
+    la = SubnetLaplace(net, "regression", torch.arange(2), prior_precision=1.0, dtype=torch.float32).fit((X, y))
+    with pytest.raises(
+        torch.linalg.LinAlgError,
+        match=r"H \+ 1 I is not positive definite in torch.float32 \(leading minor 2\): use dtype=torch.float64",
+    ):
+        la.posterior_covariance
+    la64 = SubnetLaplace(net, "regression", torch.arange(2), prior_precision=1.0).fit((X, y))
+    exact = torch.linalg.inv(X.T @ X + torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(la64.posterior_covariance, exact, rtol=1e-6, atol=0)
+
+
+def test_loading_checks_saved_h_and_dtype():
+    """A saved H of the wrong shape and a saved dtype other than float32/float64 are refused; a dtype given as a
+    torch.dtype override is used as is."""
+    la = _regression_la(prior_precision=1.0)
+    state = la.state_dict()
+    bad = copy.deepcopy(state)
+    bad["state"]["H"] = torch.zeros(3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"saved H must be a \(2, 2\) tensor"):
+        SubnetLaplace.from_state_dict(la.model, bad)
+    bad["state"]["H"] = [[1.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match=r"saved H must be a \(2, 2\) tensor"):
+        SubnetLaplace.from_state_dict(la.model, bad)
+    bad = copy.deepcopy(state)
+    bad["settings"]["dtype"] = "float16"
+    with pytest.raises(ValueError, match="saved dtype must be 'float32' or 'float64', got 'float16'"):
+        SubnetLaplace.from_state_dict(la.model, bad)
+    loaded = SubnetLaplace.from_state_dict(la.model, state, dtype=torch.float32)
+    assert loaded.dtype == torch.float32 and loaded.H.dtype == torch.float32
+    torch.testing.assert_close(loaded.H, la.H.float())
+    torch.testing.assert_close(loaded.posterior_covariance, la.posterior_covariance, rtol=1e-5, atol=1e-7)
+
+
+class Branchy(nn.Module):
+    """Data-dependent Python control flow (cannot be vmapped over examples) and a parameter without a layer rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h * self.scale if h.sum() > 0 else h / self.scale
+
+
+def test_jacobians_of_a_network_that_cannot_be_vmapped():
+    """supports_per_example is False for data-dependent control flow, and reverse mode then takes jacrev of
+    sub-batches: the columns equal the dense jacrev Jacobian."""
+    torch.manual_seed(16)
+    net = Branchy().double()
+    f = FlatFunctional(net)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert not supports_per_example(f, x)
+    out, J = jacobian_columns(f, x, mode="reverse")
+    torch.testing.assert_close(J, f.jacobian(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, net(x))
+
+
+def test_jacobian_blocks_and_empty_batches():
+    """jacobian_blocks yields consecutive (start, out, J) sub-batches that tile the dense Jacobian; an empty or
+    0-d x is refused."""
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    f = FlatFunctional(net)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    idx = torch.tensor([0, 3, 9, 21, 30, 40])
+    blocks = list(jacobian_blocks(f.restrict(idx), x, mode="forward", max_elements=3 * 3 * 6))
+    assert [start for start, _, _ in blocks] == [0, 3, 6]
+    assert [J.shape for _, _, J in blocks] == [(1, 3, 3, 6), (1, 3, 3, 6), (1, 1, 3, 6)]
+    torch.testing.assert_close(torch.cat([J[0] for _, _, J in blocks]), f.jacobian(x)[..., idx], rtol=1e-10, atol=0)
+    torch.testing.assert_close(torch.cat([o[0] for _, o, _ in blocks]), net(x))
+    for bad in (torch.empty(0, 4, dtype=torch.float64), torch.tensor(1.0), [[1.0] * 4]):
+        with pytest.raises(ValueError, match=r"x must be a non-empty batch \(B, \.\.\.\)"):
+            next(jacobian_blocks(f, bad))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_a_zero_input_linear_layer_gets_its_bias_columns_by_the_layer_rule():
+    """A Linear with no inputs has a zero-element weight: the reverse layer rule plans no part for it and gives
+    the bias columns (no entry left to jacrev), equal to the dense jacrev ones (this crashed on a reshape before)."""
+    torch.manual_seed(17)
+    net = nn.Sequential(nn.Linear(0, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        net[0].bias.uniform_(-1, 1)
+    f = FlatFunctional(net)
+    assert f.num_params == 3 + 6 + 2
+    x = torch.zeros(4, 0, dtype=torch.float64)
+    columns = JacobianColumns(f, mode="reverse", per_example=False)
+    out, J = columns(x)
+    assert [(path, kind, [attr for _, _, attr in parts]) for path, _, kind, parts in columns.layers] == [
+        ("0", "linear", ["bias"]),
+        ("2", "linear", ["weight", "bias"]),
+    ]
+    assert columns.generic is None
+    torch.testing.assert_close(J, f.jacobian(x), rtol=1e-10, atol=1e-12)
+    assert J[..., :3].abs().sum() > 0  # the first layer's bias does move the outputs
+
+
+def test_ggn_rejects_bad_arguments():
+    """ggn checks σ > 0, a floating accumulation dtype, integer class labels and non-empty data."""
+    net = nn.Sequential(nn.Linear(4, 3)).double()
+    f = FlatFunctional(net)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for sigma in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="sigma_noise must be > 0, got"):
+            ggn(f, x, "regression", sigma_noise=sigma)
+    with pytest.raises(TypeError, match="dtype must be a floating dtype, got torch.int64"):
+        ggn(f, x, "classification", dtype=torch.int64)
+    for y in (torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0]), torch.tensor([True, False, True, False, True])):
+        with pytest.raises(TypeError, match=f"class labels must be integers, got dtype {y.dtype}"):
+            ggn(f, (x, y), "classification")
+    with pytest.raises(ValueError, match="data is empty"):
+        ggn(f, [], "classification")
+    # float32 accumulation of a float64 network: the same H, rounded
+    torch.testing.assert_close(
+        ggn(f, x, "classification", dtype=torch.float32).matrix, softmax_ggn_dense(f, x).float(), rtol=1e-5, atol=1e-6
+    )

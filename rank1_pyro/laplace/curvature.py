@@ -375,7 +375,7 @@ class JacobianColumns:
             g, inp = grads[path], plain.inputs[path]
             if kind == "linear":
                 g = g.reshape(O, R, -1, g.shape[-1])  # (O, R, L, out)
-                inp = inp.reshape(R, -1, inp.shape[-1])  # (R, L, in)
+                inp = inp.reshape(R, g.shape[2], inp.shape[-1])  # (R, L, in); L explicit: in may be 0
             else:
                 g = g.reshape(O, R, g.shape[2], -1).transpose(-1, -2)  # (O, R, L, C_out)
                 inp = F.unfold(inp, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
