@@ -123,6 +123,35 @@ def test_a_mutation_rerun_needs_the_last_run_of_the_same_module(tmp_path, monkey
         tool.run_module("rank1_pyro/priors.py", 1, rerun=True)
 
 
+def test_the_mutation_table_has_every_core_module_and_marks_stale_results(tmp_path, monkeypatch):
+    """A core module without a kept result reads "not run yet"; a result kept for another version of
+    its module is marked stale; branch coverage comes from the kept coverage numbers."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("mutants_tool", ROOT / "tools" / "mutants.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(tool, "RESULTS", tmp_path / "mutants")
+    monkeypatch.setattr(tool, "COVERAGE", tmp_path / "coverage.json")
+    (tmp_path / "mutants").mkdir()
+    (tmp_path / "coverage.json").write_text(
+        json.dumps({"note": "", "modules": {"rank1_pyro/priors.py": {"percent": 97.25}}})
+    )
+    kept = {"module": "rank1_pyro/priors.py", "tests": ["tests/test_priors.py"], "generated": 10, "killed": 8}
+    kept |= {"equivalent": ["m1"], "surviving": ["m2"], "score": 8 / 9}
+    for version, digest in [("current", tool._digest(ROOT / "rank1_pyro" / "priors.py")), ("older", "0" * 64)]:
+        (tmp_path / "mutants" / "rank1_pyro.priors.json").write_text(json.dumps(kept | {"source_sha256": digest}))
+        rows = {line.split(" | ")[0][3:-1]: line for line in tool.table().splitlines()[2:]}
+        assert set(rows) == set(tool._core_modules())
+        stale = " (stale)" if version == "older" else ""
+        assert (
+            rows["rank1_pyro/priors.py"]
+            == f"| `rank1_pyro/priors.py` | test_priors.py | 10 | 8 | 1 | 1 | 88.9%{stale} | 97.2% |"
+        )
+    assert rows["rank1_pyro/layers.py"].endswith("| not run yet | | | | | – |")
+
+
 def test_the_mutation_table_is_the_kept_results():
     """docs/testing.md's table is generated from docs/results/mutants/*.json (tools/mutants.py --table --write)."""
     import importlib.util

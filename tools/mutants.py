@@ -171,6 +171,7 @@ def run_module(module: str, max_children: int, rerun: bool = False, resume: bool
         "surviving": real,
         "no_tests": uncovered,
         "score": killed / counted if counted else 1.0,
+        "source_sha256": _digest(work / module),  # the table marks the result stale once the module changes
         "mutmut": stats,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -199,21 +200,44 @@ COVERAGE = ROOT / "docs" / "results" / "coverage.json"
 
 
 def table() -> str:
-    """Markdown table of every kept result (docs/testing.md), with each module's branch coverage by the
-    whole suite where ``make coverage`` kept it (``tools/coverage_table.py --write``)."""
+    """Markdown table of every kept result and every core module (docs/testing.md), with each module's
+    branch coverage by the whole suite where ``make coverage`` kept it (``tools/coverage_table.py --write``)."""
     covered = json.loads(COVERAGE.read_text())["modules"] if COVERAGE.exists() else {}
     rows = [
         "| module | tests | mutants | killed | equivalent | surviving | score | branch coverage |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for path in sorted(RESULTS.glob("*.json")):
-        r = json.loads(path.read_text())
-        cov = f"{covered[r['module']]['percent']:.1f}%" if r["module"] in covered else "–"
+    results = {r["module"]: r for r in (json.loads(p.read_text()) for p in RESULTS.glob("*.json"))}
+    for module in sorted(set(results) | set(_core_modules())):
+        cov = f"{covered[module]['percent']:.1f}%" if module in covered else "–"
+        if module not in results:
+            rows.append(
+                f"| `{module}` | {', '.join(Path(t).name for t in module_tests(module))} | not run yet | | | | | {cov} |"
+            )
+            continue
+        r = results[module]
+        stale = "source_sha256" in r and r["source_sha256"] != _digest(ROOT / module)
         rows.append(
-            f"| `{r['module']}` | {', '.join(Path(t).name for t in r['tests'])} | {r['generated']} | {r['killed']} | "
-            f"{len(r['equivalent'])} | {len(r['surviving'])} | {r['score']:.1%} | {cov} |"
+            f"| `{module}` | {', '.join(Path(t).name for t in r['tests'])} | {r['generated']} | {r['killed']} | "
+            f"{len(r['equivalent'])} | {len(r['surviving'])} | {r['score']:.1%}{' (stale)' if stale else ''} | {cov} |"
         )
     return "\n".join(rows)
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _core_modules() -> tuple[str, ...]:
+    """The core modules of the goal (``CORE`` of tools/coverage_table.py): each gets a row, run or not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("coverage_table", Path(__file__).with_name("coverage_table.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.CORE
 
 
 PAGE = ROOT / "docs" / "testing.md"
