@@ -125,7 +125,8 @@ def test_a_mutation_rerun_needs_the_last_run_of_the_same_module(tmp_path, monkey
 
 def test_the_mutation_table_has_every_core_module_and_marks_stale_results(tmp_path, monkeypatch):
     """A core module without a kept result reads "not run yet"; a result kept for another version of
-    its module is marked stale; branch coverage comes from the kept coverage numbers."""
+    its module is marked stale, one of a run not finished partial; branch coverage comes from the
+    kept coverage numbers."""
     import importlib.util
     import json
 
@@ -150,6 +151,8 @@ def test_the_mutation_table_has_every_core_module_and_marks_stale_results(tmp_pa
             == f"| `rank1_pyro/priors.py` | test_priors.py | 10 | 8 | 1 | 1 | 88.9%{stale} | 97.2% |"
         )
     assert rows["rank1_pyro/layers.py"].endswith("| not run yet | | | | | – |")
+    (tmp_path / "mutants" / "rank1_pyro.priors.json").write_text(json.dumps(kept | {"not_checked": 4}))  # --progress
+    assert "| 88.9% (partial: 6 checked) | 97.2% |" in tool.table()
 
 
 def test_the_mutation_table_is_the_kept_results():

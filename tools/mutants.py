@@ -3,6 +3,7 @@
     python tools/mutants.py rank1_pyro/metrics.py             # one module (make mutants MODULE=...)
     python tools/mutants.py rank1_pyro/metrics.py --rerun     # only the last run's survivors, after adding tests
     python tools/mutants.py rank1_pyro/metrics.py --resume    # go on with an interrupted run
+    python tools/mutants.py rank1_pyro/metrics.py --progress  # keep a run's counts so far, as a partial result
     python tools/mutants.py --changed                         # the modules changed since main (make mutants-changed)
     python tools/mutants.py --table                           # docs/testing.md's table from the kept results
 
@@ -114,19 +115,26 @@ def _rerun_names(work: Path, module: str) -> list[str]:
     return sorted(n for n in names if n not in known)
 
 
-def run_module(module: str, max_children: int, rerun: bool = False, resume: bool = False) -> dict:
+def run_module(
+    module: str, max_children: int, rerun: bool = False, resume: bool = False, progress: bool = False
+) -> dict:
     """Run mutmut on ``module`` in its scratch copy; returns (and keeps) the counts.
 
     ``rerun``: run again only the mutants the last run left surviving, run by no test or timed out,
     against the current tests, in the scratch copy of the last run (the module itself unchanged):
     minutes after adding tests, where a full run takes most of an hour. ``resume``: go on with an
-    interrupted run in its scratch copy (the mutants not checked yet), against the current tests."""
+    interrupted run in its scratch copy (the mutants not checked yet), against the current tests.
+    ``progress``: run nothing; keep the counts of the run under way (or interrupted) so far, marked
+    partial (the table says how many mutants were checked), to be completed by ``resume``."""
     if not (ROOT / module).is_file():
         raise SystemExit(f"no such module: {module}")
     tests = module_tests(module)
     work = SCRATCH / Path(module).with_suffix("").as_posix().replace("/", ".")
     names = []
-    if rerun or resume:
+    if progress:
+        if not (work / "mutants").is_dir():
+            raise SystemExit(f"{module}: no run under way or interrupted")
+    elif rerun or resume:
         if not (work / "mutants").is_dir() or (rerun and not _result_file(module).is_file()):
             raise SystemExit(f"{module}: no earlier run to {'rerun' if rerun else 'resume'}; run it in full first")
         if (work / module).read_text() != (ROOT / module).read_text():
@@ -141,7 +149,7 @@ def run_module(module: str, max_children: int, rerun: bool = False, resume: bool
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     mutmut = [sys.executable, "-m", "mutmut"]
     print(f"{module}: mutating with {', '.join(tests)} in {work.relative_to(ROOT)}", flush=True)
-    if names or not rerun:
+    if not progress and (names or not rerun):
         # mutmut's progress display, kept out of the terminal
         with open(work / "mutmut.log", "a" if rerun or resume else "w") as log:
             subprocess.run(
@@ -160,8 +168,9 @@ def run_module(module: str, max_children: int, rerun: bool = False, resume: bool
     known = equivalent(module)
     real = [m for m in survived + uncovered if m not in known]
     generated = int(stats.get("total", 0))
+    not_checked = len(_names(listing, "not checked"))
     killed = int(stats.get("killed", 0)) + int(stats.get("timeout", 0))
-    counted = generated - len([m for m in known if m in survived + uncovered])
+    counted = generated - not_checked - len([m for m in known if m in survived + uncovered])
     result = {
         "module": module,
         "tests": tests,
@@ -170,6 +179,7 @@ def run_module(module: str, max_children: int, rerun: bool = False, resume: bool
         "equivalent": sorted(m for m in known if m in survived + uncovered),
         "surviving": real,
         "no_tests": uncovered,
+        "not_checked": not_checked,  # > 0: a partial result (--progress), completed by --resume
         "score": killed / counted if counted else 1.0,
         "source_sha256": _digest(work / module),  # the table marks the result stale once the module changes
         "mutmut": stats,
@@ -178,7 +188,9 @@ def run_module(module: str, max_children: int, rerun: bool = False, resume: bool
     _result_file(module).write_text(json.dumps(result, indent=1) + "\n")
     print(
         f"{module}: {generated} mutants, {killed} killed, {len(result['equivalent'])} equivalent, "
-        f"{len(real)} surviving -> score {result['score']:.1%}"
+        f"{len(real)} surviving"
+        + (f", {not_checked} not checked yet" if not_checked else "")
+        + f" -> score {result['score']:.1%}"
     )
     for name in real:
         print(f"  surviving: {name}   (inspect: cd {work.relative_to(ROOT)} && python -m mutmut show {name})")
@@ -217,9 +229,10 @@ def table() -> str:
             continue
         r = results[module]
         stale = "source_sha256" in r and r["source_sha256"] != _digest(ROOT / module)
+        partial = f" (partial: {r['generated'] - r['not_checked']} checked)" if r.get("not_checked") else ""
         rows.append(
             f"| `{module}` | {', '.join(Path(t).name for t in r['tests'])} | {r['generated']} | {r['killed']} | "
-            f"{len(r['equivalent'])} | {len(r['surviving'])} | {r['score']:.1%}{' (stale)' if stale else ''} | {cov} |"
+            f"{len(r['equivalent'])} | {len(r['surviving'])} | {r['score']:.1%}{partial}{' (stale)' if stale else ''} | {cov} |"
         )
     return "\n".join(rows)
 
@@ -262,6 +275,9 @@ def main(argv=None) -> int:
         "--rerun", action="store_true", help="run only the last run's surviving mutants again (after adding tests)"
     )
     parser.add_argument("--resume", action="store_true", help="go on with an interrupted run of the module")
+    parser.add_argument(
+        "--progress", action="store_true", help="keep the counts of a run under way, as a partial result"
+    )
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant runs (default 2)")
     args = parser.parse_args(argv)
     if args.table:
@@ -273,7 +289,7 @@ def main(argv=None) -> int:
     if not modules:
         print("nothing to mutate" + (" (no module changed since main)" if args.changed else ": name a module"))
         return 0
-    results = [run_module(m, args.max_children, args.rerun, args.resume) for m in modules]
+    results = [run_module(m, args.max_children, args.rerun, args.resume, args.progress) for m in modules]
     return 0 if all(r["score"] >= 0.9 for r in results) else 1
 
 
