@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from rank1_pyro import DeltaGuide, mlp, rank1_mlp
+from rank1_pyro import DeltaGuide, Rank1Linear, Rank1Model, mlp, rank1_mlp
 from rank1_pyro.inference import predict
 from rank1_pyro.laplace import FlatFunctional, ProjectedPosterior, rank1_point_network
 
@@ -405,7 +405,10 @@ def test_state_dict_and_repr_follow_the_fitted_state():
     micro-batches the number of saved draws it can predict with."""
     net, x, _ = small_problem()
     post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=4, num_iterations=5)
-    assert repr(post).endswith(", unfitted)")
+    assert repr(post) == (
+        "ProjectedPosterior(num_params=59, likelihood='categorical', kind='output', solver='cg', "
+        "predictive='linearized', num_iterations=5, micro_batch_size=4, unfitted)"
+    )
     with pytest.raises(RuntimeError, match=r"^call fit\(train_data\) first$"):
         post.state_dict()
     post.fit(x)
@@ -433,6 +436,117 @@ def test_rank1_regression_takes_the_noise_scale_of_the_model():
     assert pred.shape == (3, 2, 4, 2) and not pred.requires_grad  # no graph back to the model's noise parameter
     torch.testing.assert_close(pred[..., 1], torch.full((3, 2, 4), 0.09, dtype=torch.float64))
     torch.testing.assert_close(pred[..., 0], post.sample_outputs(x, 3).squeeze(-1))
+
+
+def test_gearhart_koshy_step_is_skipped_at_the_rounding_threshold():
+    """The over-relaxation step is taken only while ||d||² > eps ||x||² (d = x - Tx), per vector.
+    f(θ, x) = xᵀθ with micro-batches e_1 and e_1 + e_2 makes one sweep exact in float64: for
+    x = (1, -2, c) with ||c||² = 2^52 - 5 (so eps ||x||² = 1 = ||d||², d = (0, -1, 0)) the step is
+    skipped and the result is the plain sweep Tx = (1, -1, c); for x = (1, -2, 0), far above the
+    threshold, it is the point of the line x - t d nearest to 𝒫x = 0, t = <x, d>/||d||² = 2: (1, 0, 0)."""
+    net = nn.Linear(5, 1, bias=False).double()
+    x = torch.tensor([[1.0, 0, 0, 0, 0], [1.0, 1.0, 0, 0, 0]], dtype=torch.float64)
+    post = ProjectedPosterior(
+        net, "normal", alpha=1.0, noise_scale=1.0, micro_batch_size=1, solver="alternating", num_iterations=1
+    ).fit(x)
+    c = [-67108863.0, -11561.0, -749.0]  # (2^26 - 1)² + 11561² + 749² = 2^52 - 5, each square exact
+    v = torch.tensor([[1.0, -2.0, *c], [1.0, -2.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert v[0].pow(2).sum().item() == 2.0**52 and torch.finfo(torch.float64).eps * 2.0**52 == 1.0
+    expected = torch.tensor([[1.0, -1.0, *c], [1.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.equal(post.project(v), expected)
+
+
+def test_conjugate_gradients_stop_each_vector_at_the_residual_floor():
+    """CG stops a vector once ||r||² <= eps^1.5 ||v||² (r = (TᵀT - I) x), keeps a stopped vector fixed
+    while the others go on, and ends as soon as all are stopped. With f(θ, x) = xᵀθ and the one example
+    e_1, v = (1, 2^39) sits exactly on the floor (||r||² = 1 = eps^1.5 fl(1 + 2^78)) and is returned as
+    given, while (1, 1) reaches its projection (0, 1) in one iteration, after which CG ends."""
+    net = nn.Linear(2, 1, bias=False).double()
+    x = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    post = ProjectedPosterior(net, "normal", alpha=1.0, noise_scale=1.0, micro_batch_size=1, num_iterations=5).fit(x)
+    v = torch.tensor([[1.0, 2.0**39], [1.0, 1.0]], dtype=torch.float64)
+    assert torch.finfo(torch.float64).eps ** 1.5 * v[0].pow(2).sum().item() == 1.0
+    assert torch.equal(post.project(v), torch.tensor([[1.0, 2.0**39], [0.0, 1.0]], dtype=torch.float64))
+    assert post.convergence.shape == (2,)  # before and after the one iteration
+
+
+def test_conjugate_gradients_stop_when_the_residual_reaches_the_floor():
+    """A vector is done as soon as an iteration brings ||r||² down to eps^1.5 ||v||², ties included.
+    Micro-batches e_1 and e_1 + e_2 of f(θ, x) = xᵀθ, v = (1, 2, c) with c in the null space: the first
+    CG step is x_1 = v + (4/3) r_0, r_0 = (-1, -1, 0), leaving ||r_1||² = 2/9 (rounded), and c is chosen
+    so that eps^1.5 ||v||² is that same double; CG then stops after this one iteration."""
+    c = [63270843.0 * 2.0**12, 9738.0 * 2.0**12, 120.0 * 2.0**12, 9.0 * 2.0**12]  # ||c||² = 2^78 fl(2/9)
+    v = torch.tensor([[1.0, 2.0, *c]], dtype=torch.float64)
+    r0, ad = torch.tensor([-1.0, -1.0], dtype=torch.float64), torch.tensor([-1.0, -0.5], dtype=torch.float64)
+    step = r0.pow(2).sum() / (r0 * ad).sum()  # rr / (dᵀ A d) = 2 / 1.5
+    assert torch.finfo(torch.float64).eps ** 1.5 * v.pow(2).sum() == (r0 - step * ad).pow(2).sum()
+    net = nn.Linear(6, 1, bias=False).double()
+    x = torch.zeros(2, 6, dtype=torch.float64)
+    x[0, 0], x[1, :2] = 1.0, 1.0
+    post = ProjectedPosterior(net, "normal", alpha=1.0, noise_scale=1.0, micro_batch_size=1, num_iterations=5).fit(x)
+    projected = post.project(v)
+    assert post.convergence.shape == (2,)
+    torch.testing.assert_close(projected[0, :2], torch.tensor([-1 / 3, 2 / 3], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert torch.equal(projected[0, 2:], v[0, 2:])
+
+
+@pytest.mark.parametrize(("solver", "iterations", "tol"), [("cg", 100, 1e-8), ("alternating", 40, 1e-2)])
+def test_each_vector_is_projected_on_its_own_scale(solver, iterations, tol):
+    """The solvers' step and stopping rules are relative to each vector's own norm: a vector stacked
+    next to one 1e14 times larger projects as it does alone, and ±v scaled by 1e-8 or 1e16 projects to
+    the same multiple of its projection (not left unprojected), all close to the dense SVD projector."""
+    net, x, J = small_problem(num_examples=6)
+    exact = null_space_projector(J)
+    post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=3, solver=solver, num_iterations=iterations).fit(x)
+    v = torch.randn(2, 59, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    alone = post.project(v)
+    assert relative_error(alone, v @ exact) < tol
+    stacked = post.project(torch.stack([1e14 * v[0], v[1]]))
+    assert relative_error(stacked[1], alone[1]) < 1e-9
+    assert relative_error(stacked[0] / 1e14, alone[0]) < 1e-9
+    assert relative_error(post.project(1e-8 * v) / 1e-8, alone) < 1e-9
+    big = post.project(1e16 * torch.cat([v, -v])) / 1e16  # ±: whatever the sign of a cubic term
+    assert relative_error(big, torch.cat([alone, -alone])) < 1e-9
+
+
+def test_regression_noise_variance_is_exact_in_the_output_dtype():
+    """The Gaussian predictive's variance is the noise scale squared in the outputs' dtype: exactly
+    0.3² in float64 for noise_scale=0.3 (not 0.3 rounded to float32 and squared), and for a rank-1
+    network with a fixed noise scale, the model's (float32) noise_scale() cast to float64, then squared."""
+    net = nn.Linear(2, 1).double()
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    post = ProjectedPosterior(net, "normal", alpha=1.0, noise_scale=0.3, micro_batch_size=3, num_iterations=5).fit(x)
+    assert torch.equal(post.sample_predictions(x, 2)[..., 1], torch.full((2, 1, 3), 0.3**2, dtype=torch.float64))
+    torch.manual_seed(0)
+    model = Rank1Model(
+        nn.Sequential(Rank1Linear(2, 3, ensemble_size=2), nn.Tanh(), Rank1Linear(3, 1, ensemble_size=2)),
+        likelihood="normal",
+        noise_scale=0.3,
+    ).double()
+    rank1 = rank1_point_network(model, DeltaGuide(model, init_loc_std=0.3).double())
+    names = [n for n, _ in rank1.named_parameters() if n.startswith("factors.")]
+    post = ProjectedPosterior(rank1, "normal", param_names=names, alpha=1.0, micro_batch_size=3, num_iterations=5)
+    variance = post.fit(x).sample_predictions(x, 2)[..., 1]
+    scale = float(torch.tensor(0.3, dtype=torch.float32))  # 0.30000001192092896
+    assert variance.dtype == torch.float64 and torch.equal(
+        variance, torch.full((2, 2, 3), scale**2, dtype=torch.float64)
+    )
+
+
+def test_noise_is_drawn_on_the_model_device_whatever_the_default_device():
+    """With another default device (here ``meta``, as after torch.set_default_device("cuda") with a CPU
+    model) the noise ε and the Gaussian variance are still made on the model's device: sample() gives
+    θ* + α^{-1/2} 𝒫ε for ε drawn from the CPU generator, and predictions are real numbers on the CPU."""
+    net = nn.Linear(2, 1).double()
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    post = ProjectedPosterior(net, "normal", alpha=4.0, noise_scale=0.5, micro_batch_size=3, num_iterations=5).fit(x)
+    eps = torch.randn(2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = post.theta_map + post.project(eps) / 2.0
+    with torch.device("meta"):
+        theta = post.sample(2, generator=torch.Generator().manual_seed(1))
+        pred = post.sample_predictions(x, 2)
+    assert theta.device.type == "cpu" and torch.equal(theta, expected)
+    assert pred.device.type == "cpu" and torch.equal(pred[..., 1], torch.full((2, 1, 3), 0.25, dtype=torch.float64))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
