@@ -106,7 +106,11 @@ def test_projected_round_trip_with_and_without_micro_batches(tmp_path):
     assert torch.equal(draws.sample_predictions(x_new, 3), before[:3])
     with pytest.raises(RuntimeError, match="holds 5 saved draws"):
         draws.sample_predictions(x_new, 6)
-    with pytest.raises(RuntimeError, match="loaded without its micro-batches"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^this projected posterior was loaded without its micro-batches: it predicts with its 5 saved draws "
+        r"and cannot project; call fit\(train_data\) to project again$",
+    ):
         draws.project(v)
     draws.save(tmp_path / "again.pt")  # a draws-only posterior saves again
     assert torch.equal(ProjectedPosterior.load(tmp_path / "again.pt", net).sample_predictions(x_new, 5), before)

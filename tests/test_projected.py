@@ -262,7 +262,7 @@ def test_errors():
     post = ProjectedPosterior(net, alpha=1.0)
     with pytest.raises(RuntimeError, match="fit"):
         post.sample(2)
-    with pytest.raises(ValueError, match="targets"):
+    with pytest.raises(ValueError, match=r"^kind='loss' needs targets: pass \(x, y\) batches to fit\(\)$"):
         ProjectedPosterior(net, kind="loss", alpha=1.0).fit(torch.randn(4, 3))
     post.fit(torch.randn(4, 3))
     with pytest.raises(ValueError, match="vectors must have shape"):
@@ -391,6 +391,45 @@ def test_loss_projection_checks_targets_against_outputs():
     torch.testing.assert_close(post.fit((x, y[:, None])).project(eye), flat, rtol=0, atol=1e-12)
 
 
+class _TwoRows(nn.Module):
+    """Reshapes ``(K·B, 4)`` hidden units into ``(2·K·B, 2)`` outputs: two rows per member and example."""
+
+    def forward(self, h):
+        return h.reshape(-1, 2)
+
+
+def test_loss_projection_refuses_a_rank1_network_with_extra_rows():
+    """A rank-1 point network whose output rows are not K per example (here 2K) is refused for
+    kind="loss" with the rows-for-targets message, instead of tiling the targets K times."""
+    torch.manual_seed(0)
+    model = Rank1Model(nn.Sequential(Rank1Linear(3, 4, ensemble_size=2), _TwoRows())).double()
+    net = rank1_point_network(model, DeltaGuide(model, init_loc_std=0.3).double())
+    x = torch.randn(3, 3, dtype=torch.float64)
+    assert net(x).shape == (12, 2)
+    post = ProjectedPosterior(net, kind="loss", alpha=1.0, micro_batch_size=3)
+    with pytest.raises(ValueError, match=r"^the network gives 12 output rows for 3 targets$"):
+        post.fit((x, torch.tensor([0, 1, 0])))
+
+
+def test_loss_projection_checks_labels_only_for_the_default_categorical_loss():
+    """kind="loss" with the default categorical loss refuses a label outside [0, C) with the label
+    check's message; a custom loss_fn on one-hot (float) targets is not label-checked, and since its
+    gradients equal those of the integer labels, it projects as the default loss does."""
+    net, x, _ = small_problem(num_examples=6)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match=r"^data: labels out of range: expected 0\.\.2, got min 0, max 3$"):
+        ProjectedPosterior(net, kind="loss", alpha=1.0).fit((x, torch.tensor([0, 1, 3, 0, 1, 2])))
+    default = ProjectedPosterior(net, kind="loss", alpha=1.0, micro_batch_size=3, num_iterations=50).fit((x, y))
+
+    def soft(out, target):
+        return F.cross_entropy(out, target, reduction="none")
+
+    custom = ProjectedPosterior(net, kind="loss", alpha=1.0, micro_batch_size=3, num_iterations=50, loss_fn=soft)
+    custom.fit((x, F.one_hot(y, 3).double()))
+    v = torch.randn(3, 59, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(custom.project(v), default.project(v), rtol=0, atol=1e-10)
+
+
 def test_fit_refuses_an_empty_monitor():
     """A monitor holding no batches is refused instead of leaving an empty convergence record."""
     net, x, _ = small_problem()
@@ -488,6 +527,32 @@ def test_conjugate_gradients_stop_when_the_residual_reaches_the_floor():
     assert post.convergence.shape == (2,)
     torch.testing.assert_close(projected[0, :2], torch.tensor([-1 / 3, 2 / 3], dtype=torch.float64), rtol=0, atol=1e-15)
     assert torch.equal(projected[0, 2:], v[0, 2:])
+
+
+def test_cg_with_many_micro_batches_matches_the_dense_projector():
+    """With six micro-batches (two examples each) the symmetric sweep runs P_1 ... P_6 ... P_1, and CG
+    still converges to the dense SVD projector onto the null space of J."""
+    net, x, J = small_problem()
+    post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=2, num_iterations=150).fit(x)
+    assert len(post._blocks) == 6
+    v = torch.randn(4, 59, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert relative_error(post.project(v), v @ null_space_projector(J)) < 1e-6
+
+
+def test_rank1_loss_projection_takes_column_regression_targets():
+    """kind="loss" on a rank-1 regression network tiles (B, 1) targets over the K members like (B,)
+    targets: both give the same projection."""
+    torch.manual_seed(0)
+    model = rank1_mlp(3, [4], 1, ensemble_size=2, likelihood="normal").double()
+    net = rank1_point_network(model, DeltaGuide(model, init_loc_std=0.3).double())
+    names = [n for n, _ in net.named_parameters() if n.startswith("factors.")]
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.randn(4, dtype=torch.float64)
+    kwargs = dict(param_names=names, kind="loss", alpha=1.0, micro_batch_size=2, num_iterations=30)
+    flat = ProjectedPosterior(net, "normal", **kwargs).fit((x, y))
+    column = ProjectedPosterior(net, "normal", **kwargs).fit((x, y[:, None]))
+    v = torch.randn(3, flat.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(column.project(v), flat.project(v), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(("solver", "iterations", "tol"), [("cg", 100, 1e-8), ("alternating", 40, 1e-2)])
