@@ -69,7 +69,7 @@ def _toml_list(values) -> str:
 
 def _scratch(module: str, tests: list[str]) -> Path:
     """A copy of the package and the tests with a pyproject that mutates ``module`` only."""
-    work = SCRATCH / Path(module).with_suffix("").as_posix().replace("/", ".")
+    work = SCRATCH / _slug(module)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -95,14 +95,28 @@ def _names(output: str, status: str) -> list[str]:
     return sorted(set(re.findall(rf"^\s*(\S+): {status}\s*$", output, flags=re.M)))
 
 
+def _slug(module: str) -> str:
+    """``rank1_pyro/laplace/projected.py`` -> ``rank1_pyro.laplace.projected``: the name of its scratch
+    copy and of its kept result."""
+    return Path(module).with_suffix("").as_posix().replace("/", ".")
+
+
+def _env() -> dict:
+    """The environment mutmut runs in: one thread each, so parallel mutants do not oversubscribe."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def _result_file(module: str) -> Path:
-    return RESULTS / f"{Path(module).with_suffix('').as_posix().replace('/', '.')}.json"
+    return RESULTS / f"{_slug(module)}.json"
 
 
 def _listing(work: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "mutmut", "results", "--all", "true"],
+        cwd=work,
+        env=_env(),
+        capture_output=True,
+        text=True,
     ).stdout
 
 
@@ -129,7 +143,7 @@ def run_module(
     if not (ROOT / module).is_file():
         raise SystemExit(f"no such module: {module}")
     tests = module_tests(module)
-    work = SCRATCH / Path(module).with_suffix("").as_posix().replace("/", ".")
+    work = SCRATCH / _slug(module)
     names = []
     if progress:
         if not (work / "mutants").is_dir():
@@ -146,7 +160,7 @@ def run_module(
             print(f"{module}: no surviving mutant to rerun")
     else:
         work = _scratch(module, tests)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = _env()
     mutmut = [sys.executable, "-m", "mutmut"]
     print(f"{module}: mutating with {', '.join(tests)} in {work.relative_to(ROOT)}", flush=True)
     if not progress and (names or not rerun):
