@@ -123,6 +123,32 @@ def test_a_mutation_rerun_needs_the_last_run_of_the_same_module(tmp_path, monkey
         tool.run_module("rank1_pyro/priors.py", 1, rerun=True)
 
 
+def test_a_mutation_run_that_checks_nothing_keeps_no_result(tmp_path, monkeypatch):
+    """When mutmut stops before checking a mutant (a test failing in its first pass, which runs the
+    unmutated code), the tool says so and keeps nothing, rather than a score of an unchecked run."""
+    import importlib.util
+    import subprocess
+    import types
+
+    spec = importlib.util.spec_from_file_location("mutants_tool", ROOT / "tools" / "mutants.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(tool, "SCRATCH", tmp_path / "scratch")
+    monkeypatch.setattr(tool, "RESULTS", tmp_path / "results")
+
+    def mutmut(args, cwd, **kwargs):  # stands for mutmut: it fails, leaving its 2 mutants unchecked
+        if "export-cicd-stats" in args:
+            (cwd / "mutants").mkdir(exist_ok=True)
+            (cwd / "mutants" / "mutmut-cicd-stats.json").write_text('{"total": 2, "killed": 0}')
+        listing = "  m__mutmut_1: not checked\n  m__mutmut_2: not checked\n"
+        return types.SimpleNamespace(returncode=1 if "run" in args else 0, stdout=listing)
+
+    monkeypatch.setattr(subprocess, "run", mutmut)
+    with pytest.raises(SystemExit, match=r"mutmut stopped \(exit 1\) before checking any mutant; nothing kept"):
+        tool.run_module("rank1_pyro/priors.py", 1)
+    assert not (tmp_path / "results").exists()
+
+
 def test_the_mutation_table_has_every_core_module_and_marks_stale_results(tmp_path, monkeypatch):
     """A core module without a kept result reads "not run yet"; a result kept for another version of
     its module is marked stale, one of a run not finished partial; branch coverage comes from the

@@ -162,18 +162,19 @@ def run_module(
         work = _scratch(module, tests)
     env = _env()
     mutmut = [sys.executable, "-m", "mutmut"]
-    print(f"{module}: mutating with {', '.join(tests)} in {work.relative_to(ROOT)}", flush=True)
+    print(f"{module}: mutating with {', '.join(tests)} in {os.path.relpath(work, ROOT)}", flush=True)
+    failed = 0
     if not progress and (names or not rerun):
         # mutmut's progress display, kept out of the terminal
         with open(work / "mutmut.log", "a" if rerun or resume else "w") as log:
-            subprocess.run(
+            failed = subprocess.run(
                 [*mutmut, "run", "--max-children", str(max_children), *names],
                 cwd=work,
                 env=env,
                 check=False,
                 stdout=log,
                 stderr=log,
-            )
+            ).returncode
     subprocess.run([*mutmut, "export-cicd-stats"], cwd=work, env=env, check=False, capture_output=True)
     stats = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
     listing = _listing(work)
@@ -184,6 +185,11 @@ def run_module(
     generated = int(stats.get("total", 0))
     not_checked = len(_names(listing, "not checked"))
     killed = int(stats.get("killed", 0)) + int(stats.get("timeout", 0))
+    if failed and not_checked == generated:  # e.g. a test failing in mutmut's first (stats) pass
+        raise SystemExit(
+            f"{module}: mutmut stopped (exit {failed}) before checking any mutant; nothing kept. "
+            f"Its log says why: {os.path.relpath(work / 'mutmut.log', ROOT)}"
+        )
     counted = generated - not_checked - len([m for m in known if m in survived + uncovered])
     result = {
         "module": module,
@@ -207,7 +213,7 @@ def run_module(
         + f" -> score {result['score']:.1%}"
     )
     for name in real:
-        print(f"  surviving: {name}   (inspect: cd {work.relative_to(ROOT)} && python -m mutmut show {name})")
+        print(f"  surviving: {name}   (inspect: cd {os.path.relpath(work, ROOT)} && python -m mutmut show {name})")
     return result
 
 
