@@ -1,6 +1,7 @@
 """The averaged and mixture ELBOs against hand computations in plain torch."""
 
 import math
+import re
 
 import pyro
 import pyro.distributions as dist
@@ -682,3 +683,252 @@ def test_latents_sampled_after_the_observation_still_count():
     kl = normal_kl(torch.tensor(0.5), torch.tensor(0.8), torch.tensor(0.0), torch.tensor(1.0))
     for objective in (AveragedELBO(), MixtureELBO()):
         assert objective.loss(model, guide, x, y) == pytest.approx(N * math.log(2) + kl.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------ constructor arguments and their messages
+
+
+@pytest.mark.parametrize("bad", [-1.0, -1, float("inf"), float("nan"), True, "1", None])
+def test_kl_weight_must_be_a_finite_number_at_least_zero(bad):
+    """``kl_weight`` refuses negative, infinite and NaN numbers, booleans and non-numbers, with one exact
+    message (no upper bound in it), at construction and when set later."""
+    message = f"^kl_weight must be a finite number >= 0, got {re.escape(repr(bad))}$"
+    with pytest.raises(ValueError, match=message):
+        AveragedELBO(kl_weight=bad)
+    elbo = MixtureELBO()
+    with pytest.raises(ValueError, match=message):
+        elbo.kl_weight = bad
+    assert elbo.kl_weight == 1.0
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.25, float("inf"), float("nan"), False, "0.5"])
+def test_annealing_must_be_a_finite_number_in_zero_one(bad):
+    """``annealing`` (β) refuses anything outside [0, 1], booleans and non-numbers; its message names the
+    upper bound 1."""
+    elbo = AveragedELBO()
+    with pytest.raises(
+        ValueError, match=f"^annealing must be a finite number >= 0 and <= 1, got {re.escape(repr(bad))}$"
+    ):
+        elbo.annealing = bad
+    assert elbo.annealing == 1.0
+
+
+def test_kl_weight_and_annealing_accept_their_bounds_and_zero_removes_the_kl():
+    """0 is a valid KL weight and a valid β (the bounds are inclusive), integers are taken as floats,
+    and with either at 0 the loss is the negative log-likelihood alone: for a uniform two-class
+    likelihood, N·log 2 whatever the latent's KL."""
+    x, y = data()
+
+    def model(x, y):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", N, subsample=torch.arange(B), dim=-1):
+            pyro.sample("obs", dist.Categorical(logits=torch.zeros(B, 2)), obs=y % 2)
+
+    def guide(x, y):
+        pyro.sample("z", dist.Normal(2.0, 0.5))
+
+    no_kl = AveragedELBO(kl_weight=0)
+    assert no_kl.kl_weight == 0.0 and isinstance(no_kl.kl_weight, float)
+    assert no_kl.loss(model, guide, x, y) == pytest.approx(N * math.log(2))
+    annealed = MixtureELBO(kl_weight=3)
+    assert annealed.kl_weight == 3.0 and isinstance(annealed.kl_weight, float)
+    annealed.annealing = 0
+    assert annealed.annealing == 0.0 and annealed.effective_kl_weight == 0.0
+    assert annealed.loss(model, guide, x, y) == pytest.approx(N * math.log(2))
+    annealed.annealing = 1
+    kl = normal_kl(torch.tensor(2.0), torch.tensor(0.5), torch.tensor(0.0), torch.tensor(1.0)).item()
+    assert annealed.loss(model, guide, x, y) == pytest.approx(N * math.log(2) + 3 * kl, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.0, True])
+def test_num_particles_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match=f"^num_particles must be an integer >= 1, got {bad!r}$"):
+        AveragedELBO(num_particles=bad)
+
+
+def test_estimator_errors_have_their_exact_messages():
+    """The estimator's refusals, word for word: the mixture ELBO's of ``"split"`` (naming the class and
+    the objective to use instead), ``"example"`` without a batch-first first argument, and
+    ``"split"`` on a model that does not split its batch."""
+    with pytest.raises(ValueError) as info:
+        MixtureELBO(estimator="split")
+    assert str(info.value) == (
+        "MixtureELBO: estimator='split' gives each member different examples, but the mixture likelihood needs "
+        "every member on every example; use AveragedELBO(estimator='split')"
+    )
+    model = tiny()
+    with pytest.raises(ValueError) as info:
+        AveragedELBO(estimator="example").loss(lambda x=None: model(*data()), MixtureGuide(model))
+    assert str(info.value) == "estimator='example' needs the model's first argument to be a batch-first tensor"
+
+    x, y = data()
+    net = rank1_mlp(2, [4], 3, ensemble_size=K).net
+
+    def tiling_model(x, y=None):
+        m = members(K)
+        logits = net(m.tile(x))
+        with m, pyro.plate("data", N, subsample=torch.arange(x.shape[0]), dim=-1):
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+
+    with pytest.raises(ValueError) as info:
+        AveragedELBO(estimator="split").loss_terms(tiling_model, AutoNormal(tiling_model), x, y)
+    assert str(info.value) == (
+        "estimator='split' needs a model that splits its batch over the members (a Rank1Model); "
+        "this model tiled it or ignored the handler"
+    )
+
+
+def test_default_particles_are_vectorized_in_a_plate_left_of_the_models_two():
+    """By default ``num_particles`` draws run in one vectorized pass (the model is called once, not once
+    per particle), in a particle plate just left of the rank-1 model's two plates (members, data):
+    the logits are ``(P, K, B, C)``. With a point-mass guide every particle is the same network,
+    so the loss is the hand-computed ELBO and the logits are its log-softmax outputs."""
+    model, (x, y) = tiny(), data()
+    guide = DeltaGuide(model)
+    calls = []
+
+    def counting(x, y):
+        calls.append(x.shape)
+        return model(x, y)
+
+    terms = AveragedELBO(num_particles=2).loss_terms(counting, guide, x, y)
+    assert len(calls) == 1
+    values = guide_draws(guide, x, y, seed=0)
+    log_softmax = torch.log_softmax(hand_forward(model, values, x), -1)  # (K, B, C)
+    assert terms.logits.shape == (2, K, B, 3)
+    torch.testing.assert_close(terms.logits, log_softmax.expand(2, K, B, 3))
+    log_lik = (N / B) * log_softmax.gather(-1, y.expand(K, B)[..., None])[..., 0].mean(0).sum()
+    kl = -sum(dist.Normal(1.0, 0.1).log_prob(v).sum() for v in values.values()) / K
+    torch.testing.assert_close(terms.loss, -(log_lik - kl))
+    calls.clear()
+    AveragedELBO(num_particles=2, vectorize_particles=False).loss_terms(counting, guide, x, y)
+    assert len(calls) == 2
+
+
+def test_per_example_estimator_reads_the_batch_from_the_first_argument_with_y_by_keyword():
+    """``estimator="example"`` takes the batch size from the first positional argument alone: with the
+    labels passed by keyword it still draws (K, B) factors, and its terms are the hand computation
+    at those draws (each example through its own factors; the analytic KL of each member once)."""
+    model, (x, y) = tiny(), data()
+    guide = MixtureGuide(model)
+    elbo = AveragedELBO(estimator="example")
+    pyro.set_rng_seed(4)
+    model_trace, guide_trace = elbo._get_trace(model, guide, (x,), {"y": y})
+    log_lik, kl = elbo.elbo_terms(model_trace, guide_trace)
+    values = {n: s["value"] for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
+    assert values["net.0.r"].shape == (K, B, 2)
+    log_p = torch.log_softmax(hand_forward(model, values, x), -1).gather(-1, y.expand(K, B)[..., None])[..., 0]
+    torch.testing.assert_close(log_lik, (N / B) * log_p.mean(0).sum())
+    hand_kl = 0.0
+    for name in values:
+        key = name.replace(".", "__")
+        scale = torch.nn.functional.softplus(guide.raw_scale[key])
+        hand_kl = hand_kl + normal_kl(guide.loc[key], scale, 1.0, torch.tensor(0.1)) / K
+    torch.testing.assert_close(kl, hand_kl)
+
+
+@pytest.mark.parametrize("validation", [False, True])
+def test_keyword_arguments_reach_model_and_guide_with_or_without_validation(validation):
+    """Keyword-only arguments reach both the model and the guide, on the fast path (validation off)
+    and on Pyro's checked path: the loss is the closed form N·log 2 + KL(N(loc, 0.8²) ‖ N(0, 1))."""
+    x, y = data()
+
+    def model(x, *, y, loc):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", N, subsample=torch.arange(B), dim=-1):
+            pyro.sample("obs", dist.Categorical(logits=torch.zeros(B, 2)), obs=y % 2)
+
+    def guide(x, *, y, loc):
+        pyro.sample("z", dist.Normal(loc, 0.8))
+
+    kl = normal_kl(torch.tensor(0.5), torch.tensor(0.8), torch.tensor(0.0), torch.tensor(1.0)).item()
+    with pyro.validation_enabled(validation):
+        for elbo in (AveragedELBO(), MixtureELBO(analytic_kl=False, num_particles=4000)):
+            value = elbo.loss(model, guide, x, y=y, loc=torch.tensor(0.5))
+            assert value == pytest.approx(N * math.log(2) + kl, abs=0.05)
+
+
+class NotReparameterized:
+    """A distribution-like callable with no ``has_rsample`` attribute at all."""
+
+    def __call__(self):
+        return torch.tensor(0.3)
+
+    def log_prob(self, value):
+        return torch.tensor(-1.0)
+
+
+def test_guide_sites_without_a_reparameterized_sampler_are_refused():
+    """The objectives' gradients need reparameterized guide sites: a Bernoulli (``has_rsample`` False)
+    and a callable without ``has_rsample`` are both refused, with the site and the type named."""
+    x, y = data()
+
+    def model(x, y):
+        pyro.sample("z", dist.Bernoulli(0.3))
+
+    def guide(x, y):
+        pyro.sample("z", dist.Bernoulli(0.6))
+
+    message = (
+        "^guide site 'z': {} has no reparameterized sampler; the rank-1 objectives need reparameterized guide "
+        "distributions$"
+    )
+    with pytest.raises(NotImplementedError, match=message.format("Bernoulli")):
+        AveragedELBO(analytic_kl=False).loss(model, guide, x, y)
+
+    def normal_model(x, y):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def duck_guide(x, y):
+        pyro.sample("z", NotReparameterized())
+
+    with pyro.validation_enabled(False), pytest.raises(NotImplementedError, match=message.format("NotReparameterized")):
+        AveragedELBO().loss(normal_model, duck_guide, x, y)
+
+
+def test_a_scaled_joint_autoguide_scales_every_term():
+    """``poutine.scale`` around model and guide multiplies every log density by the scale, so both terms
+    double at the same draws, including the joint autoguide's global marginal (a hierarchical
+    prior's scale site, weighted 1 rather than 1/K)."""
+    from pyro.infer.autoguide import AutoMultivariateNormal
+
+    from rank1_pyro.inference.joint import joint_latents
+
+    model, (x, y) = tiny(prior=Gaussian(1.0, HalfCauchy(0.1))), data()
+    guide = AutoMultivariateNormal(model, init_scale=0.2)
+    guide(x, y)
+    joints = joint_latents(guide)
+    assert all(j.global_idx.numel() for j in joints.values())  # the hierarchical scale is a global latent
+    elbo = AveragedELBO(vectorize_particles=False)
+    pyro.set_rng_seed(5)
+    log_lik, kl = elbo.elbo_terms(*elbo._get_trace(model, guide, (x, y), {}), joints)
+    pyro.set_rng_seed(5)
+    traces = elbo._get_trace(poutine.scale(model, scale=2.0), poutine.scale(guide, scale=2.0), (x, y), {})
+    torch.testing.assert_close(elbo.elbo_terms(*traces, joints), (2 * log_lik, 2 * kl))
+
+
+def test_a_likelihood_outside_the_members_plate_with_a_member_dim_is_explained():
+    """With Pyro's validation on, a likelihood that carries the member dim but is sampled outside the
+    members plate fails Pyro's shape check; the error keeps Pyro's message and adds, word for word,
+    where a rank-1 model's member dim goes. Any other ValueError passes through unchanged."""
+    x, y = data()
+
+    def outside(x, y):
+        with pyro.plate("data", N, subsample=torch.arange(B), dim=-1):
+            pyro.sample("obs", dist.Categorical(logits=torch.zeros(K, B, 3)), obs=y)
+
+    with pyro.validation_enabled(True), pytest.raises(ValueError) as info:
+        AveragedELBO().loss(outside, lambda x, y: None, x, y)
+    message = str(info.value)
+    assert message.startswith('at site "obs", invalid log_prob shape\n  Expected [6], actual [3, 6]\n')
+    assert message.endswith(
+        "\nA rank-1 model's sites carry the member dim (K) at dim -2: sample the observations inside the members "
+        "plate, e.g. `with rank1_pyro.members(K) as m:` around the likelihood (see the how-to 'Define a model')."
+    )
+
+    def failing(x, y):
+        raise ValueError("something else")
+
+    with pyro.validation_enabled(True), pytest.raises(ValueError, match="^something else") as info:
+        AveragedELBO().loss(failing, lambda x, y: None, x, y)
+    assert "rank-1 model" not in str(info.value)  # Pyro adds the trace's shapes, this library nothing

@@ -686,3 +686,151 @@ def test_no_underfitting_on_digits():
     assert nll(diag["train"], y_train) > 2 * nll(map_probs["train"], y_train)
     assert accuracy(diag["train"], y_train) <= accuracy(map_probs["train"], y_train)
     assert accuracy(diag["test"], y_test) < accuracy(map_probs["test"], y_test) - 5e-3
+
+
+def test_constructor_errors_name_the_argument():
+    """Each bad constructor argument is refused with a message naming that argument exactly (so a
+    user sees which one to fix): unknown kind and solver names list the valid ones, a zero α is
+    not a positive number, zero counts are not integers >= 1, and a plain network with
+    likelihood="normal" asks for noise_scale."""
+    net = mlp(3, [4], 2)
+    with pytest.raises(ValueError, match=r"^kind: unknown name 'hessian'; valid: \['output', 'loss'\]$"):
+        ProjectedPosterior(net, kind="hessian")
+    with pytest.raises(ValueError, match=r"^solver: unknown name 'lsqr'; valid: \['cg', 'alternating'\]$"):
+        ProjectedPosterior(net, solver="lsqr")
+    for zero in (0, 0.0):
+        with pytest.raises(ValueError, match=rf"^alpha must be a positive number or None, got {zero!r}$"):
+            ProjectedPosterior(net, alpha=zero)
+    for name in ("num_iterations", "micro_batch_size", "num_trace_probes", "chunk_size"):
+        with pytest.raises(ValueError, match=rf"^{name} must be an integer >= 1, got 0$"):
+            ProjectedPosterior(net, **{name: 0})
+    with pytest.raises(
+        ValueError, match=r"^noise_scale is required for likelihood='normal' \(the network has no noise model\)$"
+    ):
+        ProjectedPosterior(net, likelihood="normal")
+
+
+def test_given_alpha_leaves_trace_and_convergence_unset():
+    """With α given, fit() runs no Hutchinson estimate and projects nothing: trace_estimate,
+    trace_stderr and convergence stay None (in the object and in its saved state) until a
+    projection fills in the convergence record."""
+    net, x, _ = small_problem(num_examples=6)
+    post = ProjectedPosterior(net, alpha=2.0, micro_batch_size=3, num_iterations=5).fit(x)
+    assert post.trace_estimate is None and post.trace_stderr is None and post.convergence is None
+    state = post.state_dict()["state"]
+    assert state["trace_estimate"] is None and state["trace_stderr"] is None and state["convergence"] is None
+    post.project(torch.ones(59, dtype=torch.float64))
+    assert post.convergence is not None and post.trace_stderr is None
+
+
+def test_default_micro_batch_size_and_iterations():
+    """Defaults as documented: micro-batches of 32 examples (33 examples make micro-batches of 32
+    and 1), 100 iterations per projection (an alternating projection without tol records the
+    residual before and after each of 100 sweeps), and the CG projection of f(θ, x) = xᵀθ matches
+    the dense SVD projector onto the null space of the 33 × 40 data matrix."""
+    net = nn.Linear(40, 1, bias=False).double()
+    x = torch.randn(33, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = null_space_projector(x)
+    v = torch.randn(3, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    post = ProjectedPosterior(net, "normal", alpha=1.0, noise_scale=1.0).fit(x)
+    assert [b.rows for b in post._blocks] == [32, 1]
+    assert relative_error(post.project(v), v @ exact) < 1e-8
+    sweeps = ProjectedPosterior(net, "normal", alpha=1.0, noise_scale=1.0, solver="alternating").fit(x)
+    sweeps.project(v)
+    assert sweeps.convergence.shape == (101,)
+
+
+def test_default_trace_estimate_uses_32_probes():
+    """By default tr 𝒫 is estimated from 32 Rademacher probes. For f(θ, x) = xᵀθ with the one
+    example (1, 1), 𝒫 = ½ [[1, -1], [-1, 1]], so each probe gives zᵀ𝒫z = 0 (z = ±(1, 1)) or 2
+    (z = ±(1, -1)): the estimate is 2k/32 for the number k of probes of the second kind, and its
+    standard error is the sample standard deviation of k twos and 32 - k zeros over √32."""
+    net = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    x = torch.ones(1, 2, dtype=torch.float64)
+    torch.manual_seed(0)
+    post = ProjectedPosterior(net, "normal", noise_scale=1.0, num_iterations=5).fit(x)
+    k = post.trace_estimate * 32 / 2
+    assert k == round(k) and 0 < k < 32
+    values = torch.tensor([2.0] * round(k) + [0.0] * (32 - round(k)), dtype=torch.float64)
+    assert post.trace_stderr == pytest.approx((values.std() / math.sqrt(32)).item(), rel=1e-12)
+
+
+def test_default_chunk_size_bounds_vectors_per_step():
+    """By default at most 64 vectors go through one projection step at a time: projecting 130
+    vectors pushes chunks of 64, 64 and 2 through each micro-batch's step, and the result is still
+    the dense SVD projector applied to every vector."""
+    net, x, J = small_problem(num_examples=6)
+    post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=3, num_iterations=100).fit(x)
+    sizes = []
+    step = post._step
+
+    def recording_step(block, V):
+        sizes.append(V.shape[0])
+        return step(block, V)
+
+    post._step = recording_step
+    v = torch.randn(130, 59, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert relative_error(post.project(v), v @ null_space_projector(J)) < 1e-6
+    assert max(sizes) == 64 and set(sizes) == {64, 2}
+
+
+def test_gram_basis_is_built_on_the_model_device_whatever_the_default_device():
+    """With another default device (here ``meta``, as after torch.set_default_device("cuda") with a CPU
+    model) fit() still builds the Gram matrices on the model's device, and the projection matches
+    the dense SVD projector."""
+    net, x, J = small_problem(num_examples=6)
+    post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=3, num_iterations=100)
+    with torch.device("meta"):
+        post.fit(x)
+    assert all(b.eigvecs.device.type == "cpu" for b in post._blocks)
+    v = torch.randn(2, 59, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert relative_error(post.project(v), v @ null_space_projector(J)) < 1e-6
+
+
+@pytest.mark.parametrize(("eig_rtol", "kept"), [(0.25, 1), (0.2, 2)])
+def test_eig_rtol_keeps_eigenvalues_strictly_above_the_cutoff(eig_rtol, kept):
+    """A given eig_rtol keeps the Gram eigenvalues λ > eig_rtol · λ_max, strictly. For f(θ, x) = xᵀθ and
+    one micro-batch of the examples e_1 and 2 e_2 the Gram matrix is diag(1, 4): with eig_rtol = 1/4
+    the eigenvalue 1 sits exactly on the cut-off 1/4 · 4 and is dropped, so only e_2 is projected
+    out (the dense SVD projector keeping singular values s > 1/2 · s_max); with 0.2 both are kept."""
+    net = nn.Linear(3, 1, bias=False).double()
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float64)
+    post = ProjectedPosterior(net, "normal", alpha=1.0, noise_scale=1.0, micro_batch_size=2, eig_rtol=eig_rtol)
+    post.fit(x)
+    assert post._blocks[0].inv_eigvals.numel() == kept
+    exact = null_space_projector(x, rtol=math.sqrt(eig_rtol))
+    torch.testing.assert_close(exact.diagonal(), torch.tensor([0.0 if kept == 2 else 1.0, 0.0, 1.0]).double())
+    v = torch.tensor([[1.0, 1.0, 1.0], [2.0, -3.0, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(post.project(v), v @ exact, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("second", ["empty", "empty monitor"])
+def test_a_refused_fit_leaves_the_posterior_as_it_was(second):
+    """A fit refused for empty data keeps the last complete fit (it still projects exactly as the
+    dense projector of its data), and on a fresh posterior leaves it unfitted with the usual message."""
+    net = nn.Linear(3, 1, bias=False).double()
+    x = torch.eye(3, dtype=torch.float64)[:2]
+    post = ProjectedPosterior(net, "normal", alpha=1.0, noise_scale=1.0, micro_batch_size=1).fit(x)
+    with pytest.raises(ValueError, match="train_data is empty" if second == "empty" else "monitor is empty"):
+        post.fit([]) if second == "empty" else post.fit(x, monitor=[])
+    v = torch.ones(3, dtype=torch.float64)
+    torch.testing.assert_close(post.project(v), v @ null_space_projector(x))
+    assert repr(post).endswith("2 micro-batches)")
+    fresh = ProjectedPosterior(net, "normal", alpha=1.0, noise_scale=1.0)
+    with pytest.raises(ValueError, match="train_data is empty"):
+        fresh.fit([])
+    with pytest.raises(RuntimeError, match=r"call fit\(train_data\) first"):
+        fresh.project(v)
+
+
+def test_the_convergence_record_is_on_the_cpu_whatever_the_default_device():
+    """``convergence`` holds the residuals as numbers on the CPU even under another default device."""
+    net, x, J = small_problem(num_examples=4)
+    post = ProjectedPosterior(net, alpha=1.0, micro_batch_size=2, num_iterations=3).fit(x)
+    v = torch.randn(59, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.device("meta"):
+        post.project(v)
+    assert post.convergence.device.type == "cpu" and len(post.convergence) == 4
+    assert post.convergence[0].item() == pytest.approx(((J[:6] @ v).norm() / v.norm()).item())  # first micro-batch

@@ -334,16 +334,17 @@ class ProjectedPosterior(PostHocPosterior):
             monitor: data (same forms) on which each sweep records ‖J v‖/‖v‖; default the first
                 training micro-batch.
         """
-        self._blocks = [self._make_block(x, y, gram=True) for x, y in self._micro_batches(train_data)]
-        if not self._blocks:
+        blocks = [self._make_block(x, y, gram=True) for x, y in self._micro_batches(train_data)]
+        if not blocks:
             raise ValueError("train_data is empty")
         if monitor is None:
-            self._monitor = self._blocks[:1]
+            watched = blocks[:1]
         else:
-            self._monitor = [self._make_block(x, y, gram=False) for x, y in self._micro_batches(monitor)]
-            if not self._monitor:
+            watched = [self._make_block(x, y, gram=False) for x, y in self._micro_batches(monitor)]
+            if not watched:
                 raise ValueError("monitor is empty")
-        self._bank = None
+        # only a complete fit replaces the last one: a refused fit leaves the posterior as it was
+        self._blocks, self._monitor, self._bank = blocks, watched, None
         if self._alpha is None:
             self.estimate_trace()
         return self
@@ -401,7 +402,7 @@ class ProjectedPosterior(PostHocPosterior):
             history.append(self._residual(V))
             if self.tol is not None and history[-1] <= self.tol:
                 break
-        self.convergence = torch.tensor(history, dtype=torch.float64)
+        self.convergence = torch.tensor(history, dtype=torch.float64, device="cpu")
         return V[0] if single else V
 
     def _alternating(self, V: torch.Tensor, iterations: int):
