@@ -192,8 +192,12 @@ def _log_mixture_density(sites, num_samples: int, num_components: int, device, j
             if joint.num_members != K:
                 raise ValueError(f"guide site {name!r} holds {joint.num_members} members, the model {K}")
             u = value.reshape(S, value.shape[-1])
-            for j in range(K):
-                components[j] += joint.member_log_density(u, j).double()
+            dens = torch.stack(
+                [joint.member_log_density(u, c).double() for c in range(K)]
+            )  # [c, s, k]: log q_c(theta_k)
+            # in the member sites' order below: [j, s, k] = log q_{(k+j) mod K}(theta_k)
+            order = (torch.arange(K, device=dens.device).unsqueeze(-1) + torch.arange(K, device=dens.device)) % K
+            components += dens.gather(0, order.unsqueeze(1).expand(K, S, K))
             continue
         if is_point_mass(fn):
             if not has_auxiliary:

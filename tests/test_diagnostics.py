@@ -943,3 +943,329 @@ def test_loo_corrected_for_an_exact_q_equals_plain_loo():
     without = xr.DataTree.from_dict({"log_likelihood": tree["log_likelihood"].to_dataset()})
     with pytest.raises(ValueError, match=r"^approximate_posterior=True needs the sample_stats group \(lp, log_q\)$"):
         D.loo(without, approximate_posterior=True)
+
+
+# --------------------------------------------------------------------- mutation pass: the mixture density of autoguides,
+# shared sites, the evaluation context, generic posteriors and files
+
+
+def _autoguide(kind, model, x, y):
+    """An autoguide of ``model`` (called once, parameters moved off their init): ``"normal"`` (AutoNormal),
+    ``"diagonal"`` (AutoDiagonalNormal), ``"joints"``: an AutoGuideList of two AutoDiagonalNormal (the first layer's
+    factors, every other site), or ``"mixed"``: AutoNormal for the first layer and AutoDiagonalNormal for the rest."""
+    from pyro.infer.autoguide import AutoDiagonalNormal, AutoGuideList, AutoNormal, init_to_sample
+
+    first = ["net.0.r", "net.0.s"]
+    if kind == "normal":
+        guide = AutoNormal(model, init_loc_fn=init_to_sample, init_scale=0.05)
+    elif kind == "diagonal":
+        guide = AutoDiagonalNormal(model, init_loc_fn=init_to_sample, init_scale=0.05)
+    else:
+        guide = AutoGuideList(model)
+        head = AutoNormal if kind == "mixed" else AutoDiagonalNormal
+        guide.append(head(pyro.poutine.block(model, expose=first), init_loc_fn=init_to_sample, init_scale=0.05))
+        guide.append(
+            AutoDiagonalNormal(pyro.poutine.block(model, hide=first), init_loc_fn=init_to_sample, init_scale=0.05)
+        )
+    guide(x, y)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in guide.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return guide
+
+
+def _hand_log_q_of_autoguide(guide, post) -> torch.Tensor:
+    """log q(theta_ks) of the tree's draws from the guide's own parameters (plain torch): components j of the member
+    factors, log (1/K) sum_j prod_sites N(theta_k; mu_j, sigma_j), times the shared scales' density in constrained
+    space, N(log sigma; mu, s) / sigma. (K, S)."""
+    from pyro.infer.autoguide import AutoNormal
+
+    per = torch.zeros(K, K, S, dtype=torch.float64)  # [j, k, s]
+    shared = torch.zeros(K, S, dtype=torch.float64)
+    for part in list(guide) if isinstance(guide, pyro.infer.autoguide.AutoGuideList) else [guide]:
+        if isinstance(part, AutoNormal):
+            params = {n: part._get_loc_and_scale(n) for n in part._event_dims}
+        else:  # AutoDiagonalNormal: each site's slice of the joint latent's mean and stddev
+            index = {
+                s["name"]: v.long() for s, v in part._unpack_latent(torch.arange(part.latent_dim, dtype=torch.float64))
+            }
+            loc, sd = part.loc, part.get_posterior().base_dist.scale
+            params = {n: (loc[i], sd[i]) for n, i in index.items()}
+        for name, (loc, scale) in params.items():
+            loc, scale = loc.detach().double(), scale.detach().double()
+            value = torch.as_tensor(post[name].values, dtype=torch.float64)
+            if name.endswith("_scale"):  # a global positive site: u = log sigma, |d sigma / d u| = sigma
+                u = value.log()
+                shared += torch.distributions.Normal(loc, scale).log_prob(u) - u
+                continue
+            for j in range(K):
+                per[j] += torch.distributions.Normal(loc[j, 0], scale[j, 0]).log_prob(value).sum(-1)
+    return shared + torch.logsumexp(per, 0) - math.log(K)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "normal",
+        "diagonal",
+        "joints",
+        "mixed",  # member sites and a joint latent: both parts must score member k under the same component
+    ],
+)
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_mixture_density_of_autoguides_against_a_hand_computation(kind, hierarchical):
+    """For AutoNormal (auxiliary unconstrained sites and Delta sites), AutoDiagonalNormal (one joint latent) and an
+    AutoGuideList of both, sample_stats.log_q is the equal-weight mixture over the K components of the member
+    factors' Gaussian densities, plus each shared scale's log-normal density (the Delta sites' log-Jacobians)."""
+    prior = Gaussian(1.0, HalfCauchy(0.1)) if hierarchical else Gaussian(1.0, 0.1)
+    model = rank1_mlp(5, [7], 3, ensemble_size=K, prior=prior)
+    x, y = _data()
+    guide = _autoguide(kind, model, x, y)
+    tree = D.to_datatree(model, guide, (x, y), S)
+    scales = [f"{n}_scale" for n in SITES] if hierarchical else []
+    assert set(tree["posterior"].data_vars) == set(SITES + scales)  # no auxiliary sites
+    expected = _hand_log_q_of_autoguide(guide, tree["posterior"])
+    np.testing.assert_allclose(tree["sample_stats"]["log_q"].values, expected.numpy(), rtol=1e-6, atol=1e-5)
+
+
+def test_per_draw_sums_the_data_dim_and_broadcasts_samples_and_members():
+    """A site's log density of batch (S|1, K|1, B|1), or fewer dims (left-padded with 1s), becomes one value per
+    draw (S, K): the sum over the data dim, repeated where a dim has size 1."""
+    lp = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]])  # (K=2, B=3): no samples dim
+    expected = torch.tensor([[7.0, 56.0]]).expand(4, 2)
+    torch.testing.assert_close(D._per_draw(lp, 4, 2, "z"), expected)
+    torch.testing.assert_close(D._per_draw(torch.tensor([3.0]), 2, 3, "z"), torch.full((2, 3), 3.0))
+    torch.testing.assert_close(D._per_draw(torch.tensor(5.0), 2, 1, "z"), torch.full((2, 1), 5.0))
+
+
+def _guide_with_a_four_dim_site(where):
+    """A guide whose extra site (not in the model) has batch (2, S, 1|K, 1): outside every plate, in the members
+    plate, or a Delta site next to an auxiliary site."""
+
+    def model(x, y):
+        with pyro.plate("members", K, dim=-2):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("obs", dist.Normal(x[:, 0], 1.0), obs=y)
+
+    def guide(x, y):
+        with pyro.plate("members", K, dim=-2):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+            if where == "members":
+                pyro.sample("extra", dist.Normal(torch.zeros(2, 1, 1, 1), 1.0))
+        if where == "shared":
+            pyro.sample("extra", dist.Normal(torch.zeros(2, 1, 1, 1), 1.0))
+        elif where == "delta":
+            pyro.sample("aux", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True})
+            pyro.sample("extra", dist.Delta(torch.zeros(2, 1, 1, 1)))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("where", ["shared", "members", "delta"])
+def test_a_guide_site_with_too_many_batch_dims_is_named_in_the_error(where):
+    """The guide's density reduces every site to one value per draw: a guide-only site with a fourth batch dim is a
+    ValueError naming it (a shared site, a member site and a Delta log-Jacobian alike)."""
+    model, guide = _guide_with_a_four_dim_site(where)
+    shape = (2, S, K if where == "members" else 1, 1)
+    message = f"site 'extra': batch shape {shape} has more dims than (samples, members, data)"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        D.log_density_ratios(model, guide, (torch.randn(N, 2), torch.randn(N)), S)
+
+
+def test_the_accumulators_live_on_the_models_device_not_the_default_device():
+    """With torch's default device set elsewhere (here "meta"), a model and guide on the CPU give the same lp and
+    log_q as without: every accumulator is created on the model's device."""
+    model, guide = _model_and_guide(Gaussian(1.0, 0.1))
+    x, y = _data()
+    pyro.set_rng_seed(5)
+    reference = D.log_density_ratios(model, guide, (x, y), 4)
+    pyro.set_rng_seed(5)
+    with torch.device("meta"):
+        other = D.log_density_ratios(model, guide, (x, y), 4)
+    xr.testing.assert_identical(other, reference)
+    assert np.isfinite(reference["log_q"].values).all()
+
+
+def test_log_q_of_a_shared_site_is_exact_in_double_precision():
+    """A guide site outside the members plate (a shared factor) enters log q at float64 precision: the exact
+    posterior's log density of the tree's draws (torch's MultivariateNormal) to 1e-12."""
+    model, data, mean, cov = _conjugate_problem()
+
+    def guide(x, y):  # w outside every plate: one shared site, K = 1
+        pyro.sample("w", dist.MultivariateNormal(mean, cov))
+
+    tree = D.to_datatree(model, guide, data, 20)
+    w = torch.as_tensor(tree["posterior"]["w"].values)  # (1, 20, 2)
+    assert tree["posterior"]["w"].attrs["shared_by_components"] == 1
+    expected = torch.distributions.MultivariateNormal(mean, cov).log_prob(w)
+    np.testing.assert_allclose(tree["sample_stats"]["log_q"].values, expected.numpy(), rtol=1e-12)
+    evidence = (tree["sample_stats"]["lp"] - tree["sample_stats"]["log_q"]).values
+    np.testing.assert_allclose(evidence, _evidence(*data), rtol=1e-9)
+
+
+class _Recording(torch.nn.Module):
+    """A model or guide (``fn``) as an nn.Module that records its mode and num_data at every call."""
+
+    def __init__(self, fn, num_data=None):
+        super().__init__()
+        self.fn, self.num_data, self.calls = fn, num_data, []
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, y):
+        self.calls.append((self.training, self.num_data))
+        return self.fn(x, y)
+
+
+def test_model_and_guide_are_evaluated_in_eval_mode_with_unscaled_likelihoods_and_restored():
+    """During the evaluation both modules are in eval mode and the model's num_data is None (a num_data below the
+    batch size is then no error); afterwards both are back in training mode and num_data is restored."""
+    conj, data, mean, cov = _conjugate_problem()
+    model = _Recording(conj, num_data=5)  # fewer than the 40 examples of a batch
+    guide = _Recording(_gaussian_guide(mean, cov))
+    ds = D.log_density_ratios(model, guide, data, 8, batch_size=40)
+    np.testing.assert_allclose((ds["lp"] - ds["log_q"]).values, _evidence(*data), rtol=1e-9)
+    assert model.calls == [(False, None)] and guide.calls == [(False, None)]
+    assert model.training and guide.training and model.num_data == 5
+
+
+def test_a_latent_site_with_four_batch_dims_is_refused_even_when_the_model_scores_it():
+    """A guide site of batch (S, 1, 1, 1) that the model reads with one more event dim has a model log density of
+    batch (S, 1, 1) but is still no (samples, members, 1) site: a ValueError naming the shape (log_density=False:
+    the guide's own density, of four batch dims, is not asked for)."""
+
+    def model(x, y):
+        pyro.sample("z", dist.Normal(torch.zeros(1), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("obs", dist.Normal(x[:, 0], 1.0), obs=y)
+
+    def guide(x, y):
+        pyro.sample("z", dist.Normal(torch.zeros(1, 1, 1, 1), 1.0))
+
+    message = (
+        "latent site 'z' has batch shape (1, 1, 1, 1); expected (samples, members|1, 1), i.e. sampled in the "
+        "members plate (dim -2) or outside every plate"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        D.to_datatree(model, guide, (torch.randn(N, 2), torch.randn(N)), 1, log_density=False)
+
+
+class _RecordingGaussianDraws(_GaussianDraws):
+    """_GaussianDraws that records the batch sizes it is asked for."""
+
+    def __init__(self, w, v):
+        super().__init__(w, v)
+        self.batches = []
+
+    def sample_predictions(self, x, num_samples):
+        self.batches.append(x.shape[0])
+        return super().sample_predictions(x, num_samples)
+
+
+def test_generic_posterior_batches_bool_labels_scalar_draws_and_dims():
+    """A generic posterior is asked for batch_size examples at a time; boolean labels of a regression are scored as
+    0 / 1 (scipy); draws of a scalar parameter (chain, draw) are accepted; the observations have dim obs_id."""
+    from scipy.stats import norm
+
+    x, y = torch.randn(N, 5), torch.randn(N) > 0
+    w, v = torch.randn(S, 5), 0.5 * torch.randn(S, 5)
+    posterior = _RecordingGaussianDraws(w, v)
+    tree = D.to_datatree(None, posterior, (x, y), S, batch_size=4, draws={"tau": np.arange(S)[None]})
+    assert posterior.batches == [4, 4, 4, 1]
+    mean, sd = (x @ w.T).T.double().numpy(), (x @ v.T).T.double().exp().sqrt().numpy()
+    np.testing.assert_allclose(
+        tree["log_likelihood"]["obs"].values[0], norm.logpdf(y.double().numpy(), mean, sd), rtol=1e-5
+    )
+    for group in ("log_likelihood", "posterior_predictive"):
+        assert tree[group]["obs"].dims == ("chain", "draw", "obs_id")
+    assert tree["posterior"]["tau"].dims == ("chain", "draw")
+    np.testing.assert_array_equal(tree["posterior"]["tau"].values, np.arange(S)[None])
+
+
+def test_netcdf_files_are_hdf5_whatever_xarrays_engine_preference(tmp_path):
+    """to_netcdf writes with h5netcdf (an HDF5 file) and from_netcdf reads it back identically even when the user
+    prefers the scipy engine (netCDF-3, no groups); from_netcdf opens with h5netcdf only, so a netCDF-3 file is an
+    OSError (HDF5's missing signature), not a guess of another backend; missing paths are FileNotFoundErrors naming
+    them."""
+    tree = xr.DataTree.from_dict({"log_likelihood": xr.Dataset({"obs": ("obs_id", np.arange(3.0))})})
+    with xr.set_options(netcdf_engine_order=("scipy", "h5netcdf")):
+        path = D.to_netcdf(tree, tmp_path / "tree.nc")
+        assert path.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+        xr.testing.assert_identical(D.from_netcdf(path), tree)
+    xr.Dataset({"obs": ("obs_id", np.arange(3.0))}).to_netcdf(tmp_path / "v3.nc", engine="scipy")
+    with pytest.raises(OSError, match="file signature not found"):
+        D.from_netcdf(tmp_path / "v3.nc")
+    message = f"cannot write {tmp_path / 'no' / 'tree.nc'}: the directory {tmp_path / 'no'} does not exist"
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(message) + "$"):
+        D.to_netcdf(tree, tmp_path / "no" / "tree.nc")
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(f"no such netCDF file: {tmp_path / 'x.nc'}") + "$"):
+        D.from_netcdf(tmp_path / "x.nc")
+
+
+def test_log_density_ratios_defaults_and_messages():
+    """256 draws by default, minibatches of 512 examples; bad counts and point-mass guides are ValueErrors with
+    their exact messages."""
+    model, data, mean, cov = _conjugate_problem()
+    x = torch.randn(600, DIM, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0], dtype=torch.float64)
+    sizes = []
+
+    def recording(x, y):
+        sizes.append(x.shape[0])
+        model(x, y)
+
+    ds = D.log_density_ratios(recording, _gaussian_guide(mean, cov), (x, y))
+    assert ds["lp"].shape == (1, 256) and sizes == [512, 88]
+    for kwargs, message in [
+        ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ]:
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            D.log_density_ratios(model, _gaussian_guide(mean, cov), data, **kwargs)
+    message = "guide: has point masses (Delta sites) or no latent sites, so log q(theta) is undefined"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        net = rank1_mlp(5, [7], 3, ensemble_size=K)
+        D.log_density_ratios(net, DeltaGuide(net), _data(), 2)
+
+
+def test_posterior_predictive_of_a_model_without_latents_has_independent_draws():
+    """Every draw s is its own sample of the observation density, also when no latent site varies with s: for
+    N(x_0, 1) the draws of each observation have mean x_0 and sd 1 across the S draws (not one draw repeated)."""
+    from rank1_pyro.inference.predictive import empty_guide
+
+    x, y = torch.randn(N, 2), torch.randn(N)
+    tree = D.to_datatree(_two_observations_model, empty_guide, (x, y), 400)
+    z = tree["posterior_predictive"]["obs_a"].values[0] - x[:, 0].numpy()  # (S, N), standard normal
+    assert np.abs(z.mean(0)).max() < 0.25 and np.abs(z.std(0) - 1.0).max() < 0.15
+
+
+def test_a_guide_may_name_its_own_plate_samples_in_upper_case():
+    """The library's plate over draws is named "samples" in the model and the guide alike: a guide plate named
+    "SAMPLES" (here of size 1 at the data dim) is no clash, and its site is an ordinary latent site."""
+
+    def model(x, y):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("obs", dist.Normal(x[:, 0] + z, 1.0), obs=y)
+
+    def guide(x, y):
+        with pyro.plate("SAMPLES", 1, dim=-1):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    tree = D.to_datatree(model, guide, (torch.randn(N, 2), torch.randn(N)), S)
+    assert tree["posterior"]["z"].shape == (1, S) and np.unique(tree["posterior"]["z"].values).size == S
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": 2.0}, "batch_size must be an integer >= 1, got 2.0"),
+    ],
+)
+def test_to_datatree_names_a_bad_count_exactly(kwargs, message):
+    """num_samples and batch_size must be integers >= 1: a ValueError naming the argument and the value."""
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        D.to_datatree(None, _SoftmaxDraws(torch.randn(S, 5, 3)), _data(), **{"num_samples": S, **kwargs})

@@ -1,5 +1,6 @@
 """The training loop: it learns, anneals the KL, schedules the learning rate, and guards against NaN."""
 
+import re
 import sys
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from faulty_objectives import FailingELBO, InfiniteGradientELBO, StopAt
 from torch.utils.data import DataLoader, TensorDataset
 
-from rank1_pyro import MixtureGuide, Rank1Model, mlp, rank1_mlp
+from rank1_pyro import MixtureELBO, MixtureGuide, Rank1Model, mlp, rank1_mlp
 from rank1_pyro.inference.distributed import resolve_device
 from rank1_pyro.inference.predictive import evaluate
 from rank1_pyro.inference.train import NonFiniteLossError, TrainConfig, train
@@ -346,3 +347,59 @@ def test_a_model_and_guide_without_parameters_is_refused_before_training():
 
     with pytest.raises(ValueError, match="nothing to train: the model and guide have no trainable parameters"):
         train(Fixed(), None, separable(16), epochs=1, batch_size=8, progress=False)
+
+
+def test_either_guard_names_a_late_out_of_range_label_before_the_update(kernels):
+    """A label outside 0..C-1 in a later batch of a DataLoader (not seen by the up-front check)
+    stops training with the labels' message, not a NaN-loss one, naming the step, with or without
+    fused kernels; the parameters hold the values that step started from."""
+    x, y = separable(64)
+    y = y.clone()
+    y[40] = 2  # the third batch of 16 (global step 2) of a two-class model
+    model = rank1_mlp(2, [4], 2, ensemble_size=2)
+    guide = MixtureGuide(model)
+    snapshots = []
+    objective = _recording(MixtureELBO, model, guide, snapshots)()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    message = (
+        "labels out of range at epoch 0, step 2 (global step 2): expected 0..1; "
+        "training stopped before the update, parameters hold their last good values"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        train(model, guide, loader, objective=objective, epochs=1, progress=False)
+    now = [p.detach() for p in [*model.parameters(), *guide.parameters()]]
+    assert all(torch.equal(a, b) for a, b in zip(now, snapshots[2], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("y", "flag", "clamped"),
+    [
+        (torch.tensor([0, 1, 1]), False, [0, 1, 1]),
+        (torch.tensor([-1, 0, 2]), True, [0, 0, 1]),
+        (torch.tensor([0, 3]), True, [0, 1]),
+    ],
+)
+def test_integer_labels_are_flagged_and_clamped_into_range(y, flag, clamped):
+    """The step's label check (no host read): a flag true iff a label lies outside 0..C-1, and the
+    labels clamped into range so no indexing kernel sees one; other targets pass through unflagged."""
+    from rank1_pyro.inference.train import _label_flag
+
+    got, out = _label_flag(y, 2)
+    assert bool(got) is flag and out.tolist() == clamped
+    for target in (y.float(), y > 0, y.to(torch.complex64)):
+        got, out = _label_flag(target, 2)
+        assert got is None and out is target
+    got, out = _label_flag(y, None)
+    assert got is None and out is y
+
+
+def test_precision_fp32_computes_in_full_precision_and_bf16_under_autocast():
+    """``precision="fp32"`` runs the step without autocast; ``"bf16"`` under CPU autocast to bfloat16
+    (a matmul then returns bfloat16)."""
+    from rank1_pyro.inference.train import _autocast
+
+    a = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+    with _autocast(torch.device("cpu"), "fp32"):
+        assert not torch.is_autocast_enabled("cpu") and (a @ a).dtype == torch.float32
+    with _autocast(torch.device("cpu"), "bf16"):
+        assert torch.is_autocast_enabled("cpu") and (a @ a).dtype == torch.bfloat16
