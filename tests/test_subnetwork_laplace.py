@@ -3,11 +3,13 @@ selection strategies, marginal likelihood, predictives through the Posterior pro
 
 import copy
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 from rank1_pyro import DeltaGuide, metrics, rank1_mlp
@@ -22,7 +24,14 @@ from rank1_pyro.laplace import (
     rank1_point_network,
     select_subnetwork,
 )
-from rank1_pyro.laplace.curvature import JacobianColumns, jacobian_blocks, narrow, supports_per_example
+from rank1_pyro.laplace.curvature import (
+    JacobianColumns,
+    ggn_factor,
+    jacobian_blocks,
+    log_likelihood,
+    narrow,
+    supports_per_example,
+)
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -864,3 +873,1085 @@ def test_ggn_rejects_bad_arguments():
     torch.testing.assert_close(
         ggn(f, x, "classification", dtype=torch.float32).matrix, softmax_ggn_dense(f, x).float(), rtol=1e-5, atol=1e-6
     )
+
+
+# ----------------------------------------------------------------------------- exact messages, defaults, devices
+
+
+def _exactly(message: str) -> str:
+    """A pattern matching ``message`` and nothing more (pytest.raises searches)."""
+    return "^" + re.escape(message) + "$"
+
+
+def test_positive_settings_are_refused_with_the_exact_message():
+    """δ and σ must be positive finite real numbers: a string, None, a bool, 0, a negative, NaN or infinity is a
+    ValueError naming the setting and the value (not a TypeError, and 0 and True are not accepted)."""
+    la = _regression_la(prior_precision=1.0)
+    net = linear_net(torch.tensor([0.5, -1.0], dtype=torch.float64))
+    for bad in ("1.0", None, True, 0, 0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=_exactly(f"prior_precision must be a positive number, got {bad!r}")):
+            la.prior_precision = bad
+        if bad is not None:  # (None: the default σ)
+            with pytest.raises(ValueError, match=_exactly(f"sigma_noise must be a positive number, got {bad!r}")):
+                SubnetLaplace(net, "regression", torch.arange(2), sigma_noise=bad)
+    assert la.prior_precision == 1.0
+    la.prior_precision = 3  # an int is a number
+    assert la.prior_precision == 3.0 and isinstance(la.prior_precision, float)
+
+
+def test_log_marginal_likelihood_refuses_nonpositive_or_infinite_delta_exactly():
+    """log Z(δ) is only defined for finite δ > 0: 0, a negative, NaN, infinity, or a tensor holding one of them,
+    is a ValueError listing the values."""
+    la = _regression_la(prior_precision=1.0)
+    for bad, shown in (
+        (0.0, "0.0"),
+        (-1.0, "-1.0"),
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        (torch.tensor([1.0, 0.0]), "[1.0, 0.0]"),
+        (torch.tensor([2.0, -3.0]), "[2.0, -3.0]"),
+    ):
+        with pytest.raises(ValueError, match=_exactly(f"prior_precision must be > 0 and finite, got {shown}")):
+            la.log_marginal_likelihood(bad)
+
+
+def test_prior_precision_errors_are_exact():
+    """The unbounded-evidence refusals, an unknown method, gridsearch without data and a bad grid raise exactly
+    their documented messages."""
+    g = torch.Generator().manual_seed(12)
+    X = torch.randn(10, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(10, generator=g, dtype=torch.float64)
+    net = linear_net(torch.tensor([0.7, -0.3], dtype=torch.float64))
+    theta = net.weight.detach().flatten().clone()
+    with pytest.raises(
+        ValueError,
+        match=_exactly("the marginal likelihood grows without bound in delta: theta_MAP equals the prior mean"),
+    ):
+        SubnetLaplace(net, "regression", torch.arange(2), prior_mean=theta).fit((X, y))
+    X[:, 0] = 0.0
+    la = SubnetLaplace(net, "regression", torch.tensor([0]), prior_precision=1.0).fit((X, y))
+    with pytest.raises(
+        ValueError,
+        match=_exactly("the marginal likelihood grows without bound as delta -> 0: H is zero on the subnetwork"),
+    ):
+        la.optimize_prior_precision("marglik")
+    with pytest.raises(ValueError, match=_exactly("method: unknown name 'mackay'; valid: ['marglik', 'gridsearch']")):
+        la.optimize_prior_precision("mackay")
+    with pytest.raises(ValueError, match=_exactly("method='gridsearch' needs val_loader")):
+        la.optimize_prior_precision("gridsearch")
+    with pytest.raises(ValueError, match=_exactly("grid must be a non-empty 1-D sequence of positive numbers")):
+        la.optimize_prior_precision("gridsearch", val_loader=(X, y), grid=[1.0, -1.0])
+    assert la.prior_precision == 1.0
+
+
+def test_optimize_prior_precision_defaults_to_the_marginal_likelihood():
+    """Called without arguments, optimize_prior_precision maximises the evidence: for one weight the root of
+    d log Z / d log δ is closed form, δ = 2λ / (λs + sqrt(λ²s² + 4λs)) (λ = H, s = θ²)."""
+    g = torch.Generator().manual_seed(21)
+    X = 1 + torch.rand(10, 1, generator=g, dtype=torch.float64)
+    w = 0.8
+    net = linear_net(torch.tensor([w], dtype=torch.float64))
+    la = SubnetLaplace(net, "regression", torch.arange(1), prior_precision=123.0).fit((X, torch.zeros(10)))
+    lam, s = (X**2).sum().item(), w * w
+    expected = 2 * lam / (lam * s + math.sqrt((lam * s) ** 2 + 4 * lam * s))
+    assert la.optimize_prior_precision() == pytest.approx(expected, rel=1e-10)
+    assert la.prior_precision == pytest.approx(expected, rel=1e-10)
+
+
+def test_gridsearch_default_grid_is_logspace_minus4_4_41():
+    """Without a grid, gridsearch picks the δ of torch.logspace(-4, 4, 41) (float64) with the lowest validation
+    NLL of the exact Gaussian predictive N(x w, x Σ_δ xᵀ + σ²) of Bayesian linear regression: here 10^(26/5 - 4),
+    an interior point that is no power of 10 and lies on no other nearby grid."""
+    g = torch.Generator().manual_seed(23)
+    d, sigma = 20, 0.5
+    X = torch.randn(25, d, generator=g, dtype=torch.float64)
+    w_true = torch.randn(d, generator=g, dtype=torch.float64)
+    y = X @ w_true + sigma * torch.randn(25, generator=g, dtype=torch.float64)
+    mean, _ = ridge(X, y, sigma, 1.0)
+    xv = torch.randn(30, d, generator=g, dtype=torch.float64)
+    yv = xv @ w_true + sigma * torch.randn(30, generator=g, dtype=torch.float64)
+    grid = torch.tensor([10.0 ** (-4 + 0.2 * i) for i in range(41)], dtype=torch.float64)
+    nll = []
+    for delta in grid.tolist():
+        _, cov = ridge(X, y, sigma, delta)
+        var = ((xv @ cov) * xv).sum(-1) + sigma**2
+        nll.append(-torch.distributions.Normal(xv @ mean, var.sqrt()).log_prob(yv).sum().item())
+    best = min(range(41), key=nll.__getitem__)
+    assert best == 26
+    la = SubnetLaplace(linear_net(mean), "regression", torch.arange(d), prior_precision=1.0, sigma_noise=sigma)
+    la.fit((X, y))
+    chosen = la.optimize_prior_precision("gridsearch", val_loader=(xv, yv))
+    assert chosen == la.prior_precision
+    assert chosen == pytest.approx(grid[best].item(), rel=1e-14)
+    assert chosen == torch.logspace(-4, 4, 41, dtype=torch.float64)[best].item()
+
+
+def test_gridsearch_classification_nll_equals_the_dense_probit_predictive():
+    """Each δ's classification NLL is −Σ log softmax(f / sqrt(1 + π/8 diag(J Σ_δ Jᵀ)))[y] with the dense jacrev
+    Jacobian J and Σ_δ = (H + δI)⁻¹ from the dense GGN, and gridsearch picks its (interior) minimiser."""
+    net, loader, _ = _classification_problem()
+    g = torch.Generator().manual_seed(22)
+    xv = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        net[2].weight.mul_(8.0)  # confident logits
+        net[2].bias.mul_(8.0)
+        logits = net(xv)
+    # mostly the network's own labels, a quarter random: neither the smallest nor the largest δ is best
+    yv = torch.where(torch.rand(40, generator=g) < 0.25, torch.randint(0, 4, (40,), generator=g), logits.argmax(-1))
+    idx = torch.randperm(sum(p.numel() for p in net.parameters()), generator=g)[:20].sort().values
+    la = SubnetLaplace(net, "classification", idx, prior_precision=1.0).fit(loader)
+    f = FlatFunctional(net).restrict(idx)
+    X = torch.cat([x for x, _ in loader])
+    H = softmax_ggn_dense(f, X)
+    J = f.jacobian(xv)  # (B, C, M)
+    grid = torch.logspace(-3, 3, 13, dtype=torch.float64)
+    expected = []
+    for delta in grid.tolist():
+        cov = torch.linalg.inv(H + delta * torch.eye(20, dtype=torch.float64))
+        var = torch.einsum("bcm,mn,bcn->bc", J, cov, J)
+        probs = torch.softmax(logits / torch.sqrt(1 + math.pi / 8 * var), -1)
+        expected.append(-probs[torch.arange(40), yv].log().sum())
+    expected = torch.stack(expected)
+    val = DataLoader(TensorDataset(xv, yv), batch_size=16)
+    torch.testing.assert_close(la._grid_nll(val, grid), expected, rtol=1e-8, atol=1e-8)
+    best = int(expected.argmin())
+    assert 0 < best < len(grid) - 1
+    assert la.optimize_prior_precision("gridsearch", val_loader=val, grid=grid) == grid[best].item()
+
+
+def test_gridsearch_regression_nll_is_exact_for_targets_far_in_the_tails():
+    """Validation targets 20 predictive standard deviations off (each density ~e^-200, their product below the
+    smallest float64): the summed NLL is still the exact −Σ log N(y | x w, x Σ_δ xᵀ + σ²), per example."""
+    g = torch.Generator().manual_seed(24)
+    d, sigma, delta = 3, 0.5, 2.0
+    X = torch.randn(30, d, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(d, generator=g, dtype=torch.float64) + sigma * torch.randn(30, generator=g, dtype=torch.float64)
+    mean, cov = ridge(X, y, sigma, delta)
+    la = SubnetLaplace(linear_net(mean), "regression", torch.arange(d), prior_precision=delta, sigma_noise=sigma)
+    la.fit((X, y))
+    xv = torch.randn(8, d, generator=g, dtype=torch.float64)
+    sd = (((xv @ cov) * xv).sum(-1) + sigma**2).sqrt()
+    yv = xv @ mean + 20 * sd * torch.tensor([1.0, -1.0]).repeat(4).double()
+    expected = -torch.distributions.Normal(xv @ mean, sd).log_prob(yv).sum()
+    assert expected.item() > 8 * 200  # far beyond -log(1e-300) = 690.8 in total
+    nll = la._grid_nll((xv, yv), torch.tensor([delta], dtype=torch.float64))
+    torch.testing.assert_close(nll, expected.reshape(1), rtol=1e-10, atol=0)
+
+
+def test_log_evidence_with_a_nonzero_prior_mean_is_exact(linreg):
+    """With the prior N(μ0, δ⁻¹I) and θ_MAP its exact posterior mean, log Z(δ) is the exact evidence
+    log N(y | X μ0, σ²I + X Xᵀ/δ), for μ0 given over the subnetwork or over all of θ."""
+    X, y, sigma, delta = linreg
+    mu0 = torch.tensor([0.5, -1.0, 2.0, 0.3], dtype=torch.float64)
+    precision = X.T @ X / sigma**2 + delta * torch.eye(4, dtype=torch.float64)
+    mean = torch.linalg.solve(precision, X.T @ y / sigma**2 + delta * mu0)
+    cov = sigma**2 * torch.eye(len(y), dtype=torch.float64) + X @ X.T / delta
+    expected = torch.distributions.MultivariateNormal(X @ mu0, cov).log_prob(y).item()
+    for prior_mean in (mu0, mu0.tolist()):
+        la = SubnetLaplace(
+            linear_net(mean),
+            "regression",
+            torch.arange(4),
+            prior_precision=delta,
+            sigma_noise=sigma,
+            prior_mean=prior_mean,
+        ).fit((X, y))
+        assert la.log_marginal_likelihood().item() == pytest.approx(expected, rel=1e-10)
+    # over a subnetwork of 2 of the 4 weights, μ0 given over all of θ is sliced
+    sub = SubnetLaplace(
+        linear_net(mean), "regression", torch.tensor([1, 3]), prior_precision=delta, sigma_noise=sigma, prior_mean=mu0
+    ).fit((X, y))
+    Xs, ys = X[:, [1, 3]], y - X[:, [0, 2]] @ mean[[0, 2]]
+    Ps = Xs.T @ Xs / sigma**2 + delta * torch.eye(2, dtype=torch.float64)
+    diff = mean[[1, 3]] - mu0[[1, 3]]
+    loglik = torch.distributions.Normal(Xs @ mean[[1, 3]], sigma).log_prob(ys).sum()
+    laplace = loglik - 0.5 * delta * diff.square().sum() + math.log(delta) - 0.5 * torch.logdet(Ps)
+    assert sub.log_marginal_likelihood().item() == pytest.approx(laplace.item(), rel=1e-10)
+
+
+def test_evidence_and_factor_use_the_network_device_not_the_default_one(linreg, monkeypatch):
+    """With another default device (meta), log Z(δ) for a number δ, the eigenvalue fallback and the Cholesky
+    factor still live on the network's device and equal the exact evidence and covariance."""
+    X, y, sigma, delta = linreg
+    mean, cov = ridge(X, y, sigma, delta)
+    la = SubnetLaplace(linear_net(mean), "regression", torch.arange(4), prior_precision=delta, sigma_noise=sigma)
+    la.fit((X, y))
+    with torch.device("meta"):
+        value = la.log_marginal_likelihood(delta)
+        covariance = la.posterior_covariance
+    assert value.item() == pytest.approx(exact_log_evidence(X, y, sigma, delta), rel=1e-10)
+    torch.testing.assert_close(covariance, cov, rtol=1e-10, atol=1e-12)
+    real = torch.linalg.eigvalsh
+
+    def fails_on_all_of_h(A, *args, **kwargs):
+        if A.shape[0] == 4:
+            raise torch.linalg.LinAlgError("simulated: failed to converge")
+        return real(A, *args, **kwargs)
+
+    X = X.clone()
+    X[:, 2] = 0.0
+    mean, _ = ridge(X, y, sigma, delta)
+    la = SubnetLaplace(linear_net(mean), "regression", torch.arange(4), prior_precision=delta, sigma_noise=sigma)
+    la.fit((X, y))
+    monkeypatch.setattr(torch.linalg, "eigvalsh", fails_on_all_of_h)
+    with torch.device("meta"):
+        value = la.log_marginal_likelihood(delta)
+    assert value.item() == pytest.approx(exact_log_evidence(X, y, sigma, delta), rel=1e-10)
+
+
+def test_eigenvalue_fallback_keeps_eigenvalues_below_one(linreg, monkeypatch):
+    """The fallback's eigenvalues of the nonzero block are only clamped at 0: with small inputs (eigenvalues of
+    XᵀX/σ² below 1) log Z(δ) is still the exact evidence."""
+    X, y, sigma, delta = linreg
+    X = 0.02 * X
+    X[:, 1] = 0.0
+    mean, _ = ridge(X, y, sigma, delta)
+    real = torch.linalg.eigvalsh
+
+    def fails_on_zero_rows(A, *args, **kwargs):
+        if bool((A == 0).all(0).any()):
+            raise torch.linalg.LinAlgError("simulated: failed to converge")
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", fails_on_zero_rows)
+    la = SubnetLaplace(linear_net(mean), "regression", torch.arange(4), prior_precision=delta, sigma_noise=sigma)
+    la.fit((X, y))
+    assert 0 < float(real(la.H).max()) < 1
+    assert la.log_marginal_likelihood().item() == pytest.approx(exact_log_evidence(X, y, sigma, delta), rel=1e-10)
+
+
+def test_only_the_upper_triangle_of_a_saved_h_is_read(linreg, monkeypatch):
+    """A saved H is read through its upper triangle only, by the eigenvalues of log Z (also in the fallback,
+    where a weight without curvature is one whose column is zero) as by the Cholesky factor: junk in the lower
+    triangle of the row of a weight without curvature leaves log Z the exact evidence and Σ the exact
+    (XᵀX/σ² + δI)⁻¹."""
+    X, y, sigma, delta = linreg
+    X = X.clone()
+    X[:, 1] = 0.0
+    mean, cov = ridge(X, y, sigma, delta)
+    la = SubnetLaplace(linear_net(mean), "regression", torch.arange(4), prior_precision=delta, sigma_noise=sigma)
+    state = la.fit((X, y)).state_dict()
+    assert state["state"]["H"][1].abs().max().item() == 0.0
+    state["state"]["H"][1, 0] = 50.0  # below the diagonal
+    expected = exact_log_evidence(X, y, sigma, delta)
+    loaded = SubnetLaplace.from_state_dict(la.model, state)
+    assert loaded.log_marginal_likelihood().item() == pytest.approx(expected, rel=1e-10)
+    torch.testing.assert_close(loaded.posterior_covariance, cov, rtol=1e-10, atol=1e-12)
+    real = torch.linalg.eigvalsh
+
+    def fails_on_zero_columns(A, *args, **kwargs):
+        if bool((A == 0).all(0).any()):
+            raise torch.linalg.LinAlgError("simulated: failed to converge")
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", fails_on_zero_columns)
+    loaded = SubnetLaplace.from_state_dict(la.model, state)
+    assert loaded.log_marginal_likelihood().item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_one_cholesky_factorisation_per_prior_precision(linreg, monkeypatch):
+    """The factor of H + δI is computed once per δ and reused by the covariance, draws and predictives until δ
+    changes (each factor equal to the exact one)."""
+    X, y, sigma, delta = linreg
+    mean, cov = ridge(X, y, sigma, delta)
+    real = torch.linalg.cholesky_ex
+    calls = []
+
+    def counting(A, *args, **kwargs):
+        calls.append(A.shape[0])
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", counting)
+    la = SubnetLaplace(linear_net(mean), "regression", torch.arange(4), prior_precision=delta, sigma_noise=sigma)
+    la.fit((X, y))
+    assert calls == []
+    torch.testing.assert_close(la.posterior_covariance, cov, rtol=1e-10, atol=1e-12)
+    la.sample(5)
+    la.glm_mean_variance(X[:3])
+    torch.testing.assert_close(la.posterior_covariance, cov, rtol=1e-10, atol=1e-12)
+    assert calls == [4]
+    la.prior_precision = 3.0
+    torch.testing.assert_close(la.posterior_covariance, ridge(X, y, sigma, 3.0)[1], rtol=1e-10, atol=1e-12)
+    la.sample(5)
+    assert calls == [4, 4]
+
+
+def test_draws_follow_a_strongly_correlated_posterior():
+    """For nearly collinear inputs the exact posterior covariance (XᵀX/σ² + δI)⁻¹ has correlations near -1:
+    the empirical covariance of the draws matches it entrywise (within sampling error), off-diagonal included."""
+    g = torch.Generator().manual_seed(25)
+    x0 = torch.randn(40, 1, generator=g, dtype=torch.float64)
+    X = torch.cat([x0, x0 + 0.05 * torch.randn(40, 1, generator=g, dtype=torch.float64), x0.abs()], 1)
+    y = X.sum(-1) + 0.3 * torch.randn(40, generator=g, dtype=torch.float64)
+    mean, cov = ridge(X, y, 0.3, 1.0)
+    assert cov[0, 1] / (cov[0, 0] * cov[1, 1]).sqrt() < -0.9
+    la = SubnetLaplace(linear_net(mean), "regression", torch.arange(3), prior_precision=1.0, sigma_noise=0.3)
+    la.fit((X, y))
+    draws = la.sample(20000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draws.mean(0), mean, atol=0.05 * cov.diagonal().max().sqrt().item(), rtol=0)
+    torch.testing.assert_close(torch.cov(draws.T), cov, rtol=0, atol=0.05 * cov.abs().max().item())
+
+
+# ---- the posterior's lifecycle: construction, fit, draws, save/load, repr ----
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _linear_problem(n: int = 40, d: int = 4, sigma: float = 0.5, delta: float = 2.0, seed: int = 1):
+    """Bayesian linear regression y = X w + N(0, σ²), w ~ N(0, δ⁻¹ I) in float64: the data, the exact
+    posterior mean, and the lower Cholesky factor of the exact posterior precision XᵀX/σ² + δI."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(d, generator=g, dtype=torch.float64) + sigma * torch.randn(n, generator=g, dtype=torch.float64)
+    precision = X.T @ X / sigma**2 + delta * torch.eye(d, dtype=torch.float64)
+    mean = torch.linalg.solve(precision, X.T @ y / sigma**2)
+    return X, y, mean, torch.linalg.cholesky(precision)
+
+
+def _linear_net(w: torch.Tensor) -> nn.Linear:
+    """y = x·w without bias, in w's dtype."""
+    net = nn.Linear(w.numel(), 1, bias=False).to(w.dtype)
+    with torch.no_grad():
+        net.weight.copy_(w.reshape(1, -1))
+    return net
+
+
+def _fitted_linear(sigma: float = 0.5, delta: float = 2.0, **kwargs):
+    """The linear problem and a SubnetLaplace over all 4 weights of the net at the exact posterior mean."""
+    X, y, mean, L = _linear_problem(sigma=sigma, delta=delta)
+    la = SubnetLaplace(
+        _linear_net(mean), "regression", torch.arange(4), prior_precision=delta, sigma_noise=sigma, **kwargs
+    ).fit((X, y))
+    return la, X, y, mean, L
+
+
+def _exact_draws(mean: torch.Tensor, L: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """θ* + L⁻ᵀ ε row by row, for L the Cholesky factor of the exact posterior precision."""
+    return mean + torch.linalg.solve_triangular(L.T, eps.T, upper=True).T
+
+
+class RowRecorder(nn.Module):
+    """A small tanh net that records how many input rows each of its forward calls sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+        self.rows: list[int] = []
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return self.body(x)
+
+
+# ----------------------------------------------------------------------------- constructor
+
+
+def test_constructor_messages_are_exact():
+    """Each bad setting is refused with the exact message naming the argument (and nothing else)."""
+    net = _linear_net(torch.zeros(4, dtype=torch.float64))
+    cases = [
+        ({"sigma_noise": -1.0}, "sigma_noise must be a positive number, got -1.0"),
+        ({"sigma_noise": math.inf}, "sigma_noise must be a positive number, got inf"),
+        ({"prior_precision": 0}, "prior_precision must be a positive number, got 0"),
+        (
+            {"jacobian_mode": "sideways"},
+            "jacobian_mode: unknown name 'sideways'; valid: ['auto', 'forward', 'reverse']",
+        ),
+        ({"max_block_elements": 0}, "max_block_elements must be an integer >= 1, got 0"),
+        ({"subnetwork_size": 2}, "subnetwork_size is only used with a strategy name; got indices"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=_exactly(message)):
+            SubnetLaplace(net, "regression", torch.arange(4), **kwargs)
+
+
+def test_constructor_defaults_chunk_size_and_classification_noise():
+    """chunk_size defaults to 32 and a classification posterior has σ = 1, which also survives a save/load."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    la = SubnetLaplace(net, "classification", torch.arange(5), prior_precision=1.0)
+    assert la.chunk_size == 32 and la.sigma_noise == 1.0
+    assert SubnetLaplace(net, "classification", torch.arange(5), sigma_noise=1).sigma_noise == 1.0
+    g = torch.Generator().manual_seed(2)
+    la.fit((torch.randn(10, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g)))
+    loaded = SubnetLaplace.from_state_dict(net, la.state_dict())
+    assert loaded.sigma_noise == 1.0 and loaded.chunk_size == 32
+
+
+def test_param_names_choose_the_flat_theta_the_indices_point_into():
+    """With ``param_names=["0.bias"]`` index 0 is the bias: its Jacobian column is all ones, so its exact
+    posterior variance is 1 / (N/σ² + δ) (index 0 of the default θ would be a weight instead)."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(20, generator=g, dtype=torch.float64)
+    net = nn.Sequential(nn.Linear(3, 1)).double()
+    sigma, delta = 0.5, 2.0
+    la = SubnetLaplace(
+        net, "regression", torch.tensor([0]), prior_precision=delta, sigma_noise=sigma, param_names=["0.bias"]
+    ).fit((X, y))
+    expected = torch.tensor([[1.0 / (20 / sigma**2 + delta)]], dtype=torch.float64)
+    torch.testing.assert_close(la.posterior_covariance, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(la.theta_map, net[0].bias.detach())
+
+
+def test_rank1_regression_noise_default_and_member_glm_predictive():
+    """A rank-1 point network's σ defaults to the model's softplus(noise_raw), and its closed-form GLM
+    regression predictive keeps the K members: ``(1, K, B, 2)`` = (f, diag(J Σ Jᵀ) + σ²) with Σ the inverse of
+    the member-averaged dense GGN (1/K) Σ_r J_rᵀ J_r / σ² + δI."""
+    model = rank1_mlp(3, [5], 1, ensemble_size=2, likelihood="normal")
+    with torch.no_grad():
+        model.noise_raw.fill_(0.0)  # σ = softplus(0) = log 2
+    guide = DeltaGuide(model, init_loc_std=0.3)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(9, 3, generator=g), torch.randn(9, generator=g)
+    guide(x)
+    net = rank1_point_network(model, guide)
+    la = SubnetLaplace(net, "regression", "rank1-factors", prior_precision=1.5, prior_mean=1.0).fit((x, y))
+    assert la.sigma_noise == pytest.approx(math.log(2.0), rel=1e-6)
+    sigma2 = math.log(2.0) ** 2
+    f = FlatFunctional(net).restrict(la.subnetwork_indices)
+    J = f.jacobian(x).double()  # (K·B, 1, M)
+    M = J.shape[-1]
+    H = torch.einsum("rom,ron->mn", J, J) / 2 / sigma2
+    cov = torch.linalg.inv(H + 1.5 * torch.eye(M, dtype=torch.float64))
+    x_new = torch.randn(4, 3, generator=g)
+    Jn = f.jacobian(x_new).double()
+    var = torch.einsum("rom,mn,ron->r", Jn, cov, Jn).reshape(2, 4)
+    pred = la.sample_predictions(x_new, 1)
+    assert pred.shape == (1, 2, 4, 2)
+    torch.testing.assert_close(pred[0, ..., 0], net(x_new).detach().reshape(2, 4))
+    torch.testing.assert_close(pred[0, ..., 1].double(), var + sigma2, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- unfitted state and repr
+
+
+def test_unfitted_state_and_its_exact_message():
+    """Before fit (and after a fit that failed) H, the log-likelihood and N are None, and everything that needs
+    the fit raises exactly "call fit(train_loader) first"."""
+    X, y, mean, _ = _linear_problem()
+    la = SubnetLaplace(_linear_net(mean), "regression", torch.arange(4), prior_precision=1.0)
+    assert la.H is None and la.log_likelihood is None and la.num_data is None
+    calls = [
+        lambda: la.posterior_covariance,
+        lambda: la.posterior_precision,
+        lambda: la.log_marginal_likelihood(),
+        lambda: la.sample(2),
+        lambda: la.sample_predictions(X[:2], 1),
+        lambda: la.state_dict(),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=_exactly("call fit(train_loader) first")):
+            call()
+    la.fit((X, y))
+    assert la.num_data == 40
+    message = "train_loader must yield (x, y) batches: the marginal likelihood needs targets"
+    with pytest.raises(ValueError, match=_exactly(message)):
+        la.fit(X)
+    assert la.H is None and la.log_likelihood is None and la.num_data is None
+    with pytest.raises(RuntimeError, match=_exactly("call fit(train_loader) first")):
+        la.sample(2)
+
+
+def test_repr_of_unfitted_and_fitted_posteriors():
+    """The repr names the subnetwork (strategy, or size once chosen), likelihood, δ (4 significant digits, or
+    "unset"), predictive and whether (and on how many examples) it was fitted."""
+    net = _linear_net(torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64))
+    la = SubnetLaplace(net, "classification", "largest-magnitude", 2)
+    expected = (
+        "SubnetLaplace(strategy='largest-magnitude', likelihood='categorical', prior_precision=unset, "
+        "predictive='glm', unfitted)"
+    )
+    assert repr(la) == expected
+    la = SubnetLaplace(net, "regression", torch.arange(3), prior_precision=0.123456, predictive="nn")
+    expected = "SubnetLaplace(num_params=3, likelihood='normal', prior_precision=0.1235, predictive='nn', unfitted)"
+    assert repr(la) == expected
+    la, *_ = _fitted_linear()
+    expected = "SubnetLaplace(num_params=4, likelihood='normal', prior_precision=2, predictive='glm', fitted on 40)"
+    assert repr(la) == expected
+
+
+# ----------------------------------------------------------------------------- draws
+
+
+def test_sample_with_a_seeded_generator_is_the_exact_posterior_draw():
+    """``sample(S, generator)`` is θ* + L⁻ᵀ ε for ε the generator's float64 standard normals (S, M) and L the
+    Cholesky factor of the exact precision XᵀX/σ² + δI; the global RNG plays no part; and many draws have the
+    exact mean and covariance."""
+    la, _, _, mean, L = _fitted_linear()
+    torch.manual_seed(0)
+    draws = la.sample(5, generator=torch.Generator().manual_seed(3))
+    eps = torch.randn(5, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch.testing.assert_close(draws, _exact_draws(mean, L, eps), rtol=1e-10, atol=1e-12)
+    torch.manual_seed(1)
+    torch.testing.assert_close(la.sample(5, generator=torch.Generator().manual_seed(3)), draws, rtol=0, atol=0)
+    many = la.sample(20000, generator=torch.Generator().manual_seed(4))
+    cov = torch.cholesky_inverse(L)
+    torch.testing.assert_close(many.mean(0), mean, rtol=0, atol=4 * cov.diagonal().max().sqrt().item() / 100)
+    torch.testing.assert_close(torch.cov(many.T), cov, rtol=0.05, atol=0.05 * cov.abs().max().item())
+
+
+def test_draws_come_in_the_network_dtype_and_device():
+    """A float32 network gets float32 draws (the factor stays float64); with the meta device as the default
+    device, draws and predictions (from the same seeds) are still made on the network's device (the CPU), equal
+    to those made without it."""
+    X, y, mean, _ = _linear_problem()
+    la = SubnetLaplace(_linear_net(mean.float()), "regression", torch.arange(4), prior_precision=2.0).fit(
+        (X.float(), y.float())
+    )
+    assert la.sample(3).dtype == torch.float32
+    la, *_ = _fitted_linear(sigma=0.3)
+    x_new = X[:3]
+    expected = la.sample(4, generator=torch.Generator().manual_seed(7))
+    outside = {}
+    for predictive in ("glm-mc", "nn"):
+        la.clear_samples()
+        la.predictive = predictive
+        torch.manual_seed(0)
+        outside[predictive] = la.sample_predictions(x_new, 3)
+    gen = torch.Generator().manual_seed(7)
+    with torch.device("meta"):
+        draws = la.sample(4, generator=gen)
+        inside = {}
+        for predictive in ("glm-mc", "nn"):
+            la.clear_samples()
+            la.predictive = predictive
+            torch.manual_seed(0)
+            inside[predictive] = la.sample_predictions(x_new, 3)
+    assert draws.device.type == "cpu"
+    torch.testing.assert_close(draws, expected, rtol=0, atol=0)
+    for predictive in ("glm-mc", "nn"):
+        assert inside[predictive].device.type == "cpu"
+        assert inside[predictive].shape == outside[predictive].shape == (3, 1, 3, 2)
+        torch.testing.assert_close(inside[predictive], outside[predictive], rtol=0, atol=0)
+
+
+def test_cached_draws_are_exact_posterior_draws_of_the_global_rng():
+    """The draws behind ``sample_predictions`` ("glm-mc") are θ_s = θ* + L⁻ᵀ ε_s with ε the global RNG's float64
+    standard normals (S, M): the predictive means are x·θ_s, and every variance is σ² exactly (in float64)."""
+    sigma = 0.3
+    la, X, _, mean, L = _fitted_linear(sigma=sigma, predictive="glm-mc")
+    x_new = X[:5]
+    torch.manual_seed(5)
+    pred = la.sample_predictions(x_new, 6)
+    torch.manual_seed(5)
+    thetas = _exact_draws(mean, L, torch.randn(6, 4, dtype=torch.float64))
+    assert pred.shape == (6, 1, 5, 2) and pred.dtype == torch.float64
+    torch.testing.assert_close(pred[:, 0, :, 0], thetas @ x_new.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pred[..., 1], torch.full((6, 1, 5), sigma**2, dtype=torch.float64), rtol=0, atol=0)
+    la.predictive = "nn"
+    pred = la.sample_predictions(x_new, 6)  # the same cached draws
+    torch.testing.assert_close(pred[:, 0, :, 0], thetas @ x_new.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pred[..., 1], torch.full((6, 1, 5), sigma**2, dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_num_samples_messages_are_exact():
+    """``sample`` and ``sample_predictions`` (closed-form "glm" too) refuse a non-positive S by name."""
+    la, X, *_ = _fitted_linear()
+    for call in (lambda: la.sample(0), lambda: la.sample_predictions(X[:2], 0)):
+        with pytest.raises(ValueError, match=_exactly("num_samples must be an integer >= 1, got 0")):
+            call()
+
+
+# ----------------------------------------------------------------------------- what fit hands on
+
+
+def test_fit_hands_the_likelihood_to_the_variance_strategy():
+    """Regression "largest-variance" picks the entries of largest 1/(diag(JᵀJ)/σ² + δ), from a dense Jacobian."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    g = torch.Generator().manual_seed(6)
+    X, y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(30, generator=g, dtype=torch.float64)
+    la = SubnetLaplace(net, "regression", "largest-variance", 8, prior_precision=1.0, sigma_noise=0.5).fit((X, y))
+    J = FlatFunctional(net).jacobian(X)  # (N, 1, P)
+    variance = 1.0 / (J.pow(2).sum((0, 1)) / 0.25 + 1.0)
+    assert la.subnetwork_indices.tolist() == sorted(torch.argsort(variance, descending=True)[:8].tolist())
+
+
+def test_fit_hands_sigma_to_the_swag_strategy():
+    """Regression "largest-swag-variance" with σ = 0.2 equals a plain SGD run on ½‖f − y‖²/σ² (mean over rows):
+    the entries of largest variance of its iterates."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    g = torch.Generator().manual_seed(8)
+    X, y = torch.randn(24, 4, generator=g, dtype=torch.float64), torch.randn(24, generator=g, dtype=torch.float64)
+    batches = [(X[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
+    options = {"epochs": 2, "lr": 0.01, "momentum": 0.9}
+    la = SubnetLaplace(
+        net, "regression", "largest-swag-variance", 10, prior_precision=1.0, sigma_noise=0.2, selection_options=options
+    ).fit(batches)
+    twin = copy.deepcopy(net)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9)
+    snaps = []
+    for _ in range(2):
+        for xb, yb in batches:
+            opt.zero_grad()
+            (0.5 * F.mse_loss(twin(xb).squeeze(-1), yb, reduction="none").mean() / 0.2**2).backward()
+            opt.step()
+            snaps.append(torch.nn.utils.parameters_to_vector(twin.parameters()).detach().clone())
+    variance = torch.stack(snaps).var(0, unbiased=False)
+    assert la.subnetwork_indices.tolist() == sorted(torch.argsort(variance, descending=True)[:10].tolist())
+
+
+def test_fit_hands_selection_options_to_the_strategy():
+    """``selection_options={"pattern": "2.*"}`` makes "by-name" choose all entries of module 2 (weight, bias)."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(9)
+    data = (torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g))
+    la = SubnetLaplace(net, "classification", "by-name", prior_precision=1.0, selection_options={"pattern": "2.*"})
+    la.fit(data)
+    assert la.subnetwork_indices.tolist() == list(range(25, 25 + 15 + 3))
+
+
+@pytest.mark.parametrize("subnetwork", [torch.tensor([1, 7, 30]), "largest-variance"])
+def test_max_block_elements_bounds_every_jacobian_block(subnetwork):
+    """With ``max_block_elements=1`` every Jacobian block of the fit (also those of the variance strategy's
+    diagonal GGN) is one input row: no forward call sees more than the 2 rows the planning probes, while the
+    default block holds the whole batch of 12 (and H is the same)."""
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(10)
+    data = (torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (12,), generator=g))
+    size = None if torch.is_tensor(subnetwork) else 3
+    net = RowRecorder().double()
+    small = SubnetLaplace(net, "classification", subnetwork, size, prior_precision=1.0, max_block_elements=1)
+    small.fit(data)
+    assert max(net.rows) <= 2
+    net.rows.clear()
+    whole = SubnetLaplace(net, "classification", subnetwork, size, prior_precision=1.0).fit(data)
+    assert max(net.rows) == 12
+    assert whole.subnetwork_indices.tolist() == small.subnetwork_indices.tolist()
+    torch.testing.assert_close(small.H, whole.H)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_saved_state_records_the_strategy_and_round_trips_the_prior_mean():
+    """The saved state records the strategy that chose the subnetwork; a number prior mean (0.1) comes back
+    exactly (not rounded through float32), and a tensor prior mean comes back equal."""
+    X, y, mean, _ = _linear_problem()
+    net = _linear_net(mean)
+    la = SubnetLaplace(net, "regression", "largest-magnitude", 2, prior_precision=1.0, prior_mean=0.1).fit((X, y))
+    state = la.state_dict()
+    assert state["state"]["strategy"] == "largest-magnitude"
+    loaded = SubnetLaplace.from_state_dict(net, state)
+    torch.testing.assert_close(loaded.prior_mean, torch.full((2,), 0.1, dtype=torch.float64), rtol=0, atol=0)
+    prior_mean = torch.tensor([0.1, -0.2, 0.3, 0.05], dtype=torch.float64)
+    la = SubnetLaplace(net, "regression", torch.arange(4), prior_precision=1.0, prior_mean=prior_mean).fit((X, y))
+    loaded = SubnetLaplace.from_state_dict(net, la.state_dict())
+    torch.testing.assert_close(loaded.prior_mean, prior_mean, rtol=0, atol=0)
+    assert loaded.log_marginal_likelihood().item() == la.log_marginal_likelihood().item()
+
+
+def test_saved_dtype_round_trips_and_defaults_to_float64():
+    """A float32 posterior loads as float32 with the same H; a state without a saved dtype (older files) loads
+    as float64."""
+    X, y, mean, _ = _linear_problem()
+    net = _linear_net(mean)
+    la = SubnetLaplace(net, "regression", torch.arange(4), prior_precision=2.0, dtype=torch.float32).fit((X, y))
+    loaded = SubnetLaplace.from_state_dict(net, la.state_dict())
+    assert loaded.dtype == torch.float32 and loaded.H.dtype == torch.float32
+    torch.testing.assert_close(loaded.H, la.H, rtol=0, atol=0)
+    state = SubnetLaplace(net, "regression", torch.arange(4), prior_precision=2.0).fit((X, y)).state_dict()
+    del state["settings"]["dtype"]
+    loaded = SubnetLaplace.from_state_dict(net, state)
+    assert loaded.dtype == torch.float64 and loaded.H.dtype == torch.float64
+    torch.testing.assert_close(loaded.H, X.T @ X, rtol=1e-12, atol=1e-12)  # σ = 1
+
+
+def test_loaded_h_lives_on_the_posterior_device(monkeypatch):
+    """Loading moves the saved (CPU) H onto the posterior's device. A network on another device is stood in for
+    by reporting "meta" as the posterior's device (a network on "meta" cannot be restricted: its indices hold
+    no values), so H, and with it the precision, must land on "meta"."""
+    la, *_ = _fitted_linear()
+    state = la.state_dict()
+    monkeypatch.setattr(SubnetLaplace, "device", property(lambda self: torch.device("meta")))
+    loaded = SubnetLaplace.from_state_dict(la.model, state)
+    assert loaded.H.device.type == "meta" and loaded.H.shape == (4, 4) and loaded.H.dtype == torch.float64
+    assert loaded.posterior_precision.device.type == "meta"
+
+
+# ---- curvature.py: Jacobian columns, their plan and the GGN, against dense jacrev ----
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class _CvDoubleLinear(nn.Linear):
+    """A Linear subclass with its own forward (weight doubled): no layer rule may apply."""
+
+    def forward(self, x):
+        return F.linear(x, 2 * self.weight, self.bias)
+
+
+class _CvDoubleConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward (weight doubled): no layer rule may apply."""
+
+    def forward(self, x):
+        return self._conv_forward(x, 2 * self.weight, self.bias)
+
+
+class _CvNet(nn.Module):
+    """Convolutions (stride, padding, dilation, no bias, groups, reflect padding, a subclass),
+    LayerNorm, BatchNorm in eval, Linear with and without bias and a Linear subclass."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False)
+        self.c3 = nn.Conv2d(4, 4, 1, groups=2)
+        self.c4 = nn.Conv2d(4, 3, 3, padding=1, padding_mode="reflect")
+        self.c5 = _CvDoubleConv(3, 3, 1)
+        self.ln = nn.LayerNorm(27)
+        self.l1 = nn.Linear(27, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.l2 = _CvDoubleLinear(5, 4, bias=False)
+        self.l3 = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        h = torch.tanh(self.c2(h))
+        h = torch.tanh(self.c3(h))
+        h = torch.tanh(self.c4(h))
+        h = self.c5(h).flatten(1)
+        h = self.bn(torch.tanh(self.l1(self.ln(h))))
+        return self.l3(torch.tanh(self.l2(h)))
+
+
+class _CvTwoMembers(nn.Module):
+    """K = 2 members, member-major rows: member k sees (k + 1)·x; ``mix`` adds half of the previous
+    row of the last layer's output (rows interact)."""
+
+    def __init__(self, mix: bool = False):
+        super().__init__()
+        self.l1 = nn.Linear(3, 4)
+        self.l2 = nn.Linear(4, 3)
+        self.mix = mix
+
+    def forward(self, x):
+        h = self.l2(torch.tanh(self.l1(torch.cat([x, 2 * x]))))
+        return h + 0.5 * h.roll(1, 0) if self.mix else h
+
+
+def _cv_init(module: nn.Module, seed: int = 0) -> nn.Module:
+    """float64, random parameters and BatchNorm statistics, eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    module = module.double().eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g, dtype=b.dtype))
+    return module
+
+
+def _cv_dense(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs (R, O) and the dense Jacobian (R, O, P) of the whole batch w.r.t. all parameters
+    (``named_parameters`` order), by ``jacrev`` of ``functional_call``."""
+    named = dict(module.named_parameters())
+    names = list(named)
+    flat = torch.cat([p.detach().reshape(-1) for p in named.values()])
+
+    def fn(theta):
+        params = {n: c.view(named[n].shape) for n, c in zip(names, theta.split([p.numel() for p in named.values()]))}
+        out = functional_call(module, params, (x,))
+        return out.reshape(out.shape[0], -1)
+
+    with torch.no_grad():
+        out = fn(flat)
+    return out, jacrev(fn)(flat)
+
+
+def _cv_offsets(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Indices of every parameter's entries in the flat θ."""
+    out, start = {}, 0
+    for name, p in module.named_parameters():
+        out[name] = torch.arange(start, start + p.numel())
+        start += p.numel()
+    return out
+
+
+def _cv_starts(functional, x, **kwargs) -> list[int]:
+    return [start for start, _, _ in jacobian_blocks(functional, x, **kwargs)]
+
+
+# ----------------------------------------------------------------------------- Jacobians
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cv_jacobian_columns_match_dense_jacrev(batch):
+    """Every mode, with and without layer rules, on every subset kind (all entries; a random
+    subset; entries in only some layers' weight/bias; only generic entries) equals the selected
+    columns of the dense whole-batch jacrev Jacobian (float64), outputs included."""
+    net = _cv_init(_CvNet())
+    x = torch.randn(batch, 2, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref_out, ref_J = _cv_dense(net, x)
+    off = _cv_offsets(net)
+    P = ref_J.shape[-1]
+    subsets = [
+        None,
+        torch.randperm(P, generator=torch.Generator().manual_seed(2))[:40],
+        torch.cat([off["l1.weight"][::7], off["c1.bias"][1:3], off["c2.weight"][::13], off["l3.bias"][:1]]),
+        torch.cat([off["ln.weight"][::3], off["bn.bias"], off["c3.weight"][:3], off["c5.weight"][::2]]),
+        torch.cat([off["c4.weight"][::9], off["l2.weight"][::5], off["c1.weight"][::11]]),
+    ]
+    full = FlatFunctional(net)
+    for idx in subsets:
+        f = full if idx is None else full.restrict(idx)
+        want = ref_J if idx is None else ref_J[..., idx]
+        for mode in ("auto", "forward", "reverse"):
+            for rules in (True, False):
+                if mode == "forward" and idx is None and not rules:
+                    continue
+                out, J = jacobian_columns(f, x, mode=mode, layer_rules=rules)
+                torch.testing.assert_close(out, ref_out)
+                torch.testing.assert_close(J, want, msg=f"mode={mode} rules={rules} subset={idx}")
+
+
+def test_cv_forward_tiny_network_and_default_mode():
+    """A Linear(3, 2) subnetwork (weight entries only) in forward mode, where the narrowed θ and a
+    batch's outputs have the same size, and ``JacobianColumns`` with its default mode: dense
+    jacrev columns."""
+    net = _cv_init(nn.Linear(3, 2))
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    _, ref_J = _cv_dense(net, x)
+    idx = torch.tensor([0, 2, 4, 5])
+    f = FlatFunctional(net).restrict(idx)
+    torch.testing.assert_close(jacobian_columns(f, x, mode="forward")[1], ref_J[..., idx])
+    torch.testing.assert_close(JacobianColumns(f)(x)[1], ref_J[..., idx])
+
+
+def test_cv_members_mixing_rows_fall_back_to_whole_batch_jacrev():
+    """K = 2 members whose last output row depends on another (not the first) row of the last
+    layer's output: the rule is refused, and the Jacobian equals the whole-batch dense one."""
+    net = _cv_init(_CvTwoMembers(mix=True))
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref_out, ref_J = _cv_dense(net, x)
+    f = FlatFunctional(net)
+    out, J = jacobian_columns(f, x, mode="reverse", per_example=False)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(J, ref_J)
+
+
+def test_cv_row_check_probes_the_first_two_examples():
+    """The row-interaction check runs on the first two examples: a network whose second row mixes
+    in the first (and whose third row does not) is refused the rule, so its whole-batch Jacobian
+    of three examples is exact (dense jacrev)."""
+
+    class SecondRowMixes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            mask = torch.zeros(h.shape[0], 1, dtype=h.dtype)
+            mask[1:2] = 0.5
+            return h + mask * h[:1]
+
+    net = _cv_init(SecondRowMixes())
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    _, ref_J = _cv_dense(net, x)
+    J = jacobian_columns(FlatFunctional(net), x, mode="reverse", per_example=False)[1]
+    torch.testing.assert_close(J, ref_J)
+
+
+def test_cv_layer_rules_switch_and_per_example_flag():
+    """Inputs centred over the batch before a Linear: the layer rule gives the whole-batch
+    Jacobian (default ``layer_rules``), while ``layer_rules=False, per_example=True`` gives the
+    Jacobians of single examples (jacrev of each example alone) -- both for ``jacobian_columns``
+    and ``jacobian_blocks``."""
+    lin = _cv_init(nn.Linear(3, 2))
+
+    class Centred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x - x.mean(0, keepdim=True))
+
+    net = Centred()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    _, batch_J = _cv_dense(net, x)
+    single_J = torch.cat([_cv_dense(net, x[i : i + 1])[1] for i in range(4)])
+    assert not torch.allclose(batch_J, single_J)
+    f = FlatFunctional(net)
+    torch.testing.assert_close(jacobian_columns(f, x, mode="reverse")[1], batch_J)
+    J = jacobian_columns(f, x, mode="reverse", per_example=True, layer_rules=False)[1]
+    torch.testing.assert_close(J, single_J)
+    blocks = list(jacobian_blocks(f, x, mode="reverse"))
+    torch.testing.assert_close(torch.cat([j[0] for _, _, j in blocks]), batch_J)
+    blocks = list(jacobian_blocks(f, x, mode="reverse", per_example=True, layer_rules=False))
+    torch.testing.assert_close(torch.cat([j[0] for _, _, j in blocks]), single_J)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def test_cv_plan_layer_rules_and_mode():
+    """Reverse mode gives rules exactly to plain Linear (kind "linear") and plain zero-padded,
+    ungrouped Conv2d (kind "conv2d") layers; reflect padding, groups, subclasses with their own
+    forward, norm layers take the generic path. Auto mode is forward iff M <= K·O."""
+    net = _cv_init(_CvNet())
+    x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    jc = JacobianColumns(FlatFunctional(net), mode="reverse")
+    jc(x)
+    assert jc.mode == "reverse"
+    assert {path: kind for path, _, kind, _ in jc.layers} == {
+        "c1": "conv2d",
+        "c2": "conv2d",
+        "l1": "linear",
+        "l3": "linear",
+    }
+    assert jc.generic is not None
+    # a bare Linear as the whole network (parameter names without a module path)
+    lin = _cv_init(nn.Linear(4, 3))
+    xl = torch.randn(2, 4, dtype=torch.float64)
+    jc = JacobianColumns(FlatFunctional(lin), mode="reverse")
+    jc(xl)
+    assert [kind for _, _, kind, _ in jc.layers] == ["linear"] and jc.generic is None
+    # K = 2 members, rows independent: both Linear layers get their rule
+    two = _cv_init(_CvTwoMembers())
+    jc = JacobianColumns(FlatFunctional(two), mode="reverse")
+    jc(torch.randn(3, 3, dtype=torch.float64))
+    assert [path for path, _, _, _ in jc.layers] == ["l1", "l2"] and jc.generic is None
+    # auto: M <= K·O (= 3) forward, else reverse
+    for M, mode in ((3, "forward"), (4, "reverse"), (1, "forward")):
+        jc = JacobianColumns(FlatFunctional(lin).restrict(torch.arange(M)))
+        jc(xl)
+        assert jc.mode == mode
+    for M, mode in ((6, "forward"), (7, "reverse")):
+        jc = JacobianColumns(FlatFunctional(two).restrict(torch.arange(M)))
+        jc(torch.randn(2, 3, dtype=torch.float64))
+        assert jc.mode == mode and jc.members == 2
+    jc = JacobianColumns(FlatFunctional(lin), mode="forward")
+    jc(xl)
+    assert jc.mode == "forward"
+
+
+def _cv_ln_net():
+    return _cv_init(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)))
+
+
+def test_cv_block_sizes():
+    """Sub-batch sizes: forward b = max(1, max_elements // (K·O·M)); reverse
+    b = max(1, max_elements // (K·O·max(generic tensor size, M·positions, 1))) with positions the
+    largest rule layer's positions (Linear: leading dims; Conv2d: H·W), and at most 16 rows when
+    jacrev cannot run per example."""
+    net = _cv_ln_net()  # params: 0.weight 16, 0.bias 4, 1.weight 4, 1.bias 4, 2.weight 12, 2.bias 3
+    full = FlatFunctional(net)
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ln_w, l2_w = torch.arange(20, 24), torch.arange(28, 40)
+    f = full.restrict(ln_w[:2])  # M = 2, generic only (LayerNorm weight, 4 entries)
+    assert _cv_starts(f, x[:5], mode="forward", max_elements=12) == [0, 2, 4]
+    assert _cv_starts(f, x[:3], mode="forward", max_elements=1) == [0, 1, 2]
+    f = full.restrict(l2_w[:1])  # M = 1 in a Linear weight: rule, positions 1
+    assert _cv_starts(f, x[:7], mode="reverse", max_elements=9) == [0, 3, 6]
+    assert _cv_starts(f, x[:7], max_elements=9) == [0, 3, 6]
+    assert _cv_starts(f, x[:3], mode="reverse", max_elements=1) == [0, 1, 2]
+    assert _cv_starts(f, x[:5], mode="reverse", max_elements=72, layer_rules=False) == [0, 2, 4]
+    f = full.restrict(torch.cat([ln_w[:1], l2_w[:1]]))  # generic 4 > M·positions = 2
+    assert _cv_starts(f, x[:5], mode="reverse", max_elements=24) == [0, 2, 4]
+    assert _cv_starts(f, x, mode="reverse") == [0]
+    assert _cv_starts(f, x, mode="reverse", per_example=False) == [0, 16]
+    jc = JacobianColumns(f, mode="reverse")
+    assert [s for s, _, _ in jc.blocks(x)] == [0] and jc.per_example is True
+
+    # Linear on (B, L=5, 4): positions L
+    seq = _cv_init(nn.Sequential(nn.Linear(4, 3), nn.Flatten()))  # O = 15
+    xs = torch.randn(7, 5, 4, dtype=torch.float64)
+    assert _cv_starts(FlatFunctional(seq).restrict(torch.tensor([0])), xs, mode="reverse", max_elements=150) == [
+        0,
+        2,
+        4,
+        6,
+    ]
+    # Conv2d on (B, 2, 4, 5): positions H·W = 20, O = 60
+    conv = _cv_init(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten()))
+    xc = torch.randn(5, 2, 4, 5, dtype=torch.float64)
+    assert _cv_starts(FlatFunctional(conv).restrict(torch.tensor([0])), xc, mode="reverse", max_elements=2400) == [
+        0,
+        2,
+        4,
+    ]
+
+
+def test_cv_supports_per_example():
+    """True for an MLP; only the first two examples are tried (an out-of-range embedding index in
+    the third does not matter)."""
+    net = _cv_ln_net()
+    assert supports_per_example(FlatFunctional(net), torch.randn(3, 4, dtype=torch.float64)) is True
+    emb = _cv_init(nn.Sequential(nn.Embedding(10, 3), nn.Flatten()))
+    assert supports_per_example(FlatFunctional(emb), torch.tensor([[0], [1], [99]])) is True
+
+
+def test_cv_error_messages():
+    """Exact messages for a bad mode, a bad max_elements (also through ``ggn``), an empty batch
+    and empty data."""
+    f = FlatFunctional(_cv_ln_net())
+    with pytest.raises(ValueError, match=r"^mode: unknown name 'bogus'; valid: \['auto', 'forward', 'reverse'\]$"):
+        JacobianColumns(f, mode="bogus")
+    with pytest.raises(ValueError, match=r"^max_elements must be an integer >= 1, got 0$"):
+        JacobianColumns(f, max_elements=0)
+    with pytest.raises(ValueError, match=r"^max_elements must be an integer >= 1, got 0$"):
+        ggn(f, torch.randn(2, 4, dtype=torch.float64), "categorical", max_elements=0)
+    with pytest.raises(ValueError, match=r"^x must be a non-empty batch \(B, \.\.\.\)$"):
+        list(JacobianColumns(f).blocks(torch.zeros(0, 4, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"^data is empty$"):
+        ggn(f, [], "categorical")
+
+
+# ----------------------------------------------------------------------------- GGN
+
+
+def test_cv_ggn_gaussian_default_sigma_and_log_likelihood():
+    """``"normal"`` with the default σ = 1: H = Σ_n J_nᵀ J_n (dense), ``ggn_factor`` is J itself,
+    and the log-likelihood is the closed-form Gaussian one."""
+    net = _cv_ln_net()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    out, J = _cv_dense(net, x)
+    idx = torch.tensor([1, 5, 17, 21, 30, 38, 41])
+    Js = J[..., idx]
+    cur = ggn(FlatFunctional(net).restrict(idx), (x, y), "normal")
+    torch.testing.assert_close(cur.matrix, torch.einsum("rom,roq->mq", Js, Js))
+    want = -0.5 * ((y - out) ** 2).sum() - 0.5 * y.numel() * math.log(2 * math.pi)
+    assert cur.log_likelihood == pytest.approx(float(want), rel=1e-12)
+    assert float(log_likelihood(out, y, "normal")) == pytest.approx(float(want), rel=1e-12)
+    torch.testing.assert_close(ggn_factor(out, Js, "normal"), Js)
+
+
+def test_cv_ggn_factor_three_dim_softmax():
+    """``ggn_factor`` on (R, O, M) blocks: Σ_r A_rᵀ A_r = Σ_r J_rᵀ (diag p_r − p_r p_rᵀ) J_r."""
+    g = torch.Generator().manual_seed(9)
+    out = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    J = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    p = torch.softmax(out, -1)
+    lam = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    A = ggn_factor(out, J, "categorical")
+    torch.testing.assert_close(torch.einsum("rom,roq->mq", A, A), torch.einsum("rop,roq,rqm->pm", J, lam, J))
+
+
+def test_cv_ggn_members_diagonal_and_given_jacobians():
+    """K = 2 members: the diagonal GGN is (1/K) Σ_r diag(J_rᵀ Λ_r J_r) (dense softmax Λ), and a
+    given ``JacobianColumns`` is the one used (it is planned afterwards, in its own mode)."""
+    net = _cv_init(_CvTwoMembers())
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    out, J = _cv_dense(net, x)
+    p = torch.softmax(out, -1)
+    lam = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    H = torch.einsum("rop,roq,rqm->pm", J, lam, J) / 2
+    f = FlatFunctional(net)
+    cur = ggn(f, x, "categorical", diagonal=True)
+    torch.testing.assert_close(cur.matrix, torch.diagonal(H))
+    assert cur.num_members == 2 and cur.log_likelihood is None
+    jc = JacobianColumns(f, mode="forward")
+    cur = ggn(f, x, "categorical", jacobians=jc)
+    torch.testing.assert_close(cur.matrix, H)
+    assert jc.mode == "forward"
