@@ -118,6 +118,7 @@ def test_a_mutation_rerun_needs_the_last_run_of_the_same_module(tmp_path, monkey
     (work / "mutants").mkdir()
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "rank1_pyro.priors.json").write_text('{"surviving": []}')
+    assert tool._run_tests(work) == ["tests/test_priors.py"]  # what a rerun reports: the run's own selection
     (work / "rank1_pyro" / "priors.py").write_text("# an older version\n")
     with pytest.raises(SystemExit, match="changed since its last run: its mutants are stale"):
         tool.run_module("rank1_pyro/priors.py", 1, rerun=True)
@@ -147,6 +148,28 @@ def test_a_mutation_run_that_checks_nothing_keeps_no_result(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=r"mutmut stopped \(exit 1\) before checking any mutant; nothing kept"):
         tool.run_module("rank1_pyro/priors.py", 1)
     assert not (tmp_path / "results").exists()
+
+
+def test_a_kept_partial_result_names_the_tests_its_run_selected(tmp_path, monkeypatch):
+    """``--progress`` (and ``--rerun``/``--resume``) report the test files the scratch run selects, not the
+    ones configured now (mutmut keeps its verdicts for the former)."""
+    import importlib.util
+    import subprocess
+    import types
+
+    spec = importlib.util.spec_from_file_location("mutants_tool", ROOT / "tools" / "mutants.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(tool, "SCRATCH", tmp_path / "scratch")
+    monkeypatch.setattr(tool, "RESULTS", tmp_path / "results")
+    work = tool._scratch("rank1_pyro/priors.py", ["tests/test_priors.py"])
+    (work / "mutants").mkdir()
+    (work / "mutants" / "mutmut-cicd-stats.json").write_text('{"total": 2, "killed": 1}')
+    monkeypatch.setattr(tool, "module_tests", lambda module: ["tests/test_priors.py", "tests/test_layers.py"])
+    listing = "  m__mutmut_1: killed\n  m__mutmut_2: not checked\n"
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=0, stdout=listing))
+    result = tool.run_module("rank1_pyro/priors.py", 1, progress=True)
+    assert result["tests"] == ["tests/test_priors.py"] and result["not_checked"] == 1
 
 
 def test_the_mutation_table_has_every_core_module_and_marks_stale_results(tmp_path, monkeypatch):

@@ -91,6 +91,12 @@ def _scratch(module: str, tests: list[str]) -> Path:
     return work
 
 
+def _run_tests(work: Path) -> list[str]:
+    """The test files a scratch copy's run selects (mutmut keeps its verdicts only for those)."""
+    with open(work / "pyproject.toml", "rb") as f:
+        return list(tomllib.load(f)["tool"]["mutmut"]["pytest_add_cli_args_test_selection"])
+
+
 def _names(output: str, status: str) -> list[str]:
     return sorted(set(re.findall(rf"^\s*(\S+): {status}\s*$", output, flags=re.M)))
 
@@ -144,6 +150,8 @@ def run_module(
         raise SystemExit(f"no such module: {module}")
     tests = module_tests(module)
     work = SCRATCH / _slug(module)
+    if (progress or rerun or resume) and (work / "pyproject.toml").is_file():
+        tests = _run_tests(work)  # the tests the run selected (the configured ones may have changed since)
     names = []
     if progress:
         if not (work / "mutants").is_dir():
