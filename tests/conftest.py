@@ -1,8 +1,15 @@
+import threading
 from pathlib import Path
 
 import pyro
 import pytest
 import torch
+import tqdm
+
+# tqdm's default write lock includes a multiprocessing RLock, a semaphore that forked processes share:
+# a forked test process (each mutant of tools/mutants.py runs in one) stopped while it holds it would
+# block every later bar of every other fork. The tests create bars in this process only.
+tqdm.tqdm.set_lock(threading.RLock())
 
 #: The slow tests, by ``file::function`` (every parametrization) or ``file`` (all its tests), and why:
 #: ``pytest -m "not slow"`` (``make test-fast``) leaves them out, ``make test`` runs them. Slow are the tests that

@@ -16,7 +16,7 @@ import torch
 from faulty_objectives import FailingELBO, StopAt
 from torch.utils.data import DataLoader, TensorDataset
 
-from rank1_pyro import MixtureELBO, MixtureGuide, rank1_mlp
+from rank1_pyro import AveragedELBO, MixtureELBO, MixtureGuide, rank1_mlp
 from rank1_pyro.inference import checkpoint as C
 from rank1_pyro.inference.checkpoint import CheckpointError, load_weights, read_checkpoint
 from rank1_pyro.inference.train import NonFiniteLossError, train
@@ -1006,3 +1006,51 @@ def test_resuming_mid_epoch_warns_only_for_an_unordered_loader_at_the_caller_of_
     assert (warning.filename, warning.lineno) != (__file__, start_line)  # nor train's call of start
     if not hasattr(C.Checkpointer.start, "__wrapped__"):  # (mutmut's trampoline adds two frames around start)
         assert (warning.filename, warning.lineno) == (__file__, user_line)  # but the user's call of train
+
+
+def test_a_checkpoint_records_the_layout_train_actually_used(tmp_path):
+    """The run's layout in the file is the one training used (a DataLoader's own batch size, not the
+    config's; the set's size and fingerprint; steps per epoch; one process; the objective), and a
+    resume on other data of the same size is refused by its fingerprint."""
+    loader = DataLoader(TensorDataset(*data()), batch_size=8, shuffle=True)
+    run(tmp_path, train_data=loader, batch_size=32, epochs=1, objective=AveragedELBO(kl_weight=0.5))
+    saved = read_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["config"]
+    expected = dict(batch_size=8, num_data=48, steps_per_epoch=6, world_size=1, objective="averaged", kl_weight=0.5)
+    assert {k: saved[k] for k in expected} == expected
+    assert saved["data_fingerprint"] == C.data_fingerprint(TensorDataset(*data()))
+    x, y = data()
+    other = DataLoader(TensorDataset(x.flip(0), y.flip(0)), batch_size=8, shuffle=True)  # the same size and batches
+    message = "the checkpoint was trained on other data of the same size (contents differ)"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        run(tmp_path, train_data=other, batch_size=32, epochs=2, objective=AveragedELBO(kl_weight=0.5), resume=True)
+
+
+def test_a_checkpoint_follows_every_nth_step_but_an_epochs_last_and_resumes_at_its_position(tmp_path, monkeypatch):
+    """With ``checkpoint_every=1`` and 6 steps per epoch a checkpoint is written after steps 1..5 of
+    each epoch (mid-epoch) and at each epoch's end (the next epoch, batch 0), never twice for one
+    step; a run interrupted twice mid-epoch resumes each time at the written position and ends
+    where the uninterrupted run does."""
+    written = []
+    atomic_save = C.atomic_save
+
+    def recording(state, path):
+        written.append((state["position"]["epoch"], state["position"]["batch"]))
+        return atomic_save(state, path)
+
+    monkeypatch.setattr(C, "atomic_save", recording)
+    ref_model, ref_guide, ref_history = run(tmp_path / "a", checkpoint_every=1)
+    assert written == [(0, b) for b in range(1, 6)] + [(1, b) for b in range(6)] + [(2, 0)]
+    model, guide = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", model, guide, checkpoint_every=1, objective=StopAt(2))
+    position = read_checkpoint(tmp_path / "b" / "ckpt" / "checkpoint.pt")["position"]
+    assert position == {"step": 1, "epoch": 0, "batch": 1}
+    model, guide = fresh()
+    with pytest.raises(KeyboardInterrupt):  # resumed at batch 1, stopped again in its second step
+        run(tmp_path / "b", model, guide, checkpoint_every=1, objective=StopAt(2), resume=True)
+    position = read_checkpoint(tmp_path / "b" / "ckpt" / "checkpoint.pt")["position"]
+    assert position == {"step": 2, "epoch": 0, "batch": 2}
+    model, guide = fresh()
+    _, _, history = run(tmp_path / "b", model, guide, checkpoint_every=1, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(params(ref_model, ref_guide), params(model, guide), strict=True))
+    assert history.epochs == ref_history.epochs

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from faulty_objectives import FailingELBO, InfiniteGradientELBO
+from torch.utils.data import DataLoader, TensorDataset
 
-from rank1_pyro import MixtureGuide, rank1_mlp
+from rank1_pyro import MixtureELBO, MixtureGuide, rank1_mlp
 from rank1_pyro.inference import distributed as D
 from rank1_pyro.inference.distributed import training_loader as _training_loader
-from rank1_pyro.inference.train import train
+from rank1_pyro.inference.train import NonFiniteLossError, train
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"
@@ -103,13 +106,17 @@ def test_one_process_group_trains_exactly_like_no_group(tmp_path):
     """The distributed code path (all-reduce, broadcasts, sharded sampler) changes nothing with one process."""
     worker = _worker()
     single, single_history = worker.run(distributed=False)
+    single_bn = worker.run_batchnorm(distributed=False)  # BatchNorm buffers: broadcast every step in a group
     dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
     try:
         grouped, grouped_history = worker.run(distributed="auto")  # "auto" picks up the initialised group
+        grouped_bn = worker.run_batchnorm(distributed="auto")
     finally:
         dist.destroy_process_group()
     assert all(torch.equal(single[k], grouped[k]) for k in single)
     assert grouped_history == single_history
+    assert single_bn.keys() == grouped_bn.keys() and any("running_mean" in k for k in single_bn)
+    assert all(torch.equal(single_bn[k], grouped_bn[k]) for k in single_bn)
 
 
 def test_sharded_batches_are_the_single_process_batches():
@@ -180,3 +187,54 @@ def test_distributed_true_outside_torchrun_is_a_clear_error(monkeypatch, tmp_pat
             progress=False,
         )
     assert not (tmp_path / "c").exists()
+
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    """An initialised gloo process group of one process: ``train`` takes the data-parallel path (the
+    all-reduce of gradients and of the non-finite flag, the broadcasts), in this process."""
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+STOPPED = "training stopped before the update, parameters hold their last good values"
+
+
+@gloo
+@pytest.mark.parametrize(
+    ("failure", "error", "message"),
+    [
+        ("loss", NonFiniteLossError, "loss is not finite on 1 of 1 processes at epoch 1, step 1 (global step 5) "),
+        ("gradient", NonFiniteLossError, "gradient norm is nan at epoch 1, step 2 (global step 6); "),
+        ("label", ValueError, "labels out of range at epoch 0, step 2 (global step 2) on rank 0: expected 0..1; "),
+    ],
+)
+def test_in_a_process_group_a_bad_step_stops_before_the_update(group_of_one, failure, error, message):
+    """Data-parallel training reads the loss's finiteness through the gradients' all-reduce: a NaN
+    loss (this rank's value in the message), a NaN gradient or an out-of-range label stops training
+    with its own message before the update; the parameters hold the values the bad step started
+    from, and no gradient is left behind."""
+    from test_train import _recording, separable
+
+    x, y = separable(64)
+    model = rank1_mlp(2, [4], 2, ensemble_size=2)
+    guide = MixtureGuide(model)
+    params, snapshots = [*model.parameters(), *guide.parameters()], []
+    if failure == "loss":
+        objective, bad = _recording(FailingELBO, model, guide, snapshots)(fail_at=5), 5
+        message += "(this rank's: nan); "
+    elif failure == "gradient":
+        objective, bad = _recording(InfiniteGradientELBO, model, guide, snapshots)(params, fail_at=6), 6
+    else:
+        y = y.clone()
+        y[40] = 2  # the third batch of 16 of a DataLoader, past the up-front check of a pair
+        objective, bad = _recording(MixtureELBO, model, guide, snapshots)(), 2
+    data = DataLoader(TensorDataset(x, y), batch_size=16) if failure == "label" else (x, y)
+    with pytest.raises(error, match=f"^{re.escape(message + STOPPED)}$"):
+        train(model, guide, data, objective=objective, epochs=3, batch_size=16, progress=False, distributed=True)
+    assert all(torch.equal(a, b) for a, b in zip(params, snapshots[bad], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(params, snapshots[0], strict=True))  # the good steps did update
+    assert all(p.grad is None for p in params)

@@ -257,7 +257,7 @@ def test_on_epoch_and_log_csv_see_every_epoch_as_it_ends(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [float(r["loss"]) for r in rows] == history.column("loss")
     assert [float(r["kl"]) for r in rows] == history.column("kl")
-    with pytest.raises(TypeError, match="on_epoch"):
+    with pytest.raises(TypeError, match="^on_epoch must be a callable taking the History, got str$"):
         train(model, guide, data, epochs=1, progress=False, on_epoch="print")
     with pytest.raises(ValueError, match="progress"):
         train(model, guide, data, epochs=1, progress="verbose")
@@ -345,7 +345,7 @@ def test_a_model_and_guide_without_parameters_is_refused_before_training():
             with pyro.plate("data", x.shape[0]):
                 pyro.sample("obs", dist.Categorical(logits=torch.zeros(x.shape[0], 2)), obs=y)
 
-    with pytest.raises(ValueError, match="nothing to train: the model and guide have no trainable parameters"):
+    with pytest.raises(ValueError, match="^nothing to train: the model and guide have no trainable parameters$"):
         train(Fixed(), None, separable(16), epochs=1, batch_size=8, progress=False)
 
 
@@ -403,3 +403,247 @@ def test_precision_fp32_computes_in_full_precision_and_bf16_under_autocast():
         assert not torch.is_autocast_enabled("cpu") and (a @ a).dtype == torch.float32
     with _autocast(torch.device("cpu"), "bf16"):
         assert torch.is_autocast_enabled("cpu") and (a @ a).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(momentum=0.9, nesterov=True, weight_decay=0.05),
+        dict(momentum=0.9, nesterov=False, weight_decay=0.0),
+        dict(momentum=0.5, nesterov=True, weight_decay=0.0, grad_clip=0.1),
+    ],
+    ids=["nesterov-decay", "heavy-ball", "clipped"],
+)
+def test_sgd_steps_of_a_deterministic_network_are_a_plain_pytorch_loop(options):
+    """A network without factors and no guide (MAP training) takes, batch for batch, the steps of a
+    hand-written PyTorch loop: the mean cross-entropy of the batch (the per-example loss −ELBO / N),
+    its gradient norm clipped to ``grad_clip``, then ``torch.optim.SGD`` with the same momentum,
+    Nesterov flag and L2 weight decay."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 3, generator=g), torch.randint(0, 3, (24,), generator=g)
+    torch.manual_seed(0)
+    net = mlp(3, [5], 3)
+    reference = mlp(3, [5], 3)
+    reference.load_state_dict(net.state_dict())
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    model = Rank1Model(net, ensemble_size=1)
+    # full batches of the whole set: the data order cannot matter
+    train(model, None, (x, y), epochs=3, batch_size=24, optimizer="sgd", lr=0.2, progress=False, seed=0, **options)
+
+    clip = options.pop("grad_clip", None)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.2, **options)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(reference(x), y).backward()
+        if clip is not None:
+            assert torch.nn.utils.clip_grad_norm_(reference.parameters(), clip) > 2 * clip  # clipping acts
+        opt.step()
+    for (name, a), b in zip(net.named_parameters(), reference.parameters(), strict=True):
+        assert not torch.equal(a, start[name]), name  # every tensor moved, so the equality says something
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("loader", [False, True], ids=["pair", "loader"])
+def test_inputs_of_another_float_dtype_train_as_the_model_dtype(model_dtype, loader):
+    """Floating-point inputs of another dtype (numpy's float64 into a float32 network, float32 into a
+    float64 one), given as a pair or by a DataLoader, are cast to the parameters' dtype at the
+    boundary: training takes exactly the steps it takes on inputs of the model's own dtype."""
+    x, y = separable(48)
+    other = torch.float64 if model_dtype == torch.float32 else torch.float32
+
+    def trained(inputs):
+        torch.manual_seed(0)
+        model = rank1_mlp(2, [4], 2, ensemble_size=2).to(model_dtype)
+        guide = MixtureGuide(model).to(model_dtype)
+        data = DataLoader(TensorDataset(inputs, y), batch_size=16) if loader else (inputs, y)
+        train(model, guide, data, epochs=2, batch_size=16, progress=False, seed=0)
+        return [p.detach() for p in [*model.parameters(), *guide.parameters()]]
+
+    own = trained(x.to(model_dtype))
+    cast = trained(x.to(other).numpy() if not loader else x.to(other))
+    assert all(p.dtype == model_dtype for p in own)
+    assert all(torch.equal(a, b) for a, b in zip(own, cast, strict=True))
+
+
+def test_a_pyro_autoguide_never_called_before_is_trained():
+    """An autoguide builds its parameters on its first call: ``train`` calls it on the first batch
+    before it builds the optimizer, so those parameters are trained (they move every epoch)."""
+    from pyro.infer.autoguide import AutoNormal
+
+    from rank1_pyro.layers import factor_sites
+
+    x, y = separable(64)
+    model = rank1_mlp(2, [4], 2, ensemble_size=2)
+    guide = AutoNormal(model)
+    seen = []
+    train(
+        model,
+        guide,
+        (x, y),
+        epochs=2,
+        batch_size=16,
+        lr=0.05,
+        progress=False,
+        seed=0,
+        on_epoch=lambda h: seen.append([p.detach().clone() for p in guide.parameters()]),
+    )
+    assert len(seen) == 2 and len(seen[0]) == 2 * len(factor_sites(model))  # a loc and a scale per factor
+    assert all(not torch.equal(a, b) for a, b in zip(*seen, strict=True))
+
+
+def test_batches_with_more_tensors_train_on_the_first_two_and_time_is_the_runs_own(tmp_path):
+    """A DataLoader whose batches carry more than ``(x, y)`` (here each example's index) trains on the
+    first two, as the same pair does; ``history.seconds`` of a new run is the time spent inside ``train``; a run
+    resumed mid-epoch on tensors (whose order ``train`` controls) gives no warning."""
+    import time
+    import warnings
+
+    from faulty_objectives import StopAt
+
+    x, y = separable(64)
+
+    def trained(data, **options):
+        torch.manual_seed(0)
+        model = rank1_mlp(2, [4], 2, ensemble_size=2)
+        guide = MixtureGuide(model)
+        begin = time.perf_counter()
+        history = train(model, guide, data, epochs=2, batch_size=16, progress=False, seed=0, **options)
+        if not options.get("resume"):  # a resumed run's time includes the interrupted run's
+            assert 0 < history.seconds <= time.perf_counter() - begin
+        return [p.detach() for p in [*model.parameters(), *guide.parameters()]]
+
+    pair = trained((x, y))
+    loader = DataLoader(TensorDataset(x, y, torch.arange(64)), batch_size=16, shuffle=True)
+    assert all(torch.equal(a, b) for a, b in zip(pair, trained(loader), strict=True))
+    options = dict(checkpoint_dir=tmp_path, checkpoint_every=2, objective="mixture")
+    with pytest.raises(KeyboardInterrupt):
+        trained((x, y), **{**options, "objective": StopAt(4)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = trained((x, y), resume=True, **options)
+    assert all(torch.equal(a, b) for a, b in zip(trained((x, y), objective="mixture"), resumed, strict=True))
+
+
+def test_a_regression_network_takes_integer_targets_as_numbers_not_labels():
+    """Only a categorical network's targets are class labels checked against its outputs: a
+    ``likelihood="normal"`` network trains on integer-valued targets exactly as on the same floats
+    (and on float64 targets, cast to its float32, too)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 2, generator=g)
+    y = (3 * x[:, 0]).round().long()  # values from about -7 to 7 for a network with one output
+
+    def trained(targets):
+        torch.manual_seed(0)
+        model = rank1_mlp(2, [4], 1, ensemble_size=2, likelihood="normal")
+        guide = MixtureGuide(model)
+        train(model, guide, (x, targets), epochs=2, batch_size=8, progress=False, seed=0)
+        return [p.detach() for p in [*model.parameters(), *guide.parameters()]]
+
+    floats = trained(y.float())
+    assert all(torch.equal(a, b) for a, b in zip(trained(y), floats, strict=True))
+    noisy = y.double() + 0.1 * torch.randn(32, generator=g, dtype=torch.float64)
+    floats = trained(noisy.float())
+    assert all(torch.equal(a, b) for a, b in zip(trained(noisy.numpy()), floats, strict=True))  # cast to float32
+
+
+def test_the_device_guard_stops_a_long_epoch_at_its_next_periodic_read():
+    """With fused kernels the guard reads its device flag every ``GUARD_READ_EVERY`` (100) steps: a NaN
+    loss in step 10 of a 200-step epoch stops training at the read after step 100, not at the epoch's
+    end (the skipped steps between change nothing); the error names step 10."""
+    from rank1_pyro.inference.train import GUARD_READ_EVERY
+
+    assert GUARD_READ_EVERY == 100
+    x, y = separable(200)
+    model = rank1_mlp(2, [4], 2, ensemble_size=2)
+    objective = FailingELBO(fail_at=10)
+    with pytest.raises(NonFiniteLossError, match=r"^loss is nan at epoch 0, step 10 \(global step 10\); "):
+        train(model, MixtureGuide(model), (x, y), objective=objective, epochs=1, batch_size=1, progress=False)
+    assert objective.calls == 100
+
+
+def test_any_pyro_model_and_guide_train():
+    """``train`` is not tied to rank-1 networks: a plain Pyro model (Bayesian linear regression, no
+    ``likelihood`` or ``outputs``) with an autoguide trains, and its posterior mean of the slope
+    approaches the exact conjugate one."""
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer.autoguide import AutoNormal
+    from torch import nn
+
+    class Regression(nn.Module):
+        def forward(self, x, y=None):
+            w = pyro.sample("w", dist.Normal(0.0, 1.0))
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", dist.Normal(w * x, 0.5), obs=y)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, generator=g)
+    y = 1.5 * x + 0.5 * torch.randn(64, generator=g)
+    guide = AutoNormal(Regression())
+    history = train(Regression(), guide, (x, y), epochs=300, batch_size=64, lr=0.05, progress=False, seed=0)
+    precision = 1.0 + (x @ x) / 0.25  # the exact posterior of w: N(mean, 1 / precision)
+    mean = (x @ y) / 0.25 / precision
+    assert guide.median()["w"].item() == pytest.approx(mean.item(), abs=0.05)  # within one posterior std (0.06)
+    assert history.last["loss"] < history.epochs[0]["loss"]
+
+
+def test_validation_is_the_monte_carlo_predictive_of_model_and_guide_with_eval_samples():
+    """Each epoch's ``val_*`` entries are :func:`evaluate` of the model *and guide* with
+    ``eval_samples`` draws, on a fork of the random state: called from ``on_epoch`` (the state is the
+    one validation started from), ``evaluate`` returns the same numbers; ``history.seconds`` there is
+    the time trained so far."""
+    import time
+
+    model, guide, data = _tiny()
+    val = separable(40, seed=3)
+    seen = []
+
+    def on_epoch(history):
+        with torch.random.fork_rng():
+            again = evaluate(model, guide, val, num_samples=3)
+        seen.append(({f"val_{k}": v for k, v in again.items()}, history.seconds <= time.perf_counter() - begin))
+
+    begin = time.perf_counter()
+    history = train(
+        model,
+        guide,
+        data,
+        epochs=2,
+        batch_size=16,
+        seed=0,
+        progress=False,
+        val_data=val,
+        eval_samples=3,
+        on_epoch=on_epoch,
+    )
+    assert [ok for _, ok in seen] == [True, True]
+    for (expected, _), record in zip(seen, history.epochs, strict=True):
+        assert expected.keys() <= record.keys() and {k: record[k] for k in expected} == expected
+    assert seen[0][0] != seen[1][0]
+
+
+def test_a_parameter_without_a_gradient_in_a_step_is_not_stepped():
+    """Gradients are reset to ``None`` before each step, so a parameter the loss of a step does not
+    reach is left alone by the optimizer (Adam's momentum does not move it on)."""
+    x, y = separable(64)
+    model = rank1_mlp(2, [4], 2, ensemble_size=2)
+    guide = MixtureGuide(model)
+    guide.register_parameter("extra", torch.nn.Parameter(torch.ones(3)))
+    after = []
+
+    class FirstStepOnly(MixtureELBO):  # the extra parameter is in the loss of the first step only
+        calls = 0
+
+        def loss_terms(self, *args, **kwargs):
+            terms = super().loss_terms(*args, **kwargs)
+            FirstStepOnly.calls += 1
+            after.append(guide.extra.detach().clone())
+            if FirstStepOnly.calls == 1:
+                return terms._replace(loss=terms.loss + 64 * (guide.extra**2).sum())
+            return terms
+
+    train(model, guide, (x, y), objective=FirstStepOnly(), epochs=1, batch_size=16, lr=0.1, progress=False)
+    assert FirstStepOnly.calls == 4
+    assert not torch.equal(after[1], after[0])  # the first step moved it
+    assert all(torch.equal(a, after[1]) for a in after[2:]) and torch.equal(guide.extra.detach(), after[1])

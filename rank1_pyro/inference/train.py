@@ -124,25 +124,30 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _check_model(model, data, x0: torch.Tensor, device) -> int | None:
-    """Check all labels of tensor ``data`` against the network's outputs for one example, before
-    training starts (one forward, in eval mode, on a fork of the random state: training draws and
-    BatchNorm statistics are not affected). Returns the number of classes of a categorical rank-1
-    model (``None`` for other models): the loop checks every batch's labels against it."""
-    if not hasattr(model, "outputs"):
+def _cuda(device: torch.device) -> list[torch.device]:
+    """The devices whose random state ``torch.random.fork_rng`` must fork besides the CPU's."""
+    return [device] if device.type == "cuda" else []
+
+
+def _check_model(model, data, x0: torch.Tensor) -> int | None:
+    """Check all labels of tensor ``data`` against the network's outputs for the first example ``x0[:1]``
+    (on the device, in the model's dtype), before training starts: one forward, in eval mode, on a
+    fork of the random state (training draws and BatchNorm statistics are not affected). Returns
+    the number of classes of a categorical rank-1 model (``None`` for other models): the loop checks
+    every batch's labels against it."""
+    if not hasattr(model, "outputs"):  # not a Rank1Model: Pyro's own checks on the first step
         return None
     training = model.training
     try:
         model.eval()
-        devices = [device] if device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), poutine.block():
-            out = model.outputs(_to_model(x0[:1], device, _model_dtype(model)))
+        with torch.no_grad(), torch.random.fork_rng(devices=_cuda(x0.device)), poutine.block():
+            out = model.outputs(x0[:1])
     finally:
         model.train(training)
-    if not isinstance(data, DataLoader) and hasattr(model, "_check_labels"):
+    if not isinstance(data, DataLoader):
         y = data[1]
-        model._check_labels(y, y.shape[0] if torch.is_tensor(y) else None, out)
-    return int(out.shape[-1]) if getattr(model, "likelihood", None) == "categorical" else None
+        model._check_labels(y, y.shape[0], out)
+    return int(out.shape[-1]) if model.likelihood == "categorical" else None
 
 
 def _label_flag(y: torch.Tensor, num_classes: int | None):
@@ -258,7 +263,7 @@ def _config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
         return TrainConfig(**overrides)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train: config must be a TrainConfig, got {type(config).__name__}")
-    return config.replace(**overrides) if overrides else config
+    return config.replace(**overrides)
 
 
 def train(
@@ -301,7 +306,7 @@ def train(
         guide.to(device)
     dtype = _model_dtype(model)
     x0, y0 = (_to_model(t, device, dtype) for t in dist_utils.first_batch(loader)[:2])
-    num_classes = _check_model(model, data, x0, device)
+    num_classes = _check_model(model, data, x0)
     if hasattr(model, "num_data"):
         model.num_data = num_data
     guide(x0, y0)  # creates lazily-initialised guide parameters (Pyro autoguides) before the optimizer
@@ -390,7 +395,7 @@ def train(
         entry["kl_weight"] = objective.effective_kl_weight
         entry.update(epoch_parts(totals, num_data, parts, getattr(model, "likelihood", None) == "categorical"))
         if val_data is not None:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=_cuda(device)):
                 val = evaluate(model, guide, val_data, num_samples=config.eval_samples, device=device)
             entry.update({f"val_{k}": v for k, v in val.items()})
         history.epochs.append(entry)
