@@ -1010,11 +1010,16 @@ def test_resuming_mid_epoch_warns_only_for_an_unordered_loader_at_the_caller_of_
 
 def test_a_checkpoint_records_the_layout_train_actually_used(tmp_path):
     """The run's layout in the file is the one training used (a DataLoader's own batch size, not the
-    config's; the set's size and fingerprint; steps per epoch; one process; the objective), and a
+    config's; the set's size and fingerprint; steps per epoch; one process; the objective), with the
+    seconds trained so far, and a
     resume on other data of the same size is refused by its fingerprint."""
     loader = DataLoader(TensorDataset(*data()), batch_size=8, shuffle=True)
+    begin = time.perf_counter()
     run(tmp_path, train_data=loader, batch_size=32, epochs=1, objective=AveragedELBO(kl_weight=0.5))
-    saved = read_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["config"]
+    took = time.perf_counter() - begin
+    ckpt = read_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
+    assert 0 < ckpt["history"]["seconds"] <= took  # the time trained so far
+    saved = ckpt["config"]
     expected = dict(batch_size=8, num_data=48, steps_per_epoch=6, world_size=1, objective="averaged", kl_weight=0.5)
     assert {k: saved[k] for k in expected} == expected
     assert saved["data_fingerprint"] == C.data_fingerprint(TensorDataset(*data()))

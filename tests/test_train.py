@@ -430,6 +430,7 @@ def test_sgd_steps_of_a_deterministic_network_are_a_plain_pytorch_loop(options):
     # full batches of the whole set: the data order cannot matter
     train(model, None, (x, y), epochs=3, batch_size=24, optimizer="sgd", lr=0.2, progress=False, seed=0, **options)
 
+    options = dict(options)  # the parametrization's own dict is shared by every run of the test in a process
     clip = options.pop("grad_clip", None)
     opt = torch.optim.SGD(reference.parameters(), lr=0.2, **options)
     for _ in range(3):
@@ -647,3 +648,70 @@ def test_a_parameter_without_a_gradient_in_a_step_is_not_stepped():
     assert FirstStepOnly.calls == 4
     assert not torch.equal(after[1], after[0])  # the first step moved it
     assert all(torch.equal(a, after[1]) for a in after[2:]) and torch.equal(guide.extra.detach(), after[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_moves_everything_there_and_takes_the_cpu_steps():
+    """On a CUDA device (``make gpu-check``) model, guide, batches, the guard's flags and validation
+    run there, from CPU data of another dtype, and training takes the CPU's steps (float tolerance);
+    ``precision="bf16"`` autocasts to bfloat16 there too (CUDA's own default would be float16)."""
+    from rank1_pyro.inference.train import _autocast
+
+    x, y = separable(64)
+    val = separable(32, seed=1)
+
+    def trained(device):
+        torch.manual_seed(0)
+        model = rank1_mlp(2, [4], 2, ensemble_size=2)
+        guide = MixtureGuide(model)
+        data = DataLoader(TensorDataset(x.double(), y), batch_size=16)
+        history = train(model, guide, data, epochs=2, progress=False, seed=0, device=device, val_data=val)
+        params = [p.detach() for p in [*model.parameters(), *guide.parameters()]]
+        return params, history
+
+    cpu, cpu_history = trained("cpu")
+    gpu, gpu_history = trained("cuda")
+    assert all(p.device.type == "cuda" for p in gpu)
+    for a, b in zip(cpu, gpu, strict=True):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
+    assert gpu_history.last["loss"] == pytest.approx(cpu_history.last["loss"], rel=1e-4)
+    a = torch.randn(3, 3, device="cuda")
+    with _autocast(torch.device("cuda"), "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+
+
+def test_the_bar_shows_the_running_nll_kl_and_accuracy_mid_epoch(capsys):
+    """Between epochs' ends the bar's postfix holds the epoch's running means: NLL and KL (the
+    objective reports them) and accuracy (a categorical network), here after the refresh at step 10
+    of an epoch interrupted at step 15."""
+    from faulty_objectives import StopAt
+
+    model, guide, data = _tiny(steps_per_epoch=24)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, guide, data, epochs=1, batch_size=16, seed=0, progress="bar", objective=StopAt(16))
+    err = capsys.readouterr().err
+    assert "10/24" in err and "epoch 1/1" in err
+    for key in ("loss=", "nll=", "kl=", "accuracy="):
+        assert key in err, err[-500:]
+
+
+def test_pyro_checks_the_model_on_the_first_step_only():
+    """Pyro's argument and support checks run on the first step: an invalid distribution parameter is
+    a ValueError naming it there, not a NaN loss later."""
+    import pyro
+    import pyro.distributions as dist
+    from torch import nn
+
+    class BadScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(-1.0))
+
+        def forward(self, x, y=None):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", dist.Normal(x[:, 0], self.scale), obs=y)
+
+    x, y = separable(32)
+    assert pyro.infer.util.is_validation_enabled()
+    with pytest.raises(ValueError, match="scale"):
+        train(BadScale(), None, (x, y.float()), epochs=1, batch_size=8, progress=False)
