@@ -1269,3 +1269,116 @@ def test_to_datatree_names_a_bad_count_exactly(kwargs, message):
     """num_samples and batch_size must be integers >= 1: a ValueError naming the argument and the value."""
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         D.to_datatree(None, _SoftmaxDraws(torch.randn(S, 5, 3)), _data(), **{"num_samples": S, **kwargs})
+
+
+def test_a_datatree_says_what_it_holds_in_its_attributes():
+    """The tree's attributes name the posterior, likelihood, K and S and what chain and draw mean, and
+    ``lp`` and ``log_q`` say what they are: the exact strings a reader (or a later tool) relies on."""
+    torch.manual_seed(0)
+    model, guide = _model_and_guide(Gaussian(1.0, 0.1))
+    tree = D.to_datatree(model, Rank1Posterior(model, guide), _data(), S)
+    assert {k: tree.attrs[k] for k in ("num_components", "num_samples", "posterior_kind", "likelihood")} == {
+        "num_components": K,
+        "num_samples": S,
+        "posterior_kind": "MixtureGuide",
+        "likelihood": "categorical",
+    }
+    assert tree.attrs["created_by"] == "rank1_pyro.diagnostics.to_datatree"
+    assert tree.attrs["chain"] == "mixture component k (ensemble member k)"
+    assert tree.attrs["draw"] == "Monte Carlo sample s from the component"
+    assert tree["sample_stats"]["lp"].attrs["description"] == (
+        "log p(theta, D): log prior + log-likelihood of observed_data"
+    )
+    assert tree["sample_stats"]["log_q"].attrs["description"] == "log q(theta): log density of the (mixture) guide"
+
+
+class _BatchRecording(_SoftmaxDraws):
+    """``_SoftmaxDraws`` that records the batch sizes it is evaluated on."""
+
+    def __init__(self, weights):
+        super().__init__(weights)
+        self.batches = []
+
+    def sample_predictions(self, x, num_samples):
+        self.batches.append(x.shape[0])
+        return super().sample_predictions(x, num_samples)
+
+
+def test_to_datatree_defaults_to_32_draws_in_batches_of_512_and_takes_1d_inputs():
+    """Without arguments: S = 32 draws, the data evaluated 512 examples at a time; a 1-D ``x`` (one
+    scalar feature per example) is a batch like any other."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(513, 5, generator=g), torch.randint(0, 3, (513,), generator=g)
+    posterior = _BatchRecording(torch.randn(40, 5, 3, generator=g))
+    tree = D.to_datatree(None, posterior, (x, y))
+    assert tree.attrs["num_samples"] == 32 and tree["log_likelihood"]["obs"].shape == (1, 32, 513)
+    assert posterior.batches == [512, 1]
+
+    class Scalar(_SoftmaxDraws):  # a classifier of 1-D inputs: logits x * w
+        def sample_predictions(self, x, num_samples):
+            return torch.softmax(x[None, :, None] * self.weights[:num_samples, None, 0], -1).unsqueeze(1)
+
+    tree = D.to_datatree(None, Scalar(torch.randn(4, 1, 3, generator=g)), (x[:, 0], y), 4)
+    assert tree["log_likelihood"]["obs"].shape == (1, 4, 513)
+
+
+@pytest.mark.parametrize(
+    ("model", "posterior", "data", "error", "message"),
+    [
+        (
+            None,
+            _SoftmaxDraws(torch.zeros(S, 5, 3)),
+            (torch.zeros(4, 5), torch.zeros(4), torch.zeros(4)),
+            TypeError,
+            "data must be a pair of tensors (x, y), got tuple",
+        ),
+        (
+            None,
+            _SoftmaxDraws(torch.zeros(S, 5, 3)),
+            {"x": torch.zeros(4, 5)},
+            TypeError,
+            "data must be a pair of tensors (x, y), got dict",
+        ),
+        (
+            None,
+            "guide",
+            (torch.zeros(4, 5), torch.zeros(4)),
+            TypeError,
+            "posterior must be a Rank1Posterior, a Posterior (likelihood, sample_predictions) or a Pyro guide "
+            "together with its model, got MixtureGuide with model=NoneType",
+        ),
+        (
+            "model",
+            "not a posterior",
+            (torch.zeros(4, 5), torch.zeros(4)),
+            TypeError,
+            "posterior must be a Rank1Posterior, a Posterior (likelihood, sample_predictions) or a Pyro guide "
+            "together with its model, got str with model=Rank1Model",
+        ),
+    ],
+    ids=["three-tensors", "dict", "guide-without-model", "not-a-posterior"],
+)
+def test_bad_data_or_a_guide_without_its_model_is_named(model, posterior, data, error, message):
+    if posterior == "guide":
+        posterior = _model_and_guide(Gaussian(1.0, 0.1))[1]
+    if model == "model":
+        model = _model_and_guide(Gaussian(1.0, 0.1))[0]
+    with pytest.raises(error, match="^" + re.escape(message) + "$"):
+        D.to_datatree(model, posterior, data, S)
+
+
+def test_a_plain_pyro_model_has_no_likelihood_name():
+    """A Pyro model without a ``likelihood`` attribute (not a rank-1 network): the tree's ``likelihood``
+    attribute is empty and ``posterior_kind`` names the guide's class."""
+    from pyro.infer.autoguide import AutoNormal
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(w * x, 1.0), obs=y)
+
+    x = torch.randn(8)
+    guide = AutoNormal(model)
+    guide(x, x)
+    tree = D.to_datatree(model, guide, (x, 2 * x), S)
+    assert tree.attrs["likelihood"] == "" and tree.attrs["posterior_kind"] == "AutoNormal"
