@@ -1099,6 +1099,20 @@ def test_evidence_and_factor_use_the_network_device_not_the_default_one(linreg, 
     assert value.item() == pytest.approx(exact_log_evidence(X, y, sigma, delta), rel=1e-10)
 
 
+def _eigvalsh_failing_on_a_zero_column(monkeypatch):
+    """Make ``torch.linalg.eigvalsh`` fail (as LAPACK may) on a matrix with a zero column, which sends
+    ``log_marginal_likelihood`` to its fallback; returns the real ``eigvalsh``."""
+    real = torch.linalg.eigvalsh
+
+    def fails_on_zero_columns(A, *args, **kwargs):
+        if bool((A == 0).all(0).any()):
+            raise torch.linalg.LinAlgError("simulated: failed to converge")
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", fails_on_zero_columns)
+    return real
+
+
 def test_eigenvalue_fallback_keeps_eigenvalues_below_one(linreg, monkeypatch):
     """The fallback's eigenvalues of the nonzero block are only clamped at 0: with small inputs (eigenvalues of
     XᵀX/σ² below 1) log Z(δ) is still the exact evidence."""
@@ -1106,14 +1120,7 @@ def test_eigenvalue_fallback_keeps_eigenvalues_below_one(linreg, monkeypatch):
     X = 0.02 * X
     X[:, 1] = 0.0
     mean, _ = ridge(X, y, sigma, delta)
-    real = torch.linalg.eigvalsh
-
-    def fails_on_zero_rows(A, *args, **kwargs):
-        if bool((A == 0).all(0).any()):
-            raise torch.linalg.LinAlgError("simulated: failed to converge")
-        return real(A, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "eigvalsh", fails_on_zero_rows)
+    real = _eigvalsh_failing_on_a_zero_column(monkeypatch)
     la = SubnetLaplace(linear_net(mean), "regression", torch.arange(4), prior_precision=delta, sigma_noise=sigma)
     la.fit((X, y))
     assert 0 < float(real(la.H).max()) < 1
@@ -1137,14 +1144,7 @@ def test_only_the_upper_triangle_of_a_saved_h_is_read(linreg, monkeypatch):
     loaded = SubnetLaplace.from_state_dict(la.model, state)
     assert loaded.log_marginal_likelihood().item() == pytest.approx(expected, rel=1e-10)
     torch.testing.assert_close(loaded.posterior_covariance, cov, rtol=1e-10, atol=1e-12)
-    real = torch.linalg.eigvalsh
-
-    def fails_on_zero_columns(A, *args, **kwargs):
-        if bool((A == 0).all(0).any()):
-            raise torch.linalg.LinAlgError("simulated: failed to converge")
-        return real(A, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "eigvalsh", fails_on_zero_columns)
+    _eigvalsh_failing_on_a_zero_column(monkeypatch)
     loaded = SubnetLaplace.from_state_dict(la.model, state)
     assert loaded.log_marginal_likelihood().item() == pytest.approx(expected, rel=1e-10)
 
@@ -1666,15 +1666,6 @@ def _cv_dense(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return out, jacrev(fn)(flat)
 
 
-def _cv_offsets(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Indices of every parameter's entries in the flat θ."""
-    out, start = {}, 0
-    for name, p in module.named_parameters():
-        out[name] = torch.arange(start, start + p.numel())
-        start += p.numel()
-    return out
-
-
 def _cv_starts(functional, x, **kwargs) -> list[int]:
     return [start for start, _, _ in jacobian_blocks(functional, x, **kwargs)]
 
@@ -1690,7 +1681,7 @@ def test_cv_jacobian_columns_match_dense_jacrev(batch):
     net = _cv_init(_CvNet())
     x = torch.randn(batch, 2, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref_out, ref_J = _cv_dense(net, x)
-    off = _cv_offsets(net)
+    off = offsets(net)
     P = ref_J.shape[-1]
     subsets = [
         None,
